@@ -1,0 +1,59 @@
+# The README's two commands: `make book` and `make test`. Both create .venv and install on first use.
+# Real data:  make book CORONAHACK_DIR=/path/to/coronahack EXTRA_COVID_DIR=/path/to/covid-chestxray-dataset
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+CORONAHACK_DIR ?=
+EXTRA_COVID_DIR ?=
+RUN_ROOT ?= runs/$(PROFILE)
+DATA_ARGS := --coronahack-dir "$(CORONAHACK_DIR)" --extra-covid-dir "$(EXTRA_COVID_DIR)"
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: install book runs notebooks test unit nbval check-book bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The run matrix through papermill (skips runs already complete).
+# A failed run is kept (status file, executed notebook) and shown as failed in the results chapter.
+runs: $(STAMP)
+	$(PY) -m cxrlib.runs --profile $(PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) \
+	  || echo "some runs failed: see their status files and the results chapter"
+
+# Execute the chapter notebooks for the book (from the run folder; nothing is retrained).
+notebooks: runs
+	$(PY) -m cxrlib.runs --book --profile $(PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS)
+
+book: notebooks
+	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@echo "book: $(CURDIR)/_build/html/index.html"
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -q -m "not book"
+
+nbval: $(STAMP)
+	$(PY) -m pytest --nbval notebooks -q --nbval-current-env -p no:cacheprovider
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+check-book: $(CHROMIUM) $(STAMP)
+	$(PY) -m pytest tests -q -m book
+
+test: unit nbval book check-book
+
+bench: $(STAMP)
+	$(PY) bench/bench_data.py
+	$(PY) bench/bench_train.py
+
+clean:
+	rm -rf _build book/generated

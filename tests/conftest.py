@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests that read the real data skip cleanly when ../shared/data is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own cxrlib cache and synthetic-data folders."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("CXRLIB_CACHE", str(base / "cxrlib-cache"))
+    monkeypatch.setenv("CXRLIB_DATA", str(base / "cxrlib-data"))
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """../shared/data (CoronaHack + ieee8023), or a clean skip."""
+    root = SHARED_DATA.resolve()
+    if not (root / "coronahack" / "Chest_xray_Corona_Metadata.csv").is_file():
+        pytest.skip(f"real data not present at {root}")
+    return root
