@@ -1,0 +1,399 @@
+"""Predictions -> metrics: per-class scores, AUCs, patient-level bootstrap CIs, calibration, thresholds.
+
+Every metric is computed from the predictions table alone (predictions.csv), and everything returned
+is plain JSON: a run's metrics.json is what the notebooks and the book read, nothing re-runs a model.
+Undefined values (a 0/0 precision, the AUC of a class absent from the test set) are None, never a
+crash and never a silent 0; macro averages leave them out (scikit-learn's zero_division=nan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.dummy import DummyClassifier
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from .errors import CXRError
+
+POSITIVE = "covid"  # the class whose sensitivity the paper reports; index 1 of the binary task
+ID_COLUMNS = ("image_id", "path", "patient_id", "source", "split")
+# The metrics that get a bootstrap CI; each is also a top-level key of compute_metrics().
+HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc", "covid_sensitivity", "covid_specificity")
+N_BINS = 10  # equal-width confidence bins for ECE and the reliability curve
+
+
+def predictions_table(
+    rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str], y_true: np.ndarray
+) -> pd.DataFrame:
+    """One row per image: its ids, true and predicted class names, and one p_<class> column per class.
+
+    `rows` is the data table subset in the same order as `probs`; this table is predictions.csv.
+    """
+    classes = list(classes)
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise CXRError(f"probs has shape {probs.shape}; expected (n_images, {len(classes)}) for classes {classes}")
+    _check_probs(probs)
+    if not len(rows) == len(probs) == len(y_true):
+        raise CXRError(
+            f"predictions_table got {len(rows)} table rows, {len(probs)} probability rows and {len(y_true)} "
+            "labels: pass the same images in the same order"
+        )
+    names = np.array(classes, dtype=object)
+    out = rows[[c for c in ID_COLUMNS if c in rows.columns]].reset_index(drop=True)
+    out["true"] = names[_as_index(y_true, classes, "y_true")]
+    out["pred"] = names[probs.argmax(axis=1)]
+    for k, name in enumerate(classes):
+        out[f"p_{name}"] = probs[:, k]
+    return out
+
+
+def compute_metrics(
+    pred: pd.DataFrame,
+    classes: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """All test-set metrics of one run, as a JSON-ready dict (see the module docstring for None).
+
+    Class metrics use the `pred` column; AUCs and calibration use the p_<class> columns. CIs resample
+    patients, not images: images of one patient are correlated, so image resampling would make the
+    intervals too narrow. With `threshold`, `at_threshold` repeats the class metrics with COVID called
+    whenever p_covid >= threshold (the operating point chosen on validation).
+    """
+    classes = list(classes)
+    y, yhat, probs = _arrays(pred, classes)
+    groups = _patients(pred)
+    with _quiet():
+        out: dict[str, Any] = {"n": len(y), "n_patients": len(set(groups)), "classes": classes}
+        out.update(_classification(y, yhat, classes))
+        out["roc_auc"], out["roc_auc_per_class"] = _ovr(roc_auc_score, y, probs, classes)
+        out["pr_auc"], out["pr_auc_per_class"] = _ovr(average_precision_score, y, probs, classes)
+        out["ece"], out["reliability"] = calibration(y, probs)
+        out["ci"] = _bootstrap_ci(groups, n_boot, seed, lambda i: _headline(y[i], yhat[i], probs[i], classes))
+        out["ci_info"] = {"level": 0.95, "method": "percentile", "unit": "patient", "n_boot": n_boot, "seed": seed}
+        if threshold is not None:
+            y_t = _as_index(apply_threshold(pred, threshold, classes)["pred"], classes, "pred")
+            at = {"threshold": float(threshold), **_classification(y, y_t, classes)}
+            at["ci"] = _bootstrap_ci(groups, n_boot, seed, lambda i: _headline(y[i], y_t[i], None, classes))
+            out["at_threshold"] = at
+    return _jsonable(out)
+
+
+def bootstrap_indices(groups: Sequence[Any], n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of `n_boot` resamples: groups (patients) drawn with replacement, each with all its rows."""
+    codes, uniques = pd.factorize(pd.Series(list(groups)))
+    rows = np.arange(len(codes))
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        drawn = np.bincount(rng.integers(0, len(uniques), len(uniques)), minlength=len(uniques))
+        yield np.repeat(rows, drawn[codes])
+
+
+def calibration(y: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> tuple[float, dict[str, list]]:
+    """Expected calibration error and the reliability curve on the max probability (equal-width bins).
+
+    ECE = sum over bins of (bin share) * |accuracy - mean confidence|: 0 when a model that says 80 %
+    is right 80 % of the time. Empty bins have None accuracy and confidence.
+    """
+    probs = np.asarray(probs, dtype=float)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(y)).astype(float)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(bins, weights=correct, minlength=n_bins) / counts
+        mean_conf = np.bincount(bins, weights=conf, minlength=n_bins) / counts
+    ece = float(np.nansum(counts * np.abs(acc - mean_conf)) / len(conf))
+    curve = {
+        "bin_centers": ((np.arange(n_bins) + 0.5) / n_bins).tolist(),
+        "accuracy": acc.tolist(),
+        "confidence": mean_conf.tolist(),
+        "counts": counts.tolist(),
+    }
+    return ece, _jsonable(curve)
+
+
+def threshold_for_sensitivity(pred_val: pd.DataFrame, target: float = 0.95, positive: str = POSITIVE) -> float:
+    """The highest threshold on p_<positive> whose sensitivity on validation reaches `target`.
+
+    Choose it on validation and apply it unchanged to test: a threshold tuned on test would
+    report an optimistic sensitivity. Highest, so specificity is lost as little as possible.
+    """
+    if not 0 < target <= 1:
+        raise CXRError(f"parameter target={target}: a sensitivity must be in (0, 1]")
+    col = f"p_{positive}"
+    if col not in pred_val.columns or "true" not in pred_val.columns:
+        raise CXRError(f"validation predictions need columns 'true' and {col!r}; build them with predictions_table()")
+    is_pos = (pred_val["true"] == positive).to_numpy()
+    if not is_pos.any():
+        raise CXRError(f"validation predictions hold no {positive!r} image: cannot choose a threshold for sensitivity")
+    with _quiet():  # without negatives fpr is undefined; only tpr is used
+        _, tpr, thresholds = roc_curve(is_pos, pred_val[col].to_numpy(float), drop_intermediate=False)
+    return float(thresholds[np.argmax(tpr >= target - 1e-12)])  # thresholds decrease, tpr increases
+
+
+def apply_threshold(pred: pd.DataFrame, threshold: float, classes: Sequence[str]) -> pd.DataFrame:
+    """A copy of `pred` re-labelled: covid when p_covid >= threshold, else the most probable other class."""
+    classes = list(classes)
+    if POSITIVE not in classes:
+        raise CXRError(f"apply_threshold needs a {POSITIVE!r} class; classes are {classes}")
+    pos = classes.index(POSITIVE)
+    probs = _arrays(pred, classes)[2]
+    others = probs.copy()
+    others[:, pos] = -np.inf
+    labels = np.where(probs[:, pos] >= threshold, pos, others.argmax(axis=1))
+    out = pred.copy()
+    out["pred"] = np.array(classes, dtype=object)[labels]
+    return out
+
+
+def majority_baseline(y_train: Sequence[Any], y_test: Sequence[Any], classes: Sequence[str]) -> dict[str, Any]:
+    """Scores of always predicting the training majority class: what a model must beat to have learned.
+
+    Labels are class indices or class names.
+    """
+    classes = list(classes)
+    y_train, y_test = _as_index(y_train, classes, "y_train"), _as_index(y_test, classes, "y_test")
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise CXRError("majority_baseline needs non-empty y_train and y_test")
+    dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(y_train), 1)), y_train)
+    yhat = dummy.predict(np.zeros((len(y_test), 1)))
+    with _quiet():
+        scores = _classification(y_test, yhat, classes)
+    keys = ("accuracy", "balanced_accuracy", "macro_f1")
+    return _jsonable({"class": classes[int(yhat[0])], **{k: scores[k] for k in keys}})
+
+
+def multilabel_auroc(y_true: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Per-finding AUROC and their mean for multi-label pretraining (ChestX-ray14's 14 findings).
+
+    A finding with only positives or only negatives has no AUROC: None, left out of the mean.
+    """
+    y, p = np.asarray(y_true), np.asarray(probs, dtype=float)
+    if y.ndim != 2 or y.shape != p.shape or y.shape[1] != len(names):
+        raise CXRError(f"multilabel_auroc: y_true {y.shape} and probs {p.shape} must both be (N, {len(names)})")
+    if not np.isin(y, (0, 1)).all():
+        raise CXRError("multilabel_auroc: y_true must hold 0/1 only")
+    per = {n: roc_auc_score(y[:, k], p[:, k]) if 0 < y[:, k].sum() < len(y) else math.nan for k, n in enumerate(names)}
+    return _jsonable({"per_finding": per, "mean": _nanmean(per.values()), "n": len(y)})
+
+
+def save_metrics(metrics: dict[str, Any], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write metrics + `extra` (parameters, provenance) to JSON atomically.
+
+    Atomic (temporary file + os.replace) so an interrupted run never leaves a half-written file
+    that the book would read as a result.
+    """
+    extra = extra or {}
+    clash = sorted(set(metrics) & set(extra))
+    if clash:
+        raise CXRError(f"save_metrics: extra key(s) {clash} would overwrite metrics; rename them")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable({**metrics, **extra}), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """What produced a result: device, Python, package versions, git commit. No host name (runs get published)."""
+    from . import __version__
+
+    dists = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "sklearn": "scikit-learn"}
+    packages = {name: _version(dist) for name, dist in dists.items()} | {"cxrlib": __version__}
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain") if commit else None
+    return {
+        "device": device,
+        "python": platform.python_version(),
+        "packages": packages,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _as_index(values: Any, classes: list[str], what: str) -> np.ndarray:
+    """Class names or indices -> int indices into `classes`, with an error naming bad values."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        bad = sorted(set(values[(values < 0) | (values >= len(classes))].tolist()))
+    else:
+        codes = pd.Categorical(values, categories=classes).codes
+        bad = sorted(set(values[codes < 0].tolist()), key=str)
+        values = codes
+    if bad:
+        raise CXRError(f"{what} holds {bad[:5]}, not classes of {classes}: is it from another task?")
+    return values.astype(int)
+
+
+def _arrays(pred: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y true, y pred, probabilities) from a predictions table, checking its columns."""
+    p_cols = [f"p_{c}" for c in classes]
+    missing = [c for c in ["true", "pred", *p_cols] if c not in pred.columns]
+    if missing:
+        raise CXRError(f"predictions table lacks column(s) {missing}; build it with predictions_table()")
+    if len(pred) == 0:
+        raise CXRError("predictions table is empty: no images to evaluate")
+    probs = _check_probs(pred[p_cols].to_numpy(float))
+    return _as_index(pred["true"], classes, "column 'true'"), _as_index(pred["pred"], classes, "column 'pred'"), probs
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities, not logits and not NaN: ECE and thresholds mean nothing otherwise."""
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):
+        raise CXRError(f"probabilities of row {bad[0]} are NaN/inf: the model output is not finite (diverged?)")
+    if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
+        raise CXRError("probabilities must be non-negative and sum to 1 per row: apply softmax to the logits")
+    return probs
+
+
+def _patients(pred: pd.DataFrame) -> np.ndarray:
+    """Bootstrap unit per row: the patient, or the image itself where the patient is unknown."""
+    ids = pred["patient_id"].fillna("").astype(str).to_numpy() if "patient_id" in pred else np.full(len(pred), "")
+    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
+
+
+def _classification(y: np.ndarray, yhat: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Label-based metrics: the headline ones, per class, macro/weighted averages, confusion."""
+    labels = list(range(len(classes)))
+    cm = confusion_matrix(y, yhat, labels=labels)
+    prec, rec, f1, support = precision_recall_fscore_support(y, yhat, labels=labels, zero_division=np.nan)
+    negatives = len(y) - support
+    with np.errstate(invalid="ignore", divide="ignore"):
+        specificity = (negatives - (cm.sum(axis=0) - np.diag(cm))) / negatives  # TN / (TN + FP)
+    per_class = {
+        c: {"precision": prec[k], "recall": rec[k], "specificity": specificity[k], "f1": f1[k], "support": support[k]}
+        for k, c in enumerate(classes)
+    }
+    averages = {
+        avg: dict(zip(("precision", "recall", "f1"), precision_recall_fscore_support(
+            y, yhat, labels=labels, average=avg, zero_division=np.nan)[:3]))
+        for avg in ("macro", "weighted")
+    }
+    return {
+        **_headline(y, yhat, None, classes),
+        "weighted_f1": averages["weighted"]["f1"],
+        "per_class": per_class,
+        **averages,
+        "confusion": {"labels": classes, "matrix": cm.tolist()},
+    }
+
+
+def _ovr(score: Callable, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[float, dict[str, float]]:
+    """One-vs-rest `score` per class (NaN where y has one class only); headline: covid if binary, else macro."""
+    per = {c: score(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan for k, c in enumerate(classes)}
+    return (per[classes[1]] if len(classes) == 2 else _nanmean(per.values())), per
+
+
+def _headline(y: np.ndarray, yhat: np.ndarray, probs: np.ndarray | None, classes: list[str]) -> dict[str, float]:
+    """The CI'd metrics of one (re)sample, lean enough for 1000 draws; roc_auc only with probabilities."""
+    labels = list(range(len(classes)))
+    out = {
+        "accuracy": accuracy_score(y, yhat),
+        "macro_f1": f1_score(y, yhat, labels=labels, average="macro", zero_division=np.nan),
+        "balanced_accuracy": balanced_accuracy_score(y, yhat),
+    }
+    if probs is not None:
+        out["roc_auc"] = _ovr(roc_auc_score, y, probs, classes)[0]
+    if POSITIVE in classes:
+        is_pos, said_pos = y == classes.index(POSITIVE), yhat == classes.index(POSITIVE)
+        out["covid_sensitivity"] = said_pos[is_pos].mean() if is_pos.any() else math.nan
+        out["covid_specificity"] = 1 - said_pos[~is_pos].mean() if (~is_pos).any() else math.nan
+    return out
+
+
+def _bootstrap_ci(groups: np.ndarray, n_boot: int, seed: int, stats: Callable[[np.ndarray], dict]) -> dict:
+    """95 % percentile intervals of `stats` over patient resamples; draws where a metric is undefined are skipped."""
+    draws = [stats(idx) for idx in bootstrap_indices(groups, n_boot, seed)]
+    if not draws:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a metric undefined in every draw -> NaN -> None
+        return {k: np.nanpercentile(np.array([d[k] for d in draws], float), [2.5, 97.5]).tolist() for k in draws[0]}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence scikit-learn's warnings about undefined values: they are reported as None instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
+        yield
+
+
+def _nanmean(values: Any) -> float:
+    values = np.array(list(values), dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types; NaN/inf -> None (json.dumps would write NaN, which is not JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
