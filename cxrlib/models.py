@@ -28,6 +28,7 @@ from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlparse
 
+import pandas as pd
 import torch
 import torchvision
 from torch import nn
@@ -107,24 +108,45 @@ def build_model(
         model = _new_model(backbone, num_classes, "imagenet")
         report = LoadReport("none (random init)", loaded=[], reinitialised=list(model.state_dict()))
     else:
-        if weights == "imagenet":
-            state, source = _imagenet_state(backbone)
-            input_spec = "imagenet"
-        elif scheme == "chexnet":
-            state, source, input_spec = load_state_dict_file(arg)[0], f"chexnet: {arg}", "imagenet"
-        elif scheme == "torchxrayvision":
-            state, source = _xrv_state(backbone, arg)
-            input_spec = "xrv"
-        elif scheme == "file":
-            state, meta = load_state_dict_file(arg)
-            source, input_spec = f"file: {arg}", meta.get("input_spec") or _guess_input_spec(state)
-        else:
-            raise CXRError(f"weights={weights!r}: use one of {', '.join(WEIGHT_SPECS)}")
+        state, source, input_spec = source_state(backbone, weights)
         model = _new_model(backbone, num_classes, input_spec)
         report = load_backbone(model, state, source)
 
     report.trainable = freeze_model(model, freeze)
     return model, report
+
+
+def source_state(backbone: str, weights: str) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The tensors a `weights` spec provides, where they came from, and the input spec they expect."""
+    scheme, _, arg = weights.partition(":")
+    if weights == "imagenet":
+        return (*_imagenet_state(backbone), "imagenet")
+    if scheme == "chexnet":
+        return load_state_dict_file(arg)[0], f"chexnet: {arg}", "imagenet"
+    if scheme == "torchxrayvision":
+        return (*_xrv_state(backbone, arg), "xrv")
+    if scheme == "file":
+        state, meta = load_state_dict_file(arg)
+        return state, f"file: {arg}", meta.get("input_spec") or _guess_input_spec(state)
+    raise CXRError(f"weights={weights!r}: use one of {', '.join(WEIGHT_SPECS)}")
+
+
+def transfer_check(model: nn.Module, weights: str, seed: int = 0) -> pd.DataFrame:
+    """Proof that transferred layers were loaded: per backbone tensor, its distance to the weights file
+    (0 = copied) and to a fresh random initialisation of the same architecture (> 0 = not random)."""
+    state, _, input_spec = source_state(model.backbone_name, weights)
+    state, _ = normalise_keys(state)
+    torch.manual_seed(seed)
+    fresh = _new_model(model.backbone_name, _head(model).out_features, input_spec).state_dict()
+    head = HEAD[model.backbone_name] + "."
+    rows = []
+    for key, value in model.state_dict().items():
+        if key.startswith(head) or not value.is_floating_point() or key not in state:
+            continue
+        rows.append({"tensor": key, "numel": value.numel(),
+                     "max_abs_diff_to_file": (value - state[key].to(value.dtype)).abs().max().item(),
+                     "mean_abs_diff_to_random_init": (value - fresh[key]).abs().mean().item()})
+    return pd.DataFrame(rows)
 
 
 def _new_model(backbone: str, num_classes: int, input_spec: str) -> nn.Module:

@@ -28,6 +28,7 @@ from cxrlib.models import (
     load_state_dict_file,
     save_checkpoint,
     train_mode,
+    transfer_check,
 )
 
 HEADS = {"resnet50": "fc.", "densenet121": "classifier."}
@@ -265,6 +266,16 @@ def test_cxrlib_checkpoint_round_trip(tmp_path):
         assert torch.equal(restored(x), pretrained(x))
     with pytest.raises(CXRError, match="2 class names for a 14-output head"):
         save_checkpoint(pretrained, path, classes=["a", "b"])
+
+
+def test_transfer_check_shows_loaded_not_random(tmp_path, chexnet_file):
+    model, _ = build_model("densenet121", f"chexnet:{chexnet_file}", num_classes=3)
+    check = transfer_check(model, f"chexnet:{chexnet_file}")
+    assert len(check) > 300 and (check.max_abs_diff_to_file == 0).all()
+    assert (check.mean_abs_diff_to_random_init > 0).all()
+    model.features.conv0.weight.data.normal_()  # a layer that was not transferred shows up
+    check = transfer_check(model, f"chexnet:{chexnet_file}").set_index("tensor")
+    assert check.loc["features.conv0.weight", "max_abs_diff_to_file"] > 0
 
 
 def test_bare_state_dict_file_and_xrv_input_inferred(tmp_path):
