@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command registers its own parser block below: add_<command>_parser(sub).
     add_data_parser(sub)
     add_pretrain_parser(sub)
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 
@@ -65,7 +68,8 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off")
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers per process (-1: auto)")
-    p.add_argument("--out", default="", help="run folder (default runs/pretrain/chestxray14-<backbone>-<weights>-s<seed>)")
+    p.add_argument("--out", default="",
+                   help="run folder (default runs/pretrain/chestxray14-<backbone>-<weights>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint-last.pt")
     p.set_defaults(func=_run_pretrain)
 
@@ -76,6 +80,134 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     names = PretrainConfig.__dataclass_fields__
     cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     pretrain(cfg, args.out or None, resume=args.resume)
+    return 0
+
+
+# --- train / evaluate / predict ------------------------------------------------------------------
+# `train` has one flag per RunConfig field, generated from the dataclass: CLI flags, papermill
+# parameters and run-matrix entries are the same names with the same defaults and validation.
+TRAIN_ALIASES = {"coronahack_dir": ["--coronahack"], "extra_covid_dir": ["--extra-covid"], "run_dir": ["--out"]}
+
+
+def _field_help(cls) -> dict[str, str]:
+    """The `# ...` comment after each dataclass field in its source: the flag's help, written once."""
+    import inspect
+    import re
+
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+
+
+def add_train_parser(sub) -> None:
+    import dataclasses
+    import typing
+
+    from .config import RunConfig
+
+    p = sub.add_parser(
+        "train", help="fine-tune and evaluate one configuration into a run folder",
+        description="Writes DIR/model.pt, metrics.json, predictions.csv, history.csv, params.json and status. "
+                    "No data option: the synthetic default. A complete run folder is never retrained. "
+                    "The same command runs under torchrun (DistributedDataParallel; --batch-size per process).",
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    types, helps = typing.get_type_hints(RunConfig), _field_help(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flags = [*TRAIN_ALIASES.get(f.name, []), f"--{f.name.replace('_', '-')}"]
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})".lstrip()
+        kind = types[f.name]
+        if kind is bool:
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        elif kind in (int, float, str):
+            p.add_argument(*flags, dest=f.name, type=kind, metavar=f.name.upper(), help=text)
+        else:  # alpha: "0.25,0.5,0.25", parsed and checked by RunConfig
+            p.add_argument(*flags, dest=f.name, metavar="A,B,...", help=text)
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue an interrupted run from its checkpoint-last.pt")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal or in a notebook)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+
+    from .config import PROFILES, RunConfig, profile_config
+    from .train import read_status, run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    profile = values.get("profile", "custom")
+    cfg = profile_config(values.pop("profile"), **values) if profile in PROFILES else RunConfig(**values)
+    target = Path(cfg.run_dir or Path("runs") / cfg.profile / cfg.run_name())
+    existed = read_status(target) == "complete"
+    run_dir = run(cfg, target, resume=args.resume, progress=args.progress)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    base = m["majority_baseline"]
+    print(f"run folder: {run_dir}" + (" (already complete: nothing retrained)" if existed else ""))
+    print(f"test: macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, ROC AUC {_fmt(m['roc_auc'])}, "
+          f"COVID sensitivity {_fmt(m.get('covid_sensitivity'))} (n={m['n']}); majority-class baseline "
+          f"({base['class']}): macro-F1 {_fmt(base['macro_f1'])}, accuracy {_fmt(base['accuracy'])}")
+    print(f"best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']:.0f} s training on {m['device']}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="score a trained model.pt on any data set (external validation: --manifest)",
+        description="Writes OUT/metrics.json and OUT/predictions.csv. Images the model trained or validated on "
+                    "are left out (by pixel hash), so another hospital's manifest is scored entirely (external "
+                    "validation) and the training data gives back the run's own test split.",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
+    p.add_argument("--manifest", default="", help="CSV with path,label[,patient_id,source,view] (e.g. another hospital)")
+    p.add_argument("--coronahack", "--coronahack-dir", dest="coronahack_dir", default="", help="CoronaHack folder")
+    p.add_argument("--extra-covid", "--extra-covid-dir", dest="extra_covid_dir", default="", help="ieee8023 folder")
+    p.add_argument("--rows", default="auto", choices=["auto", "all", "test"],
+                   help="auto: every image the model did not train or validate on (default); all; "
+                        "test: re-split as in training and score its test split")
+    p.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    if not (args.manifest or args.coronahack_dir or args.extra_covid_dir):
+        raise CXRError("evaluate: give --manifest CSV or --coronahack DIR [--extra-covid DIR]")
+    source = {"manifest": args.manifest, "coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
+    m = evaluate(args.checkpoint, source, args.out, rows=args.rows, batch_size=args.batch_size,
+                 device=args.device, n_boot=args.n_boot)
+    print(f"{args.out}: n={m['n']} macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, "
+          f"ROC AUC {_fmt(m['roc_auc'])}, COVID sensitivity {_fmt(m.get('covid_sensitivity'))}")
+    return 0
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="class probabilities of images (JPEG, PNG, DICOM) with a trained model.pt")
+    p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="JSON records instead of a table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .train import predict
+
+    table = predict(args.checkpoint, args.images, batch_size=args.batch_size, device=args.device)
+    print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False, float_format="%.4f"))
     return 0
 
 

@@ -108,7 +108,8 @@ class RunConfig:
         """Folder name from the parameters that define a run in the matrix."""
         weights = self.weights.split(":", 1)[0]
         if self.weights.startswith(("file:", "chexnet:")):
-            weights += "-" + Path(self.weights.split(":", 1)[1]).stem
+            path = Path(self.weights.split(":", 1)[1])  # a run folder's model.pt is named by its folder
+            weights += "-" + (path.parent.name if path.stem == "model" else path.stem)
         elif self.weights.startswith("torchxrayvision:"):
             weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
         return f"{self.task}-{self.loss}-{self.backbone}-{weights}-s{self.seed}"
@@ -123,6 +124,14 @@ class RunConfig:
         if unknown:
             raise CXRError(f"unknown run parameter(s): {', '.join(unknown)}")
         return cls(**values)
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":
+        """From a notebook's namespace (papermill parameters): every RunConfig field found there, over the
+        defaults of its `profile`; other names are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in params.items() if k in known}
+        return cls.from_dict({**PROFILES.get(given.get("profile", ""), {}), **given})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -140,3 +149,14 @@ def profile_config(profile: str, **overrides: Any) -> RunConfig:
     if profile not in PROFILES:
         raise CXRError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     return RunConfig.from_dict({**PROFILES[profile], **overrides})
+
+
+def data_banner(coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> str:
+    """The sentence every chapter shows first: which data its numbers come from."""
+    if not (coronahack_dir or extra_covid_dir or manifest):
+        return ("**Data: synthetic.** No data was configured, so this chapter ran on cxrlib's synthetic chest "
+                "X-rays (CoronaHack and ieee8023 layouts). Its numbers show that the code works; they say "
+                "nothing about COVID-19. Set `coronahack_dir` and `extra_covid_dir` to run it on the real data.")
+    parts = [f"{name} `{path}`" for name, path in (("CoronaHack", coronahack_dir), ("ieee8023 COVID-19 collection",
+             extra_covid_dir), ("manifest", manifest)) if path]
+    return "**Data: " + ", ".join(parts) + ".** Research use only; not a diagnostic device."

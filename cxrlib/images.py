@@ -292,6 +292,12 @@ def make_transform(input_spec: str = "imagenet", train: bool = False, augment: b
     return v2.Compose(steps)
 
 
+def to_batch(pixels: np.ndarray, input_spec: str = "imagenet") -> torch.Tensor:
+    """uint8 images (N, H, W) -> the model's evaluation input batch (N, C, H, W)."""
+    transform = make_transform(input_spec, train=False)
+    return torch.stack([transform(img) for img in pixels])
+
+
 class CXRDataset(torch.utils.data.Dataset):
     """Rows of the table as (tensor, class index, row index), images held in memory from the cache.
 
@@ -320,7 +326,7 @@ class CXRDataset(torch.utils.data.Dataset):
         self.table = table.reset_index(drop=True)
         self.images = images
         if targets:
-            self.labels = self.table[list(targets)].to_numpy(np.float32)
+            self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:
             self.labels = np.array(
                 [self.classes.index(task_label(lab, task)) for lab in self.table["label"]], dtype=np.int64

@@ -282,21 +282,16 @@ def make_coronahack(
     return root
 
 
-def ensure_synthetic(root: str | Path | None = None, seed: int = 0, shortcut: bool = False) -> tuple[Path, Path]:
-    """The synthetic default (CoronaHack + ieee8023 folders), made once and reused.
+def _build_once(final: Path, build) -> None:
+    """Make a data set folder once: `build(tmp)` in a temporary folder, a COMPLETE marker, then a rename.
 
-    Built in a temporary folder and renamed into place, with a COMPLETE marker, so an interrupted or
-    concurrent build never leaves a half-written dataset that later runs would trust.
+    An interrupted or concurrent build never leaves a half-written dataset that later runs would trust.
     """
-    base = Path(root or os.environ.get("CXRLIB_DATA") or Path.home() / ".cache" / "cxrlib" / "synthetic")
-    final = base / f"synthetic-v1-s{seed}{'-shortcut' if shortcut else ''}"
-    coronahack, extra = final / "coronahack", final / "covid-chestxray-dataset"
     if (final / "COMPLETE").exists():
-        return coronahack, extra
-    tmp = base / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        make_ieee8023(tmp / "covid-chestxray-dataset", seed=seed, shortcut=shortcut)
-        make_coronahack(tmp / "coronahack", seed=seed, shortcut=shortcut, covid_source=tmp / "covid-chestxray-dataset")
+        build(tmp)
         (tmp / "COMPLETE").write_text("synthetic chest X-rays made by cxrlib.synthetic\n")
         if final.exists():  # a stale, incomplete build
             shutil.rmtree(final, ignore_errors=True)
@@ -307,7 +302,22 @@ def ensure_synthetic(root: str | Path | None = None, seed: int = 0, shortcut: bo
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return coronahack, extra
+
+
+def _data_root(root: str | Path | None) -> Path:
+    return Path(root or os.environ.get("CXRLIB_DATA") or Path.home() / ".cache" / "cxrlib" / "synthetic")
+
+
+def ensure_synthetic(root: str | Path | None = None, seed: int = 0, shortcut: bool = False) -> tuple[Path, Path]:
+    """The synthetic default (CoronaHack + ieee8023 folders), made once (atomically: `_build_once`) and reused."""
+    final = _data_root(root) / f"synthetic-v1-s{seed}{'-shortcut' if shortcut else ''}"
+
+    def build(tmp: Path) -> None:
+        make_ieee8023(tmp / "covid-chestxray-dataset", seed=seed, shortcut=shortcut)
+        make_coronahack(tmp / "coronahack", seed=seed, shortcut=shortcut, covid_source=tmp / "covid-chestxray-dataset")
+
+    _build_once(final, build)
+    return final / "coronahack", final / "covid-chestxray-dataset"
 
 
 # --- ChestX-ray14 (NIH) layout -------------------------------------------------------------------
@@ -324,7 +334,7 @@ NIH_PREVALENCE = {
     "Nodule": 0.10, "Pneumonia": 0.10, "Pneumothorax": 0.04, "Consolidation": 0.10, "Edema": 0.03,
     "Emphysema": 0.03, "Fibrosis": 0.03, "Pleural_Thickening": 0.03, "Hernia": 0.02,
 }  # fmt: skip
-NIH_IMAGES_PER_FOLDER = 200  # the real archives hold about 10,000 each (images_001 .. images_012)
+NIH_IMAGES_PER_FOLDER = 100  # the real archives hold about 10,000 each (images_001 .. images_012)
 
 
 def _round_opacity(rng: np.random.Generator, radius: float) -> np.ndarray:
@@ -412,21 +422,6 @@ def make_chestxray14(root: str | Path, n: int = 400, seed: int = 0) -> Path:
 
 def ensure_chestxray14(root: str | Path | None = None, seed: int = 0, n: int = 400) -> Path:
     """The synthetic ChestX-ray14 default, made once (atomically, like ensure_synthetic) and reused."""
-    base = Path(root or os.environ.get("CXRLIB_DATA") or Path.home() / ".cache" / "cxrlib" / "synthetic")
-    final = base / f"chestxray14-v1-n{n}-s{seed}"
-    if (final / "COMPLETE").exists():
-        return final
-    tmp = base / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        make_chestxray14(tmp, n=n, seed=seed)
-        (tmp / "COMPLETE").write_text("synthetic ChestX-ray14 made by cxrlib.synthetic\n")
-        if final.exists():  # a stale, incomplete build
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first
-            if not (final / "COMPLETE").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = _data_root(root) / f"chestxray14-v1-n{n}-s{seed}"
+    _build_once(final, lambda tmp: make_chestxray14(tmp, n=n, seed=seed))
     return final

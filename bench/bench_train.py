@@ -1,0 +1,159 @@
+"""ResNet50 training throughput, and how close it gets to the machine's own matmul rate.
+
+Run by hand (not in CI): `python bench/bench_train.py [--quick] [--threads N] [--device cuda]`.
+For 128 and 224 px it times full training steps (forward, backward, AdamW step, as cxrlib.train.fit
+runs them) for both memory layouts and a few batch sizes, counts the FLOPs of one step with
+torch.utils.flop_counter.FlopCounterMode, and divides the achieved FLOP rate by the torch.mm rate
+measured in the same run (fp32 on CPU; bf16 on a GPU, where fit trains under bf16 autocast). CPU
+timings are only meaningful on an otherwise idle machine: the load average is recorded, and with
+other processes on the cores, OpenMP threads wait for each other at every parallel region.
+Results go to stdout and bench/results/bench_train-<time>.json (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Best torch.mm rate on n x n matrices (2 n^3 FLOPs each): the machine's practical peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up (thread pool / cuBLAS handles and kernels)
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def make_step(size: int, batch: int, channels_last: bool, autocast: torch.dtype | None, device: torch.device):
+    """A ResNet50 (3 classes) training step on a fixed random batch, as fit() runs it."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=3).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 3, (batch,), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def step_flops(step) -> int:
+    """FLOPs of one training step (convolutions and matmuls, forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def bench(size: int, batch: int, channels_last: bool, autocast: torch.dtype | None, device: torch.device,
+          seconds: float) -> dict:
+    step = make_step(size, batch, channels_last, autocast, device)
+    for _ in range(2):  # warm-up: oneDNN / cuDNN pick and cache their kernels for these shapes
+        step()
+    flops = step_flops(step)
+    times: list[float] = []
+    sync(device)
+    while len(times) < 3 or sum(times) < seconds:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)  # robust to a step slowed by another process
+    return {
+        "image_size": size, "batch_size": batch, "channels_last": channels_last,
+        "autocast": str(autocast).replace("torch.", "") if autocast else "fp32", "steps": len(times),
+        "median_step_s": median, "images_per_s": batch / median, "gflop_per_image": flops / 1e9 / batch,
+        "achieved_gflops": flops / median / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer configurations, shorter timings")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (CPU)")
+    parser.add_argument("--seconds", type=float, default=None, help="minimum timing per configuration")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    load = os.getloadavg()[0]
+    if not gpu and load > 0.5:
+        print(f"warning: load average {load:.1f}: other processes share the CPU; timings will be low and noisy")
+
+    peak_dtype = torch.bfloat16 if gpu else torch.float32
+    peak = matmul_gflops(device, peak_dtype, 8192 if gpu else 4096)
+    name = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
+    print(f"{str(peak_dtype).replace('torch.', '')} torch.mm: {peak:.1f} GFLOP/s on {device.type} ({name})")
+    if gpu:
+        batches, autocasts = ((64,) if args.quick else (64, 128, 256)), (torch.bfloat16,)
+    else:
+        batches, autocasts = ((32,) if args.quick else (16, 32, 64)), (None,)
+    configs = [(size, batch, cl, ac) for size in (128, 224) for batch in batches for cl in (False, True)
+               for ac in autocasts]
+    if not gpu:  # bf16 autocast on CPU (AMX where present): not fp32, so reported beside, not as the goal
+        configs += [(size, 32, True, torch.bfloat16) for size in (128, 224)]
+    rows = []
+    print(f"{'px':>4} {'batch':>5} {'layout':>14} {'dtype':>8} {'img/s':>8} {'GFLOP/img':>9} {'GFLOP/s':>9} {'of mm':>6}")
+    for size, batch, channels_last, autocast in configs:
+        row = bench(size, batch, channels_last, autocast, device, seconds)
+        row["fraction_of_matmul"] = row["achieved_gflops"] / peak
+        rows.append(row)
+        layout = "channels_last" if channels_last else "contiguous"
+        print(f"{size:>4} {batch:>5} {layout:>14} {row['autocast']:>8} {row['images_per_s']:>8.2f} "
+              f"{row['gflop_per_image']:>9.2f} {row['achieved_gflops']:>9.1f} {row['fraction_of_matmul']:>6.1%}",
+              flush=True)
+    goal_dtype = "bfloat16" if gpu else "fp32"
+    best = {}
+    for size in (128, 224):
+        same = [r for r in rows if r["image_size"] == size and r["autocast"] == goal_dtype]
+        best[size] = b = max(same, key=lambda r: r["images_per_s"])
+        print(f"best {goal_dtype} at {size} px: {b['images_per_s']:.2f} img/s (batch {b['batch_size']}, "
+              f"{'channels_last' if b['channels_last'] else 'contiguous'}), {b['achieved_gflops']:.1f} GFLOP/s "
+              f"= {b['fraction_of_matmul']:.1%} of the {goal_dtype} matmul rate")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench_train-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({
+        "device": name, "matmul_dtype": str(peak_dtype), "matmul_gflops": peak, "threads": torch.get_num_threads(),
+        "load_average_at_start": load, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "results": rows, "best": {str(k): v for k, v in best.items()},
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

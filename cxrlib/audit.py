@@ -1,0 +1,383 @@
+"""Shortcut audit: is a score earned from the lungs, or from where the image came from?
+
+In CoronaHack every COVID image is an adult from other hospitals and every other image a child from
+one hospital, so a model can tell COVID apart by age, scanner, markers, borders or file size without
+reading the lungs (DeGrave et al. 2021; Roberts et al. 2021). The checks here:
+
+1. Probes (`source_probe`). Cross-validated logistic regressions, folds grouped by patient, predict
+   the data source from (a) trivial image statistics (whole image, border strip, corner patches,
+   original file size) and (b) the network's pooled backbone features; and (c) the COVID label from
+   border and corner statistics alone. Rule, on balanced accuracy (chance = 1/k for k classes):
+   >= 0.80 or >= chance + 0.30 -> "shortcut" (flagged); >= chance + 0.10 -> "weak"; else "none".
+   A flagged source probe says the source is written in the pixels (the model *can* use it; in
+   CoronaHack source also means age, so anatomy carries it too); a flagged border -> label probe says
+   the label is readable outside the lungs, and then any classifier score is suspect. Accuracy is
+   reported next to the majority rate but, with classes weighted, can fall below it: the rule uses
+   balanced accuracy.
+2. Masking (`evaluate_masked`). The model's metrics on intact images, with the lung fields blanked,
+   and with everything but the lung fields blanked (masks: explain.lung_masks). A model that keeps
+   its score with the lungs removed is reading something other than the lungs. Both masked kinds are
+   unlike any training image (a large flat patch), so a collapse, especially lungs-only, proves
+   little; a score that survives is the finding. `conclusion` states both in words for the book.
+3. External validation (`external_validation_summary`) and subgroups (`subgroup_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from PIL import Image
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .config import CLASSES, classes as task_classes, task_label
+from .errors import CXRError
+from .explain import MASK_MODES, lung_masks, mask_images
+from .images import ImageCache, make_transform
+from .metrics import compute_metrics, predictions_table
+from .models import backbone_and_head
+
+PERCENTILES = (5, 25, 50, 75, 95)
+PARTS = ("whole", "border", "corners")
+SHORTCUT_BALANCED_ACCURACY = 0.80  # the verdict rule of the module docstring
+SHORTCUT_ABOVE_CHANCE = 0.30
+WEAK_ABOVE_CHANCE = 0.10
+MASKED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "covid_sensitivity", "covid_specificity", "roc_auc")
+RETAINED_SHORTCUT = 0.80  # the masking rule of `conclusion`
+RETAINED_PARTIAL = 0.50
+AGE_BANDS = (0, 18, 40, 60, 80, np.inf)
+AGE_LABELS = ("0-17", "18-39", "40-59", "60-79", "80+")
+
+
+# --- features for the probes ---------------------------------------------------------------------
+
+
+def image_statistics(images: np.ndarray, parts: Sequence[str] = PARTS, border: float = 0.1,
+                     corner: float = 0.15) -> pd.DataFrame:
+    """Mean, std and percentiles of each image's `parts`: whole, border strip, each corner patch.
+
+    `border` and `corner` are fractions of the side. Corners are where markers, text and collimation
+    sit (file sizes: `original_sizes`).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 3:
+        raise CXRError(f"image_statistics needs (N, H, W) images, got shape {images.shape}")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise CXRError(f"unknown image part(s) {unknown}: choose from {', '.join(PARTS)}")
+    _, h, w = images.shape
+    b, c = max(1, round(border * min(h, w))), max(1, round(corner * min(h, w)))
+    regions: dict[str, np.ndarray] = {}
+    if "whole" in parts:
+        regions["whole"] = np.ones((h, w), bool)
+    if "border" in parts:
+        regions["border"] = np.ones((h, w), bool)
+        regions["border"][b:h - b, b:w - b] = False
+    if "corners" in parts:
+        for name, rows, cols in (("tl", slice(0, c), slice(0, c)), ("tr", slice(0, c), slice(w - c, w)),
+                                 ("bl", slice(h - c, h), slice(0, c)), ("br", slice(h - c, h), slice(w - c, w))):
+            regions[f"corner_{name}"] = np.zeros((h, w), bool)
+            regions[f"corner_{name}"][rows, cols] = True
+    columns = {}
+    for name, region in regions.items():
+        pixels = images[:, region]
+        columns[f"{name}_mean"], columns[f"{name}_std"] = pixels.mean(axis=1), pixels.std(axis=1)
+        for q, values in zip(PERCENTILES, np.percentile(pixels, PERCENTILES, axis=1)):
+            columns[f"{name}_p{q}"] = values
+    return pd.DataFrame(columns)
+
+
+def original_sizes(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Width, height and aspect ratio of each file as stored (headers only); NaN where unreadable.
+
+    In CoronaHack these alone can give the class away (the paediatric images were squashed upstream).
+    """
+    sizes = []
+    for path in paths:
+        try:
+            if str(path).lower().endswith((".dcm", ".dicom")):
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                sizes.append((float(ds.Columns), float(ds.Rows)))
+            else:
+                with Image.open(path) as im:
+                    sizes.append(tuple(float(v) for v in im.size))
+        except Exception:  # an unreadable file is reported by the image cache; here it is just unknown
+            sizes.append((np.nan, np.nan))
+    frame = pd.DataFrame(sizes, columns=["width", "height"])
+    frame["aspect"] = frame["width"] / frame["height"]
+    return frame
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _apply(module: torch.nn.Module, images: np.ndarray, input_spec: str, batch_size: int) -> np.ndarray:
+    """`module` over uint8 images in batches, after the model's own evaluation transform."""
+    transform, device = make_transform(input_spec, train=False), _device(module)
+    module.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([transform(img) for img in images[start:start + batch_size]]).to(device)
+        out.append(module(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+
+def backbone_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Pooled backbone features (N, D) of uint8 images (N, H, W): what the head sees."""
+    features, _ = backbone_and_head(model)
+    return _apply(features, images, model.input_spec, batch_size)
+
+
+# --- probes --------------------------------------------------------------------------------------
+
+
+def verdict(balanced_accuracy: float, n_classes: int) -> str:
+    """The probe rule of the module docstring: "shortcut", "weak" or "none"."""
+    chance = 1.0 / n_classes
+    if balanced_accuracy >= SHORTCUT_BALANCED_ACCURACY or balanced_accuracy >= chance + SHORTCUT_ABOVE_CHANCE:
+        return "shortcut"
+    return "weak" if balanced_accuracy >= chance + WEAK_ABOVE_CHANCE else "none"
+
+
+def origin(table: pd.DataFrame) -> pd.Series:
+    """Where each image was taken: "guangzhou" (Kermany's paediatric set), "ieee8023" (the adult
+    collection), else the `source` column.
+
+    Not the `source` column: CoronaHack's COVID images are ieee8023 copies and keep source
+    "coronahack" after dedup; their patient id (ieee8023:... or coronahack:<file>) tells them apart.
+    """
+    ids = table["patient_id"].fillna("").astype(str)
+    adult = ids.str.startswith(("ieee8023:", "coronahack:"))
+    where = np.where(adult, "ieee8023", table["source"].astype(str))
+    return pd.Series(np.where(ids.str.startswith("kermany:"), "guangzhou", where), index=table.index, name="origin")
+
+
+def _groups(table: pd.DataFrame) -> np.ndarray:
+    """Patient per row; an image without a patient id is its own group."""
+    ids = table["patient_id"].fillna("").astype(str).to_numpy()
+    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
+
+
+def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Sequence[Any],
+          n_splits: int = 5, seed: int = 0) -> dict[str, Any]:
+    """How well a logistic regression on `features` predicts `target`, cross-validated by group.
+
+    Folds keep each patient on one side (StratifiedGroupKFold: grouped like GroupKFold, and every
+    fold keeps both targets even when one is rare). Classes are weighted so a rare source counts.
+    Returns accuracy (chance: the majority rate), balanced accuracy (chance: 1/k), ROC AUC (chance
+    0.5; macro one-vs-rest for k > 2) and the `verdict`.
+    """
+    X = np.asarray(features, dtype=np.float64)
+    names, y = np.unique(np.asarray(target).astype(str), return_inverse=True)
+    groups = np.asarray(groups)
+    if len(names) < 2:
+        raise CXRError(f"probe target has one value only ({names.tolist()}): nothing to predict")
+    if not len(X) == len(y) == len(groups):
+        raise CXRError(f"probe got {len(X)} feature rows, {len(y)} targets and {len(groups)} groups")
+    per_class = pd.Series(groups).groupby(y).nunique()
+    n_splits = min(n_splits, int(per_class.min()))
+    if n_splits < 2:
+        raise CXRError(f"probe: target {names[per_class.idxmin()]!r} has one patient only; cross-validation "
+                       "needs at least two per value")
+    model = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                          LogisticRegression(max_iter=2000, class_weight="balanced"))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # StratifiedGroupKFold: a class with few groups
+        probs = cross_val_predict(model, X, y, groups=groups, cv=cv, method="predict_proba")
+    yhat = probs.argmax(axis=1)
+    auc = roc_auc_score(y, probs[:, 1]) if len(names) == 2 else roc_auc_score(y, probs, multi_class="ovr")
+    balanced = balanced_accuracy_score(y, yhat)
+    return {
+        "n": len(y), "n_groups": len(set(groups)), "n_splits": n_splits, "classes": names.tolist(),
+        "accuracy": accuracy_score(y, yhat), "chance_accuracy": float(np.bincount(y).max() / len(y)),
+        "balanced_accuracy": balanced, "chance_balanced_accuracy": 1.0 / len(names),
+        "auc": float(auc), "verdict": verdict(balanced, len(names)),
+    }
+
+
+def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray | None = None,
+                 sizes: pd.DataFrame | None = None, target: str = "origin", seed: int = 0) -> pd.DataFrame:
+    """The probes of the module docstring as one table (one row per probe), on rows of `table` and their images.
+
+    Rows: image statistics -> `target`; + file sizes -> `target` (with `sizes`); learned features ->
+    `target` (with `features`, e.g. `backbone_features`); border and corner statistics -> COVID label.
+    `target` is a table column; "origin" is computed by `origin()` when the table has no such column.
+    """
+    if len(table) != len(images):
+        raise CXRError(f"source_probe got {len(table)} table rows and {len(images)} images: "
+                       "pass them in the same order")
+    if target == "origin" and target not in table.columns:
+        table = table.assign(origin=origin(table))
+    if target not in table.columns:
+        raise CXRError(f"source_probe: the table has no column {target!r}")
+    groups, is_covid = _groups(table), np.where(table["label"] == "covid", "covid", "not_covid")
+    stats = image_statistics(images)
+    runs = [("image statistics", stats, table[target], target)]
+    if sizes is not None:
+        runs.append(("image statistics + file size", pd.concat([stats, sizes.reset_index(drop=True)], axis=1),
+                     table[target], target))
+    if features is not None:
+        runs.append(("learned features", features, table[target], target))
+    runs.append(("border and corners", image_statistics(images, parts=("border", "corners")), is_covid, "covid label"))
+    rows = []
+    for name, X, y, y_name in runs:
+        result = probe(X, y, groups, seed=seed)
+        rows.append({"features": name, "target": y_name, **result, "flagged": result["verdict"] == "shortcut"})
+    return pd.DataFrame(rows).drop(columns="classes")
+
+
+# --- masking -------------------------------------------------------------------------------------
+
+
+def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCache | int,
+                    modes: Sequence[str] = MASK_MODES, task: str | None = None, refine: bool = False,
+                    fill: str | int = "mean", batch_size: int = 32, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+    """The model's test metrics with the images intact, lungs removed and lungs only (one row per mode).
+
+    `rows` are table rows (path, label, ids) or a predictions table (path, true, ids: a run's
+    predictions.csv); `cache` an ImageCache or the image size to cache at.
+    Masks come from `explain.lung_masks(images, refine)` and are painted before normalisation
+    (`explain.mask_images`). `task` defaults to the one matching the model's output width.
+    `f1_retained` = macro-F1 / intact macro-F1: near 1 with the lungs removed means the model does
+    not need the lungs for its score (a shortcut).
+    """
+    cache = cache if isinstance(cache, ImageCache) else ImageCache(int(cache))
+    images, skipped = cache.load(rows["path"].tolist())
+    if skipped:
+        warnings.warn(f"evaluate_masked: {len(skipped)} unreadable image(s) left out, e.g. {skipped[0]}", stacklevel=2)
+        rows = rows[~rows["path"].astype(str).isin({p for p, _ in skipped})]
+    n_out = backbone_and_head(model)[1].out_features
+    if task is None:
+        task = {len(c): name for name, c in CLASSES.items()}.get(n_out, "")
+    classes = task_classes(task)
+    names = rows["true"] if "true" in rows.columns else [task_label(label, task) for label in rows["label"]]
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise CXRError(f"evaluate_masked: rows hold classes {unknown}, not of task {task} {classes}")
+    y = np.array([classes.index(name) for name in names])
+    masks = lung_masks(images, refine=refine)
+    out = []
+    for mode in modes:
+        logits = _apply(model, mask_images(images, masks, mode, fill), model.input_spec, batch_size)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        m = compute_metrics(predictions_table(rows, probs, classes, y), classes, n_boot=n_boot, seed=seed)
+        out.append({"mode": mode, "n": m["n"], **{k: m.get(k) for k in MASKED_METRICS}})
+    table = pd.DataFrame(out).set_index("mode").astype({k: float for k in MASKED_METRICS})
+    if "intact" in table.index:
+        table["f1_retained"] = table["macro_f1"] / table.loc["intact", "macro_f1"]
+    return table
+
+
+def conclusion(probe: pd.DataFrame, masked: pd.DataFrame | None = None) -> str:
+    """What `source_probe` and `evaluate_masked` say, as Markdown computed from their numbers (never typed).
+
+    Verdict: "suspect" when border/corner statistics predict COVID, or with the lungs removed the model
+    keeps >= 80% of its macro-F1 or still finds COVID (sensitivity >= 0.5 at specificity >= 0.8);
+    "partly outside the lungs" when it keeps >= 50%; otherwise a flagged source probe means the model
+    *could* use the source, and no flag proves nothing either way.
+    """
+    lines = [f"- {r.features} → {r.target}: balanced accuracy {r.balanced_accuracy:.2f} (chance "
+             f"{r.chance_balanced_accuracy:.2f}), AUC {r.auc:.2f}: **{r.verdict}**." for r in probe.itertuples()]
+    label_flag = bool(probe.loc[probe["target"] == "covid label", "flagged"].any())
+    source_flag = bool(probe.loc[probe["target"] != "covid label", "flagged"].any())
+    kept, reasons = None, ["border and corner statistics alone predict it"] if label_flag else []
+    if masked is not None and {"intact", "lungs_removed"} <= set(masked.index):
+        intact, removed = masked.loc["intact"], masked.loc["lungs_removed"]
+        kept = removed["macro_f1"] / intact["macro_f1"]
+        if kept >= RETAINED_SHORTCUT:
+            reasons.append(f"the model keeps {kept:.0%} of its macro-F1 with the lungs removed")
+        if removed["covid_sensitivity"] >= 0.5 and removed["covid_specificity"] >= 0.8:
+            reasons.append(f"with the lungs removed it still finds {removed['covid_sensitivity']:.0%} of COVID-19 "
+                           f"images at specificity {removed['covid_specificity']:.2f}")
+        lines.append(f"- With the lung fields blanked, macro-F1 goes from {intact['macro_f1']:.2f} to "
+                     f"{removed['macro_f1']:.2f} ({kept:.0%} retained); COVID-19 sensitivity from "
+                     f"{intact['covid_sensitivity']:.2f} to {removed['covid_sensitivity']:.2f} at specificity "
+                     f"{removed['covid_specificity']:.2f}.")
+    if reasons:
+        verdict = (f"**The COVID-19 score is suspect**: the label can be read without the lungs "
+                   f"({'; '.join(reasons)}). Do not read these scores as evidence of lung findings.")
+    elif kept is not None and kept >= RETAINED_PARTIAL:
+        verdict = ("**Part of what the model uses lies outside the lungs**: much of its score survives with the "
+                   "lung fields removed.")
+    elif source_flag:
+        verdict = ("The source is easy to predict from the pixels, so the model *could* use it"
+                   + ("; with the lungs removed it loses most of its score, which points to the lungs" if kept
+                      is not None else "") + ". Only external validation on another hospital's images settles it.")
+    else:
+        verdict = "No shortcut was flagged by these checks; they cannot prove its absence."
+    return "\n".join(lines) + "\n\n" + verdict
+
+
+# --- external validation and subgroups -----------------------------------------------------------
+
+
+def external_validation_summary(metrics: dict[str, Any] | str | Path) -> pd.DataFrame:
+    """COVID sensitivity and specificity with their patient-level 95% CIs, from compute_metrics' output.
+
+    `metrics` is the dict or a metrics.json path (e.g. written by `python -m cxrlib evaluate` on an
+    external manifest). The CIs are metrics' patient bootstrap (`ci_info`); undefined values are NaN
+    (e.g. specificity on a set without non-COVID images).
+    """
+    if not isinstance(metrics, dict):
+        path = Path(metrics)
+        if not path.is_file():
+            raise CXRError(f"{path}: no metrics file; run `python -m cxrlib evaluate` first")
+        metrics = json.loads(path.read_text())
+    if "covid_sensitivity" not in metrics:
+        raise CXRError("these metrics have no covid_sensitivity: the model's classes include no 'covid'")
+    covid = metrics.get("per_class", {}).get("covid", {})
+    n_pos = covid.get("support")
+    n_neg = metrics["n"] - n_pos if n_pos is not None and "n" in metrics else None
+    ci = metrics.get("ci", {})
+    rows = []
+    for name, n in (("covid_sensitivity", n_pos), ("covid_specificity", n_neg)):
+        lo, hi = ci.get(name) or (None, None)
+        rows.append({"metric": name, "value": metrics[name], "ci_low": lo, "ci_high": hi, "n_images": n,
+                     "n_patients": metrics.get("n_patients"), "ci_unit": metrics.get("ci_info", {}).get("unit")})
+    return pd.DataFrame(rows).set_index("metric").astype({"value": float, "ci_low": float, "ci_high": float})
+
+
+def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence[str]) -> pd.DataFrame:
+    """Accuracy and COVID sensitivity/specificity per subgroup of `by` (table columns, or "age_band").
+
+    `pred` is a predictions table, `table` the data table holding the metadata (matched on image_id).
+    View, sex and age are known for ieee8023 rows only; missing values form the group "unknown".
+    Undefined metrics (no COVID image in a group for sensitivity) are NaN.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    meta = table.copy()
+    if "age_band" in by:
+        meta["age_band"] = pd.cut(meta["age"], AGE_BANDS, right=False, labels=AGE_LABELS).astype(object)
+    missing = [c for c in by if c not in meta.columns]
+    if missing:
+        raise CXRError(f"subgroup_metrics: no column(s) {missing} in the table; available: {', '.join(meta.columns)}")
+    frame = pred.drop(columns=[c for c in by if c in pred.columns]).merge(
+        meta[["image_id", *by]], on="image_id", how="left", validate="one_to_one")
+    for c in by:
+        frame[c] = frame[c].where(frame[c].notna() & (frame[c].astype(str) != ""), "unknown").astype(str)
+    rows = []
+    for key, group in frame.groupby(by, sort=True):
+        pos, called = group["true"] == "covid", group["pred"] == "covid"
+        rows.append({
+            **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+            "n": len(group), "n_patients": group["patient_id"].nunique(), "n_covid": int(pos.sum()),
+            "accuracy": float((group["true"] == group["pred"]).mean()),
+            "covid_sensitivity": float(called[pos].mean()) if pos.any() else np.nan,
+            "covid_specificity": float((~called[~pos]).mean()) if (~pos).any() else np.nan,
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,223 @@
+"""Where a model fails and where it looks: error tables, Grad-CAM, lung-field masks.
+
+The shortcut audit that uses these (source probe, lungs-removed evaluation, subgroups) is in audit.py.
+
+Lung fields. Synthetic images are drawn inside `synthetic.lung_mask(size)`, so for them that template
+is the exact lung field. Real images have no segmentation here: `lung_masks` puts the same anatomical
+template (two ellipses at standard PA positions, the left one cut by the heart) on every image; with
+`refine=True` it adds the dark (air-filled) region around the template, which follows wider or
+shifted lungs better. Both are approximations, not segmentations: the template misses lung off its
+ellipses (wide, off-centre or rotated chests; the paediatric lungs are often wider) and both include
+some mediastinum, diaphragm or soft tissue. Treat lung-share and lungs-removed numbers as coarse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from scipy import ndimage
+
+from . import plots
+from .errors import CXRError
+from .models import gradcam_target_layer
+from .synthetic import lung_mask
+
+MASK_MODES = ("intact", "lungs_removed", "lungs_only")
+NEUTRAL_GREY = 128
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def _prob_of(pred: pd.DataFrame, column: str) -> np.ndarray:
+    """Per row, the probability the model gave the class named in `column` ("true" or "pred")."""
+    names = [c[2:] for c in pred.columns if c.startswith("p_")]
+    missing = [c for c in ("true", "pred") if c not in pred.columns]
+    if missing or not names:
+        raise CXRError(f"predictions table lacks {missing or 'p_<class> columns'}; build it with predictions_table()")
+    codes = pd.Categorical(pred[column], categories=names).codes
+    if (codes < 0).any():
+        unknown = sorted(set(pred[column][codes < 0]))
+        raise CXRError(f"column {column!r} holds classes without a p_<class> column: {unknown}")
+    return pred[[f"p_{c}" for c in names]].to_numpy(float)[np.arange(len(pred)), codes]
+
+
+def misclassified(pred: pd.DataFrame) -> pd.DataFrame:
+    """False positives and false negatives per class, one row per (wrong image, class it is an error of).
+
+    A covid image called pneumonia is a false negative of covid and a false positive of pneumonia.
+    `p_class` is the probability the model gave `class`; `confidence` its probability for the wrong call.
+    """
+    wrong = most_confident_errors(pred, n=len(pred))
+    parts = [wrong.assign(**{"class": wrong[column], "kind": kind}) for kind, column in
+             (("false_negative", "true"), ("false_positive", "pred"))]
+    out = pd.concat(parts, ignore_index=True)
+    out["p_class"] = _prob_of(out.assign(true=out["class"]), "true")
+    keep = ["class", "kind", "image_id", "path", "patient_id", "source", "split", "true", "pred", "p_class",
+            "confidence"]
+    out = out[[c for c in keep if c in out.columns]]
+    return out.sort_values(["class", "kind", "confidence"], ascending=[True, True, False], ignore_index=True)
+
+
+def most_confident_errors(pred: pd.DataFrame, n: int = 8) -> pd.DataFrame:
+    """The `n` wrong predictions the model was surest of (`confidence` = its probability for the wrong class).
+
+    Confident errors are where a shortcut, if any, shows most clearly.
+    """
+    wrong = pred.assign(confidence=_prob_of(pred, "pred"))
+    wrong = wrong[wrong["true"] != wrong["pred"]]
+    return wrong.sort_values("confidence", ascending=False, kind="stable").head(n).reset_index(drop=True)
+
+
+def error_gallery(errors: pd.DataFrame, images: Sequence[np.ndarray], cams: Sequence[np.ndarray] | None = None,
+                  ncols: int = 4) -> plt.Figure:
+    """Images of the rows of `errors` (same order), captioned true -> predicted, confidence and source.
+
+    Takes the pixels, not paths: the book's committed outputs show synthetic images only; real images
+    are rendered when the user builds the book on their own data.
+    """
+    if len(images) != len(errors):
+        raise CXRError(f"error_gallery got {len(images)} images for {len(errors)} error rows: pass one image per row")
+    captions = [
+        f"{row['true']} -> {row['pred']} ({row.get('confidence', float('nan')):.2f})\n{row.get('source', '')}"
+        for _, row in errors.iterrows()
+    ]
+    return plots.image_grid(list(images), captions, ncols=ncols, overlays=cams)
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------------
+
+
+def grad_cam(model: torch.nn.Module, batch: torch.Tensor, target_classes: Sequence[int] | None = None,
+             batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM of `model` for each image of `batch` (N, C, H, W): (N, H, W) float32 in [0, 1].
+
+    Each map explains `target_classes[i]` (default: the predicted class) at the layer
+    `models.gradcam_target_layer` picks, upsampled to the input size and scaled to max 1 per image
+    (an all-zero map stays 0). The target layer is 32x smaller than the input, so use 64 px or more:
+    at 32 px it is 1x1 and every map is flat (0). The model is left in eval mode.
+    """
+    if batch.ndim != 4:
+        raise CXRError(f"grad_cam needs a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
+    if target_classes is not None and len(target_classes) != len(batch):
+        raise CXRError(f"grad_cam got {len(target_classes)} target classes for {len(batch)} images")
+    cam = GradCAM(model=model, target_layers=[gradcam_target_layer(model)])
+    maps = []
+    try:  # not `with GradCAM(...)`: its __exit__ swallows IndexError
+        with torch.enable_grad():  # also inside a caller's torch.no_grad()
+            for start in range(0, len(batch), batch_size):
+                # An input that requires grad lets gradients reach the target layer even when it is frozen.
+                x = batch[start:start + batch_size].detach().clone().requires_grad_(True)
+                targets = None if target_classes is None else [
+                    ClassifierOutputTarget(int(c)) for c in target_classes[start:start + batch_size]]
+                maps.append(cam(input_tensor=x, targets=targets))
+    finally:
+        cam.activations_and_grads.release()
+    return np.clip(np.concatenate(maps), 0.0, 1.0).astype(np.float32)
+
+
+def cam_lung_share(cams: np.ndarray, lung_masks: np.ndarray) -> np.ndarray:
+    """Share of each CAM's mass inside its lung mask, (N,); NaN for an all-zero CAM.
+
+    `lung_masks` is (N, H, W) or one (H, W) mask for all. Compare with the mask's area share
+    (`lung_masks.mean(axis=(-2, -1))`): a CAM spread evenly over the image scores exactly that.
+    """
+    cams, masks = np.asarray(cams, dtype=np.float64), np.asarray(lung_masks, dtype=bool)
+    if cams.ndim != 3 or masks.ndim not in (2, 3) or masks.shape[-2:] != cams.shape[1:] or (
+            masks.ndim == 3 and len(masks) != len(cams)):
+        raise CXRError(f"cam_lung_share: cams {cams.shape} must be (N, H, W) and masks (H, W) or (N, H, W) "
+                       f"of the same size, got masks {masks.shape}")
+    total = cams.sum(axis=(1, 2))
+    inside = (cams * masks).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
+# --- lung fields and masking ---------------------------------------------------------------------
+
+
+def lung_masks(images: np.ndarray, refine: bool = False) -> np.ndarray:
+    """Lung-field masks (N, H, W) bool for uint8 images (N, H, W) of square size H == W.
+
+    The template `synthetic.lung_mask(H)` for every image (exact for synthetic images); with
+    `refine`, each grown to its image's dark lung region (see the module docstring: an estimate).
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise CXRError(f"lung_masks needs square images (N, H, H), got shape {images.shape}")
+    template = lung_mask(images.shape[1])
+    if not refine:
+        return np.repeat(template[None], len(images), axis=0)
+    return np.stack([_refine(img, template) for img in images])
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values: the cut that best separates them into dark and bright."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(float)
+    if np.count_nonzero(hist) < 2:
+        return float(values.max())
+    weight = np.cumsum(hist)
+    mean = np.cumsum(hist * np.arange(256))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = (mean[-1] * weight - mean * weight[-1]) ** 2 / (weight * (weight[-1] - weight))
+    return float(np.nanargmax(between[:-1]))
+
+
+def _refine(image: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """The template grown to the dark (air-filled) lung region around it; the template when that looks implausible.
+
+    Lungs hold air, so inside the body they are darker than mediastinum, bone and diaphragm: Otsu's
+    threshold of the smoothed image within the template widened by ~8% of the side, the largest dark
+    region on each side, holes filled. The result always contains the template, so blanking it removes
+    at least as much lung as the template does; a dark region over twice the template's area (the
+    threshold caught the background) falls back to the template.
+    """
+    size = image.shape[0]
+    region = ndimage.binary_dilation(template, iterations=max(1, size // 12))
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), size / 64)  # ribs would split the lung
+    dark = region & (smooth <= _otsu(np.round(smooth[region]).astype(np.uint8)))
+    if dark.sum() == region.sum():  # no contrast: nothing to separate
+        return template
+    dark = ndimage.binary_closing(dark, iterations=max(1, size // 32))
+    dark = ndimage.binary_fill_holes(ndimage.binary_opening(dark, iterations=max(1, size // 64)))
+    lungs = template.copy()
+    left = np.zeros_like(dark)
+    left[:, : size // 2] = True
+    for side in (left, ~left):
+        labels, n = ndimage.label(dark & side)
+        if n:
+            lungs |= labels == 1 + np.argmax(ndimage.sum(dark, labels, range(1, n + 1)))
+    return lungs if lungs.sum() <= 2 * template.sum() else template
+
+
+def mask_images(images: np.ndarray, masks: np.ndarray, mode: str, fill: str | int = "mean") -> np.ndarray:
+    """uint8 images with the lung fields blanked (`lungs_removed`) or everything else blanked (`lungs_only`).
+
+    Apply before normalisation. `fill="mean"` paints the blanked part with each image's own mean
+    intensity (so overall brightness, which normalisation sees, barely moves and only structure is
+    removed); `"grey"` paints 128; an int paints that value. `intact` returns a copy.
+    """
+    if mode not in MASK_MODES:
+        raise CXRError(f"mask mode {mode!r}: choose one of {', '.join(MASK_MODES)}")
+    images = np.asarray(images)
+    masks = np.broadcast_to(np.asarray(masks, dtype=bool), images.shape)
+    out = images.copy()
+    if mode == "intact":
+        return out
+    if fill == "mean":
+        values = images.reshape(len(images), -1).mean(axis=1).round()
+    elif fill == "grey":
+        values = np.full(len(images), NEUTRAL_GREY)
+    elif isinstance(fill, (int, np.integer)) and 0 <= fill <= 255:
+        values = np.full(len(images), fill)
+    else:
+        raise CXRError(f"parameter fill={fill!r}: use 'mean', 'grey' or an int in 0..255")
+    blank = masks if mode == "lungs_removed" else ~masks
+    out[blank] = np.broadcast_to(values.astype(images.dtype)[:, None, None], images.shape)[blank]
+    return out

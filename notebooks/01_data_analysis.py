@@ -1,0 +1,156 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The data: CoronaHack and the extra COVID-19 images
+#
+# The paper trains on the Kaggle *CoronaHack Chest X-Ray* dataset plus extra COVID-19 images.
+# CoronaHack's normal and pneumonia images are children (aged 1–5) from one hospital in Guangzhou
+# {cite:p}`kermany2018`; its COVID-19 images, like the extra ones, come from the ieee8023 collection
+# of adults from many hospitals {cite:p}`cohen2020covid`. This chapter counts what is there, finds
+# the copies shared by the two sources, makes the patient-disjoint split every later chapter uses,
+# and shows the confound: the sources differ in ways a classifier can see without looking at lungs.
+
+# %% tags=["parameters"]
+coronahack_dir = ""
+extra_covid_dir = ""
+task = "multiclass"
+seed = 0
+image_size = 64
+run_root = "../runs/quick"
+run_dir = ""
+profile = "quick"
+
+# %%
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
+
+from cxrlib import audit, data, plots
+from cxrlib.config import classes, data_banner
+from cxrlib.images import ImageCache
+
+display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
+table, report = data.load_table(coronahack_dir, extra_covid_dir)
+table = data.split_table(table, task, seed=seed)
+summary = data.summarize(table, report)
+assert not summary["leakage"]
+
+# %% [markdown]
+# ## What was read, and what was not
+#
+# Metadata rows whose image file is absent are reported, never silently dropped or invented;
+# duplicates across the two sources are removed (same file name, or the same pixels after decoding).
+
+# %% tags=["nbval-check-output"]
+print(f"images: {summary['n_images']}, patients: {summary['n_patients']}")
+print(f"metadata rows without an image: {summary['missing']}")
+print(f"duplicates removed: {summary['duplicates_removed']}")
+for note in summary["notes"]:
+    print("note:", note.split(" in /")[0])
+
+# %%
+pd.crosstab([table.source, table.label], table.subtype, margins=True)
+
+# %% [markdown]
+# ## The imbalance
+#
+# COVID-19 is the minority class. Training draws images with probability inversely proportional to
+# their class frequency (as the paper does); these are the weights.
+
+# %%
+train_labels = data.encode_labels(table[table.split == "train"], task)
+n_classes = len(classes(task))
+imbalance = pd.DataFrame({
+    "train images": np.bincount(train_labels, minlength=n_classes),
+    "sampling weight": data.class_weights(train_labels, n_classes),
+}, index=classes(task))
+imbalance
+
+# %%
+sns.countplot(table, y="label", hue="source", order=["covid", "pneumonia", "normal"]).set_title("images per class and source");
+
+# %% [markdown]
+# ## Duplicates across the sources
+
+# %%
+duplicates = pd.DataFrame(report.duplicates, columns=["removed", "kept (copy of)"])
+print(f"{len(duplicates)} duplicate image(s) removed")
+duplicates.head(10)
+
+# %% [markdown]
+# ## The patient-disjoint split
+#
+# CoronaHack's published TEST split holds no COVID-19 image, and its TRAIN and TEST share patient
+# numbers. We re-split by patient from a seed, stratified by label and source: every split holds
+# every class, no patient (and no image) is on two sides — checked by `data.check_no_leakage`.
+
+# %% tags=["nbval-check-output"]
+pd.DataFrame(summary["counts"]).fillna(0).astype(int)
+
+# %% tags=["nbval-check-output"]
+pd.Series(summary["patients"], name="patients")
+
+# %% [markdown]
+# ## How the images differ by source
+#
+# File sizes and intensities per source and class. In the real CoronaHack download the paediatric
+# images were squashed to 224 × 224 upstream while the COVID-19 ones keep their aspect ratio, so the
+# shape alone gives the class away; every image is therefore resized to one square size.
+
+# %%
+sizes = audit.original_sizes(table.path).set_index(table.index)
+cache = ImageCache(image_size)
+pixels, skipped = cache.load(list(table.path))
+stats = audit.image_statistics(pixels, parts=("whole", "border")).set_index(table.index)
+look = pd.concat([table[["source", "label"]], sizes, stats[["whole_mean", "whole_std", "border_mean"]]], axis=1)
+look.groupby(["source", "label"])[["width", "height", "aspect", "whole_mean", "border_mean"]].median().round(2)
+
+# %%
+fig = sns.displot(look, x="aspect", hue="source", col="label", kind="hist", height=2.6, facet_kws={"sharey": False})
+
+# %%
+fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", height=2.6, fill=True,
+                  common_norm=False, facet_kws={"sharey": False})
+
+# %% [markdown]
+# ## A sample per class
+#
+# (On the synthetic default these are generated images; with real data they are drawn from the
+# user's own files when the book is built, and are never committed.)
+
+# %%
+rng = np.random.default_rng(seed)
+picks = [i for label in ("covid", "pneumonia", "normal")
+         for i in rng.choice(np.flatnonzero(table.label.to_numpy() == label), 4, replace=False)]
+plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · {table.source.iloc[i]}" for i in picks], ncols=6);
+
+# %% [markdown]
+# ## The confound, measured
+#
+# How well do trivial image statistics (intensity percentiles of the whole image, of the border
+# strip and of the corners, plus the original file size) predict the **source**, and the **COVID-19
+# label**, with patient-grouped cross-validation? If borders and file sizes alone predict COVID-19,
+# a classifier can score well without looking at the lungs.
+
+# %%
+probe = audit.source_probe(table.reset_index(drop=True), pixels, sizes=sizes.reset_index(drop=True), seed=seed)
+probe
+
+# %%
+display(Markdown("\n".join(
+    f"- {r.features} → {r.target}: balanced accuracy {r.balanced_accuracy:.2f} (chance {r.chance_balanced_accuracy:.2f}): **{r.verdict}**"
+    for r in probe.itertuples())))

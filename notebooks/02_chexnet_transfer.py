@@ -1,0 +1,131 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # CheXNet transfer: chest-X-ray weights for a ResNet50
+#
+# CheXNet {cite:p}`rajpurkar2017chexnet` is a DenseNet121 {cite:p}`huang2017densenet` trained on NIH
+# ChestX-ray14 {cite:p}`wang2017chestxray8` (112,120 frontal X-rays of 30,805 patients, 14 findings);
+# its authors report a mean AUROC of 0.841 over the 14 findings. The paper's "ResNet50 pretrained by
+# CheXNet" is a ResNet50 {cite:p}`he2016resnet` trained first on that data, then fine-tuned on
+# CoronaHack. Chest-X-ray weights can reach our backbones in three ways, all in
+# `cxrlib.models.build_model(backbone, weights, num_classes)`:
+#
+# | `weights=` | route |
+# |---|---|
+# | `chexnet:PATH` | import a published CheXNet DenseNet121 checkpoint (DataParallel prefixes and old key names mapped) |
+# | `torchxrayvision:NAME` | TorchXRayVision's DenseNet121/ResNet50 {cite:p}`cohen2022xrv` (1-channel inputs in [-1024, 1024]) |
+# | `file:PATH` | a ResNet50 (or DenseNet121) pretrained on ChestX-ray14 by `python -m cxrlib pretrain` |
+#
+# The run matrix uses the third: this book pretrains its own ResNet50 on ChestX-ray14 (on the
+# synthetic default, a synthetic ChestX-ray14 in the NIH layout), so the whole path is executable.
+
+# %% tags=["parameters"]
+run_root = "../runs/quick"
+backbone = "resnet50"
+profile = "quick"
+coronahack_dir = ""
+extra_covid_dir = ""
+run_dir = ""
+
+# %%
+import json
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
+
+from cxrlib import plots, results
+from cxrlib.models import build_model, count_parameters, transfer_check
+from cxrlib.runs import pretrain_dir
+
+pretrained = pretrain_dir(Path(run_root), backbone)
+params = json.loads((pretrained / "params.json").read_text())
+pre_metrics = json.loads((pretrained / "metrics.json").read_text())
+display(Markdown(
+    f"**Pretraining data: {'synthetic ChestX-ray14 (NIH layout)' if params['data']['synthetic'] else params['data']['root']}**, "
+    f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
+    f"initialised from `{params['config']['weights']}`."))
+
+# %% [markdown]
+# ## Stage 1: ChestX-ray14 pretraining
+#
+# 14 sigmoid outputs trained with binary cross-entropy; model selection on the validation mean
+# AUROC; AUROC per finding on the official test list (patient-disjoint from training).
+
+# %%
+auroc = pd.Series(pre_metrics["per_finding_auroc"], name="test AUROC").to_frame()
+auroc.loc["mean"] = pre_metrics["mean_auroc"]
+auroc.round(3)
+
+# %%
+history = pd.read_csv(pretrained / "history.csv")
+ax = sns.lineplot(history.melt("epoch", [c for c in ("train_loss", "val_loss") if c in history]), x="epoch",
+                  y="value", hue="variable", marker="o")
+ax.set(title="pretraining loss", ylabel="BCE");
+
+# %% [markdown]
+# ## Stage 2: the transferred backbone in a 3-class model
+#
+# `build_model` loads every backbone tensor strictly (a missing or extra key is an error) and
+# replaces only the head. The check below compares each backbone tensor of the new model with the
+# checkpoint (difference 0: copied) and with a fresh random initialisation (difference > 0: not random).
+
+# %%
+weights = f"file:{pretrained / 'model.pt'}"
+model, report = build_model(backbone, weights, num_classes=3)
+total, trainable = count_parameters(model)
+print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
+print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
+print(f"parameters: {total:,}")
+
+# %%
+check = transfer_check(model, weights)
+assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"
+assert (check.mean_abs_diff_to_random_init > 0).all(), "a backbone tensor equals a random init"
+pd.DataFrame({
+    "backbone tensors compared": [len(check)],
+    "identical to the checkpoint": [int((check.max_abs_diff_to_file == 0).sum())],
+    "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
+})
+
+# %%
+ax = sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30)
+ax.set(title="every transferred tensor differs from a random init", xlabel="mean |transferred − random init|");
+
+# %% [markdown]
+# ## ImageNet vs. chest-X-ray initialisation on the task
+#
+# From the run matrix: the same task, loss and schedule, differing only in the initialisation.
+
+# %%
+runs = results.load_runs(run_root)
+done = runs[runs.status == "complete"]
+assert not done.empty, f"no complete runs in {run_root}"
+done.pivot_table(index=["task", "loss"], columns="init", values="macro_f1").round(3)
+
+# %%
+ax = sns.pointplot(done, x="macro_f1", y="init", hue="task", linestyle="none", dodge=0.3)
+ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
+
+# %%
+families = set(done.init_family)
+baseline = "imagenet" if "imagenet" in families else "random"
+if baseline == "random":
+    display(Markdown("ImageNet weights are not in this machine's torchvision cache, so the chest-X-ray "
+                     "initialisation is compared with random initialisation."))
+pairs = results.paired(runs, "init_family", "chest_xray", baseline)
+display(Markdown(results.describe(pairs, "chest-X-ray initialisation", f"{baseline} initialisation")))

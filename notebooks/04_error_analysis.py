@@ -1,0 +1,178 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Error analysis, Grad-CAM and the shortcut audit
+#
+# The paper reports scores; its critics asked what the model gets wrong, where it looks, and whether
+# it scores for the right reason. CoronaHack is the textbook case of shortcut learning: every COVID-19
+# image is an adult from other hospitals, every other image a child from one hospital
+# {cite:p}`degrave2021shortcuts,roberts2021pitfalls`. This chapter answers with numbers, for the run
+# shown in the fine-tuning chapter (or any `run_dir`):
+#
+# 1. the false positives and false negatives, and the errors the model was surest of;
+# 2. Grad-CAM {cite:p}`selvaraju2017gradcam` maps, and how much of their mass lies in the lung fields;
+# 3. the shortcut audit: can the data **source** be predicted from trivial image statistics or from
+#    the model's own features? How does the model score with the **lungs removed**, or with only the
+#    lungs left?
+# 4. subgroups (source, view, sex, age) and, when a manifest of another hospital's images is given,
+#    external validation.
+#
+# *Lung fields* here are an anatomical template (two ellipses at standard PA positions; exact for the
+# synthetic images, which are drawn inside it), optionally grown to the image's dark air-filled
+# region: an estimate, not a segmentation.
+
+# %% tags=["parameters"]
+run_dir = ""
+run_root = "../runs/quick"
+coronahack_dir = ""
+extra_covid_dir = ""
+external_manifest = ""
+profile = "quick"
+n_cam = 12
+seed = 0
+
+# %%
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from cxrlib import audit, data, explain, plots
+from cxrlib.config import data_banner
+from cxrlib.images import ImageCache, to_batch
+from cxrlib.results import load_runs
+from cxrlib.train import evaluate, load_model
+
+if not run_dir:  # default: the 3-class focal-loss run of the run folder
+    runs = load_runs(run_root)
+    run_dir = runs[(runs.status == "complete") & (runs.task == "multiclass")].sort_values("loss").run_dir.iloc[-1]
+run_dir = Path(run_dir)
+model, meta = load_model(run_dir / "model.pt")
+classes = list(meta["classes"])
+predictions = pd.read_csv(run_dir / "predictions.csv")
+display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
+print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images)")
+
+# %% [markdown]
+# ## False positives and false negatives
+#
+# One row per wrong test image and per class it is an error of (a COVID-19 image called pneumonia
+# is a false negative of COVID-19 and a false positive of pneumonia).
+
+# %%
+errors = explain.misclassified(predictions)
+errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) else "no errors"
+
+# %% [markdown]
+# ## The most confident errors, with Grad-CAM
+#
+# (Committed outputs show synthetic images only; on real data these are drawn from the user's own
+# files when the book is built.)
+
+# %%
+cache = ImageCache(meta["image_size"])
+worst = explain.most_confident_errors(predictions, n=8)
+if len(worst):
+    worst_pixels, _ = cache.load(worst.path.tolist())
+    worst_cams = explain.grad_cam(model, to_batch(worst_pixels, meta["input_spec"]))
+    explain.error_gallery(worst, worst_pixels, worst_cams)
+worst[["image_id", "source", "true", "pred", "confidence"]]
+
+# %% [markdown]
+# ## Where the model looks: Grad-CAM mass in the lung fields
+#
+# For a sample of test images per true class, the share of the Grad-CAM mass (for the predicted
+# class) inside the lung fields, next to the lung fields' share of the image: a map spread evenly
+# over the image would score exactly that area share.
+
+# %%
+sample = predictions.groupby("true", group_keys=False).apply(
+    lambda g: g.sample(min(len(g), max(1, n_cam // len(classes))), random_state=seed))
+pixels, _ = cache.load(sample.path.tolist())
+cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
+masks = explain.lung_masks(pixels)
+assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
+sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
+sample.groupby("true")[["cam_lung_share", "lung_area_share"]].mean().round(3)
+
+# %%
+plots.image_grid(list(pixels), [f"{t} → {p}" for t, p in zip(sample.true, sample.pred)], ncols=6, overlays=list(cams));
+
+# %% [markdown]
+# ## The shortcut audit
+#
+# ### 1. Can the source be read off the pixels?
+#
+# Logistic-regression probes with patient-grouped cross-validation on all images of the data set:
+# trivial image statistics (intensity percentiles of the whole image, the border strip and the
+# corners, plus the original file size) and the model's own pooled features predicting the **source**
+# (Kermany children vs ieee8023 adults); and border/corner statistics alone predicting **COVID-19**.
+# Rule: balanced accuracy ≥ 0.80 (or ≥ chance + 0.30) flags a shortcut.
+
+# %%
+table, report = data.load_table(coronahack_dir, extra_covid_dir)
+all_pixels, skipped = cache.load(table.path.tolist())
+table = table[~table.path.isin({p for p, _ in skipped})].reset_index(drop=True)
+features = audit.backbone_features(model, all_pixels)
+sizes = audit.original_sizes(table.path)
+probe = audit.source_probe(table, all_pixels, features=features, sizes=sizes, seed=seed)
+probe[["features", "target", "n", "balanced_accuracy", "chance_balanced_accuracy", "auc", "verdict"]].round(3)
+
+# %% [markdown]
+# ### 2. The model with the lungs removed, and with only the lungs
+#
+# The test images evaluated three ways: intact; lung fields blanked (painted with each image's mean
+# intensity, leaving borders, text and collimation); everything but the lung fields blanked.
+# `f1_retained` is macro-F1 relative to intact.
+
+# %%
+masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
+assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
+masked.round(3)
+
+# %%
+display(Markdown(audit.conclusion(probe, masked)))
+
+# %% [markdown]
+# ### 3. Subgroups
+#
+# Accuracy and COVID-19 sensitivity/specificity per source, and for ieee8023 images per view, sex
+# and age band (metadata the Kermany images do not have).
+
+# %%
+audit.subgroup_metrics(predictions, table, "source").round(3)
+
+# %%
+adults = table[audit.origin(table) == "ieee8023"]
+pd.concat({by: audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)], adults, by)
+           .rename(columns={by: "group"}) for by in ("view", "sex", "age_band")}).round(3) if len(adults) else None
+
+# %% [markdown]
+# ### 4. External validation
+#
+# With `external_manifest` set to a CSV of another hospital's images (`path,label[,patient_id,...]`),
+# the model is evaluated on all of them, with the operating threshold chosen on validation, and the
+# COVID-19 sensitivity/specificity are reported with patient-level 95% intervals. The same is
+# available from the command line: `python -m cxrlib evaluate --checkpoint RUN/model.pt --manifest CSV --out DIR`.
+
+# %%
+if external_manifest:
+    external = evaluate(run_dir / "model.pt", {"manifest": external_manifest}, run_dir / "external", progress=False)
+    display(audit.external_validation_summary(external).round(3))
+else:
+    print("no external_manifest given: external validation skipped")

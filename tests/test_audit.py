@@ -1,0 +1,175 @@
+"""audit.py: the shortcut probes (must flag a planted shortcut and only then), masking evaluation,
+external-validation summary and subgroup metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlib import audit, data, synthetic
+from cxrlib.errors import CXRError
+from cxrlib.images import ImageCache
+from cxrlib.metrics import compute_metrics
+from cxrlib.models import build_model
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def synthetic_sets(tmp_path_factory):
+    """The synthetic default without and with the planted corner marker: (table, images at 64 px) each."""
+    base = tmp_path_factory.getbasetemp()
+    cache = ImageCache(SIZE, root=base / "cxrlib-cache")
+    sets = {}
+    for shortcut in (False, True):
+        folders = synthetic.ensure_synthetic(root=base / "cxrlib-data", shortcut=shortcut)
+        table, _ = data.load_table(*map(str, folders), cache=cache)
+        images, skipped = cache.load(table["path"].tolist())
+        assert not skipped
+        sets[shortcut] = (table, images)
+    return sets
+
+
+def test_border_probe_flags_the_planted_shortcut_only(synthetic_sets):
+    """Borders and corners predict COVID when the marker is planted, and not without it.
+
+    Without the plant the synthetic adults are a little brighter than the children (by design, like
+    the real confound), so the probe may say "weak", but never "shortcut".
+    """
+    verdicts, adults = {}, {}
+    for shortcut, (table, images) in synthetic_sets.items():
+        result = audit.source_probe(table, images).set_index("features")
+        verdicts[shortcut] = result.loc["border and corners"]
+        assert result.loc["border and corners", "target"] == "covid label"
+        # Among adults only (no age confound left), the borders know nothing of COVID without the plant.
+        adult = (audit.origin(table) == "ieee8023").to_numpy()
+        stats = audit.image_statistics(images[adult], parts=("border", "corners"))
+        adults[shortcut] = audit.probe(stats, table["label"][adult] == "covid", table["patient_id"][adult])
+    assert verdicts[True]["flagged"] and verdicts[True]["balanced_accuracy"] >= 0.95
+    assert not verdicts[False]["flagged"] and verdicts[False]["balanced_accuracy"] < 0.8
+    assert adults[True]["verdict"] == "shortcut" and adults[False]["verdict"] != "shortcut"
+    assert adults[False]["balanced_accuracy"] < 0.7
+
+
+def test_source_probe_reports_chance_and_origin(synthetic_sets):
+    table, images = synthetic_sets[False]
+    sizes = audit.original_sizes(table["path"])
+    assert (sizes[["width", "height"]] > 0).all().all()
+    result = audit.source_probe(table, images, sizes=sizes).set_index("features")
+    assert list(result.index) == ["image statistics", "image statistics + file size", "border and corners"]
+    row = result.loc["image statistics"]
+    assert row["target"] == "origin" and row["n"] == len(table)
+    origin = audit.origin(table)
+    assert set(origin) == {"guangzhou", "ieee8023"}
+    assert row["chance_accuracy"] == pytest.approx(origin.value_counts(normalize=True).max())
+    assert row["chance_balanced_accuracy"] == 0.5
+    # The synthetic sources differ by design (adult vs child anatomy and exposure): a real finding.
+    assert row["flagged"]
+
+
+def test_probe_on_noise_is_chance_and_on_a_clean_signal_is_flagged():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(100), 2)
+    y = np.repeat(rng.integers(0, 2, 100), 2)
+    noise = audit.probe(rng.normal(size=(200, 5)), y, groups)
+    assert noise["verdict"] == "none" and abs(noise["balanced_accuracy"] - 0.5) < 0.1
+    signal = audit.probe(np.c_[y + rng.normal(0, 0.1, 200), rng.normal(size=200)], y, groups)
+    assert signal["verdict"] == "shortcut" and signal["auc"] > 0.99
+    assert audit.verdict(0.65, 2) == "weak" and audit.verdict(0.64, 3) == "shortcut"
+    with pytest.raises(CXRError, match="one value"):
+        audit.probe(np.zeros((4, 1)), [1, 1, 1, 1], [0, 1, 2, 3])
+
+
+def test_image_statistics_reads_borders_and_corners():
+    images = np.zeros((2, 20, 20), np.uint8)
+    images[1, :3, :3] = 255  # a marker in image 1's top-left corner
+    stats = audit.image_statistics(images, border=0.1, corner=0.15)
+    assert len(stats) == 2 and stats.shape[1] == 6 * 7  # whole, border, 4 corners x (mean, std, 5 percentiles)
+    assert stats.loc[1, "corner_tl_mean"] == 255 and stats.loc[0, "corner_tl_mean"] == 0
+    assert stats.loc[1, "corner_br_mean"] == 0 and stats.loc[1, "border_p95"] > 0
+    with pytest.raises(CXRError, match="unknown image part"):
+        audit.image_statistics(images, parts=("lungs",))
+
+
+def test_evaluate_masked_returns_one_row_per_mode(synthetic_sets):
+    table, _ = synthetic_sets[False]
+    rows = table.groupby("label").head(3)
+    torch.manual_seed(0)
+    model, _ = build_model("resnet50", "none", num_classes=3)
+    result = audit.evaluate_masked(model, rows, ImageCache(32), batch_size=9)
+    assert list(result.index) == ["intact", "lungs_removed", "lungs_only"]
+    assert {"accuracy", "macro_f1", "covid_sensitivity", "covid_specificity", "f1_retained"} <= set(result.columns)
+    assert (result["n"] == len(rows)).all()
+    assert result.loc["intact", "f1_retained"] == pytest.approx(1.0)
+    as_predictions = rows.drop(columns="label").assign(true=rows["label"])  # a run's predictions.csv works too
+    again = audit.evaluate_masked(model, as_predictions, ImageCache(32), modes=("intact",), batch_size=9)
+    assert again.loc["intact", "accuracy"] == pytest.approx(result.loc["intact", "accuracy"])
+    features = audit.backbone_features(model, np.zeros((2, 32, 32), np.uint8))
+    assert features.shape == (2, 2048)
+
+
+def test_external_validation_summary_reads_patient_cis():
+    pred = pd.DataFrame({
+        "image_id": list("abcdefgh"), "patient_id": ["p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7"],
+        "true": ["covid"] * 4 + ["normal"] * 4,
+        "pred": ["covid", "covid", "covid", "normal"] + ["normal"] * 3 + ["covid"],
+    })  # fmt: skip
+    pred["p_covid"] = (pred["pred"] == "covid") * 0.8 + 0.1
+    pred["p_normal"] = 1 - pred["p_covid"]
+    pred["p_pneumonia"] = 0.0
+    summary = audit.external_validation_summary(compute_metrics(pred, ["covid", "pneumonia", "normal"], n_boot=200))
+    assert summary.loc["covid_sensitivity", "value"] == pytest.approx(0.75)
+    assert summary.loc["covid_specificity", "value"] == pytest.approx(0.75)
+    assert summary.loc["covid_sensitivity", "n_images"] == 4 and summary.loc["covid_specificity", "n_images"] == 4
+    assert (summary["ci_low"] <= summary["value"]).all() and (summary["value"] <= summary["ci_high"]).all()
+    assert (summary["ci_unit"] == "patient").all()
+    with pytest.raises(CXRError, match="no metrics file"):
+        audit.external_validation_summary("/nonexistent/metrics.json")
+
+
+def test_subgroup_metrics_on_a_small_table():
+    table = pd.DataFrame({
+        "image_id": list("abcdef"), "source": ["ieee8023"] * 4 + ["coronahack"] * 2,
+        "view": ["PA", "PA", "AP", "AP Supine", "", ""], "sex": ["M", "F", "F", "M", "", ""],
+        "age": [30, 65, 70, np.nan, np.nan, np.nan],
+    })  # fmt: skip
+    pred = pd.DataFrame({
+        "image_id": list("abcdef"), "patient_id": ["1", "2", "3", "3", "k1", "k2"], "source": table["source"],
+        "true": ["covid", "covid", "covid", "pneumonia", "normal", "normal"],
+        "pred": ["covid", "normal", "covid", "covid", "normal", "normal"],
+    })  # fmt: skip
+    by_view = audit.subgroup_metrics(pred, table, "view").set_index("view")
+    assert by_view.loc["PA", "n"] == 2 and by_view.loc["PA", "covid_sensitivity"] == 0.5
+    assert np.isnan(by_view.loc["PA", "covid_specificity"])  # no non-COVID image in the group
+    assert by_view.loc["unknown", "n"] == 2 and by_view.loc["unknown", "covid_specificity"] == 1.0
+    by_age = audit.subgroup_metrics(pred, table, "age_band").set_index("age_band")
+    assert set(by_age.index) == {"18-39", "60-79", "unknown"} and by_age.loc["60-79", "n"] == 2
+    both = audit.subgroup_metrics(pred, table, ["source", "sex"])
+    assert both["n"].sum() == 6 and {"source", "sex", "n_patients", "accuracy"} <= set(both.columns)
+    assert by_view.loc["AP Supine", "covid_specificity"] == 0.0
+    with pytest.raises(CXRError, match="no column"):
+        audit.subgroup_metrics(pred, table, "hospital")
+
+
+def test_conclusion_states_the_findings():
+    probe = pd.DataFrame({
+        "features": ["image statistics", "border and corners"], "target": ["origin", "covid label"],
+        "balanced_accuracy": [0.92, 0.89], "chance_balanced_accuracy": [0.5, 0.5], "auc": [0.97, 0.95],
+        "verdict": ["shortcut", "shortcut"], "flagged": [True, True],
+    })  # fmt: skip
+    masked = pd.DataFrame({"macro_f1": [0.8, 0.68], "covid_sensitivity": [0.9, 0.8], "covid_specificity": [0.98, 0.9]},
+                          index=pd.Index(["intact", "lungs_removed"], name="mode"))
+    text = audit.conclusion(probe, masked)
+    assert "border and corners → covid label: balanced accuracy 0.89" in text and "85% retained" in text
+    assert "suspect" in text and "border and corner statistics alone" in text and "keeps 85%" in text
+    assert "still finds 80% of COVID-19" in text
+    source_only = probe.iloc[:1]
+    partial = masked.assign(macro_f1=[0.8, 0.5], covid_sensitivity=[0.9, 0.3])
+    assert "Part of what the model uses" in audit.conclusion(source_only, partial)
+    assert "suspect" in audit.conclusion(source_only, masked.assign(macro_f1=[0.8, 0.3]))  # COVID still found
+    masked.loc["lungs_removed"] = [0.2, 0.1, 0.5]
+    assert "loses most of its score" in audit.conclusion(source_only, masked)
+    assert "could* use it. Only external" in audit.conclusion(source_only)
+    assert "No shortcut was flagged" in audit.conclusion(source_only.assign(flagged=False, verdict="none"))

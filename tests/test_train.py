@@ -1,0 +1,306 @@
+"""Training: run folder, resume equivalence, skip-when-complete, failures, frozen-feature cache, DDP on gloo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cxrlib import distributed, metrics, models, synthetic, train
+from cxrlib.config import RunConfig
+from cxrlib.errors import CXRError
+
+
+def tiny_manifest(folder: Path, per_class: int = 8, seed: int = 0, size: int = 48) -> Path:
+    """A manifest CSV of `per_class` synthetic patients per label, one small PNG each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in ("covid", "pneumonia", "normal"):
+        for k in range(per_class):
+            patient = synthetic._patient(rng, label, adult=label == "covid")
+            img = Image.fromarray(synthetic.chest_image(rng, label, patient)).resize((size, size))
+            name = f"{label}-{seed}-{k}.png"
+            img.save(folder / name)
+            rows.append({"path": name, "label": label, "patient_id": f"p{seed}-{label}-{k}"})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot to OpenMP waits when another process
+    shares the cores (a parallel region waits for its slowest, descheduled thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return tiny_manifest(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _fast_metrics(monkeypatch):
+    """Few bootstrap resamples: the CIs' correctness is tested in test_metrics, here only the plumbing."""
+    monkeypatch.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
+
+
+def tiny_config(manifest: Path, run_dir: Path, **overrides) -> RunConfig:
+    values = dict(manifest=str(manifest), image_size=32, epochs=2, batch_size=4, lr=1e-3, patience=0,
+                  weighted_sampler=True, run_dir=str(run_dir), device="cpu")
+    return RunConfig(**{**values, **overrides})
+
+
+def state_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def complete_run(manifest, tmp_path_factory) -> Path:
+    """One uninterrupted 2-epoch run (shared by the resume and skip tests)."""
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
+        return train.run(tiny_config(manifest, tmp_path_factory.mktemp("runs") / "full"), progress=False)
+
+
+def test_run_folder_contract(complete_run):
+    names = {p.name for p in complete_run.iterdir()}
+    assert {"params.json", "model.pt", "history.csv", "predictions.csv", "metrics.json", "status"} <= names
+    assert "checkpoint-last.pt" not in names  # only while training
+    assert train.read_status(complete_run) == "complete"
+    history = pd.read_csv(complete_run / "history.csv")
+    assert list(history.columns[:7]) == ["epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
+                                         "lr", "seconds"]
+    assert list(history.epoch) == [1, 2]
+    pred = pd.read_csv(complete_run / "predictions.csv")
+    assert set(pred.split) == {"test"}
+    assert {"image_id", "patient_id", "source", "true", "pred", "p_covid", "p_pneumonia", "p_normal"} <= set(pred.columns)
+    m = json.loads((complete_run / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion", "roc_auc", "ci", "majority_baseline",
+                "threshold_selection", "params", "seed", "data_fingerprint", "packages", "git_commit", "device"):
+        assert key in m, key
+    assert set(m["per_class"]["covid"]) >= {"precision", "recall", "specificity", "f1", "support"}
+    params = json.loads((complete_run / "params.json").read_text())
+    assert params["config"]["image_size"] == 32 and params["data"]["fingerprint"] == m["data_fingerprint"]
+    model, meta = train.load_model(complete_run / "model.pt")  # what evaluate/predict read
+    assert meta["task"] == "multiclass" and meta["image_size"] == 32 and meta["input_spec"] == "imagenet"
+    assert meta["epoch"] == m["best_epoch"] and "threshold" in meta
+
+
+def test_resume_matches_uninterrupted_run(complete_run, manifest, tmp_path, monkeypatch):
+    """1 epoch, a crash right after its checkpoint, resume to 2 epochs == 2 epochs in one go."""
+    cfg = tiny_config(manifest, tmp_path / "resumed")
+    real_save = train.save_atomic
+
+    def crash_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        if Path(path).name == train.LAST:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, progress=False)
+    assert train.read_status(tmp_path / "resumed") == "failed: KeyboardInterrupt"
+    assert torch.load(tmp_path / "resumed" / train.LAST, weights_only=True)["state"]["epoch"] == 1
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    train.run(cfg, resume=True, progress=False)
+
+    assert train.read_status(tmp_path / "resumed") == "complete"
+    full, resumed = state_of(complete_run), state_of(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    drop = ["seconds"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns=drop),
+                                  pd.read_csv(complete_run / "history.csv").drop(columns=drop), atol=1e-6)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (complete_run, tmp_path / "resumed"))
+    for key in ("accuracy", "macro_f1", "roc_auc", "confusion", "best_epoch"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_complete_run_is_never_retrained(complete_run, manifest, monkeypatch):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a complete run was retrained"))
+    before = (complete_run / "model.pt").stat().st_mtime_ns
+    assert train.run(tiny_config(manifest, complete_run)) == complete_run
+    assert (complete_run / "model.pt").stat().st_mtime_ns == before
+    with pytest.raises(CXRError, match="other parameters.*epochs"):  # not silently another run's results
+        train.run(tiny_config(manifest, complete_run, epochs=3))
+
+
+def test_failed_run_writes_status_and_reraises(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(bad, index=False)  # no image, one class
+    with pytest.raises(CXRError):
+        train.run(tiny_config(bad, tmp_path / "run"))
+    assert train.read_status(tmp_path / "run").startswith("failed: CXRError: ")
+
+
+def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp_path, monkeypatch):
+    calls = {"batches": 0}
+    real = models.backbone_and_head
+
+    def counting(model):
+        features, head = real(model)
+        features.register_forward_hook(lambda *_: calls.__setitem__("batches", calls["batches"] + 1))
+        return features, head
+
+    monkeypatch.setattr(train.models, "backbone_and_head", counting)
+    cfg = tiny_config(manifest, tmp_path / "frozen", freeze="backbone", epochs=3, lr=1e-2)
+    run_dir = train.run(cfg, progress=False)
+
+    params = json.loads((run_dir / "params.json").read_text())
+    n = {s: sum(params["data"]["summary"]["counts"][s].values()) for s in ("train", "val", "test")}
+    one_pass = sum(-(-n[s] // cfg.batch_size) for s in n)
+    assert calls["batches"] == one_pass  # once per image, not once per epoch
+    history = pd.read_csv(run_dir / "history.csv")
+    assert len(history) == 3 and not history.augment.any() and history.cached_features.all()
+    assert params["training"]["augment"] is False and params["training"]["cached_backbone_features"] is True
+    # model.pt holds the initial backbone (weights and BatchNorm statistics) and a trained head.
+    torch.manual_seed(cfg.seed)  # run() seeds like this before building the model
+    initial = models.build_model("resnet50", "none", 3)[0].state_dict()
+    state = state_of(run_dir)
+    changed = {k for k in state if not torch.equal(state[k], initial[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_fit_options_and_sampler_choices():
+    opts = train.FitOptions.from_config(RunConfig(optimizer="sgd", scheduler="step", epochs=6, lr=0.1))
+    model = nn.Linear(2, 2)
+    optimizer = train.make_optimizer(list(model.parameters()), opts)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    scheduler = train.make_scheduler(optimizer, opts)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert train.amp_dtype("auto", torch.device("cpu")) is None
+    assert train.amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_weighted_shard_sampler_shards_one_weighted_draw():
+    weights = torch.tensor([1.0, 1.0, 8.0, 2.0])
+    shards = [list(distributed.WeightedShardSampler(weights, 10, r, 2, seed=3)) for r in range(2)]
+    whole = list(distributed.WeightedShardSampler(weights, 10, 0, 1, seed=3))
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert sorted(shards[0] + shards[1]) == sorted(whole)  # together: exactly the one-process draw
+    assert [i for pair in zip(*shards) for i in pair] == whole
+
+
+# --- DistributedDataParallel on 2 gloo processes vs one process ----------------------------------
+# Compared on a tiny CNN without BatchNorm: in DDP each process normalises with its own half batch's
+# statistics, so a BatchNorm model legitimately differs from one process on the whole batch. Without
+# BatchNorm, 2 processes x batch 4 with averaged gradients == 1 process x batch 8 on the same samples
+# (DistributedSampler gives the same order for any world size), up to float summation order.
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(24, 3))
+
+
+def _tiny_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0.2).long()
+    return TensorDataset(x, y)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = distributed.setup("cpu")
+    assert info.world_size == world and info.rank == rank
+    model = _tiny_cnn()
+    opts = train.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
+                            patience=0, progress=False)
+    result = train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, out)
+    if info.is_main:
+        torch.save({"state": result.best_state, "last": model.state_dict()}, Path(out) / "ddp.pt")
+    distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
+
+    single = _tiny_cnn()
+    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", patience=0,
+                            progress=False)
+    train.fit(single, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
+
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(ddp["last"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    h_ddp, h_one = (pd.read_csv(tmp_path / d / "history.csv") for d in ("ddp", "single"))
+    cols = ["train_loss", "val_loss", "val_macro_f1", "val_accuracy"]
+    pd.testing.assert_frame_equal(h_ddp[cols], h_one[cols], atol=1e-5)
+    assert not (tmp_path / "ddp" / "checkpoint-last.pt.tmp").exists()
+
+
+# --- GPU paths (skipped without CUDA; CI has none) -------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_run_uses_bf16_autocast_and_channels_last(manifest, tmp_path):
+    run_dir = train.run(tiny_config(manifest, tmp_path / "gpu", device="cuda", image_size=64), progress=False)
+    params = json.loads((run_dir / "params.json").read_text())
+    expected = "torch.bfloat16" if torch.cuda.is_bf16_supported() else "torch.float16"
+    assert params["training"]["amp_dtype"] == expected and params["training"]["channels_last"]
+    assert params["device"].startswith("cuda: ")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= m["accuracy"] <= 1 and np.isfinite(pd.read_csv(run_dir / "history.csv").train_loss).all()
+
+
+@cuda
+@pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
+def test_cuda_fit_each_precision_learns_and_resumes(amp, tmp_path, monkeypatch):
+    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cuda", amp=amp, patience=0,
+                            progress=False)
+    model = _tiny_cnn()
+    full = train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "full")
+    assert full.history.train_loss.iloc[-1] < full.history.train_loss.iloc[0]
+    scaler = torch.load(tmp_path / "full" / train.LAST, weights_only=True)["scaler"]
+    assert bool(scaler) == (amp == "fp16")  # GradScaler only for fp16
+    # Crash after epoch 1's checkpoint, resume: the same weights up to GPU non-determinism.
+    real_save = train.save_atomic
+
+    def crash(obj, path):
+        real_save(obj, path)
+        if Path(path).name == train.LAST:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(_tiny_cnn(), _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part")
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    resumed_model = _tiny_cnn()
+    resumed = train.fit(resumed_model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part",
+                        resume=True)
+    assert resumed.history.epoch.tolist() == [1, 2]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)
