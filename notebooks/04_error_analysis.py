@@ -1,7 +1,9 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: -papermill,-execution
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -papermill,-widgets
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -101,8 +103,7 @@ worst[["image_id", "source", "true", "pred", "confidence"]]
 # over the image would score exactly that area share.
 
 # %%
-sample = predictions.groupby("true", group_keys=False).apply(
-    lambda g: g.sample(min(len(g), max(1, n_cam // len(classes))), random_state=seed))
+sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam // len(classes)))
 pixels, _ = cache.load(sample.path.tolist())
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
 masks = explain.lung_masks(pixels)

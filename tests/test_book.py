@@ -23,7 +23,7 @@ CHAPTERS = {
     "book/generated/01_data_analysis.html": (3, 4),
     "book/generated/02_chexnet_transfer.html": (1, 1),
     "book/generated/03_finetune.html": (1, 3),
-    "book/generated/04_error_analysis.html": (2, 3),
+    "book/generated/04_error_analysis.html": (4, 2),
     "book/generated/05_results.html": (1, 1),
     "book/reproduce.html": (0, 0),
     "book/references.html": (0, 0),
