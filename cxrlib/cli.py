@@ -132,15 +132,14 @@ def _run_train(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import os
-    from pathlib import Path
 
     from .config import PROFILES, RunConfig, profile_config
-    from .train import read_status, run
+    from .train import default_run_dir, read_status, run
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
     profile = values.get("profile", "custom")
     cfg = profile_config(values.pop("profile"), **values) if profile in PROFILES else RunConfig(**values)
-    target = Path(cfg.run_dir or Path("runs") / cfg.profile / cfg.run_name())
+    target = default_run_dir(cfg)
     existed = read_status(target) == "complete"
     run_dir = run(cfg, target, resume=args.resume, progress=args.progress)
     if os.environ.get("RANK", "0") != "0":

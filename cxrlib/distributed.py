@@ -83,15 +83,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def resolve_device(spec: str = "auto", info: DistInfo | None = None) -> torch.device:
     """auto -> this rank's GPU when there is one, else the CPU; "cuda" means this rank's GPU under torchrun."""
     info = info or current()

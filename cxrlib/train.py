@@ -63,9 +63,14 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     run and ends with the same numbers as an uninterrupted one. Under `torchrun` every rank calls
     this; rank 0 alone writes.
     """
-    run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.profile / cfg.run_name())
+    run_dir = Path(run_dir or default_run_dir(cfg))
     return run_folder(cfg, run_dir, lambda info: _train_and_evaluate(cfg, run_dir, resume, progress, info),
                       resume=resume)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """cfg.run_dir, else runs/<profile>/<task>-<loss>-<backbone>-<weights>-s<seed>."""
+    return Path(cfg.run_dir or Path("runs") / cfg.profile / cfg.run_name())
 
 
 def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[distributed.DistInfo], None], *,
