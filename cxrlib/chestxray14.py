@@ -269,7 +269,7 @@ def _workers(cfg: PretrainConfig, device: torch.device) -> int:
 
 def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool | None,
               info: distributed.DistInfo) -> None:
-    with train._main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
+    with train.main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
         train.seed_everything(cfg.seed)
         if cfg.chestxray14 and not Path(cfg.chestxray14).is_dir():
             raise CXRError(f"chestxray14={cfg.chestxray14!r} is not a folder; leave it empty for the synthetic set")

@@ -13,7 +13,7 @@ PAIR_KEYS = ("task", "backbone", "seed", "image_size", "epochs")
 
 
 def read_status(run_dir: str | Path) -> str:
-    """A run folder's status file: complete | failed: <reason> | missing."""
+    """A run folder's status file: complete | running | failed: <reason> | missing."""
     path = Path(run_dir) / "status"
     return path.read_text().strip() if path.is_file() else "missing"
 

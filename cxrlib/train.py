@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import data, distributed, images, losses, metrics, models
 from .config import RunConfig, classes as task_classes
 from .errors import CXRError
+from .results import read_status
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
 SPLITS = ("train", "val", "test")
@@ -112,12 +113,6 @@ def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[distributed.DistIn
     return run_dir
 
 
-def read_status(run_dir: str | Path) -> str:
-    """complete | running | failed: <reason> | missing."""
-    path = Path(run_dir) / "status"
-    return path.read_text().strip() if path.is_file() else "missing"
-
-
 def _check_same_params(cfg: RunConfig, run_dir: Path) -> None:
     """A complete folder made with other parameters is an error, not a silent substitute."""
     params_file = run_dir / "params.json"
@@ -135,7 +130,7 @@ def _check_same_params(cfg: RunConfig, run_dir: Path) -> None:
 def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool | None,
                         info: distributed.DistInfo) -> None:
     classes = list(cfg.classes)
-    with _main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
+    with main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
         seed_everything(cfg.seed)
         table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest)
         table = data.split_table(table, cfg.task, seed=cfg.seed, mode=cfg.split,
@@ -232,7 +227,7 @@ def _choose_threshold(pred_val: pd.DataFrame) -> tuple[float | None, str]:
         f"highest threshold on p_covid with validation sensitivity >= {TARGET_SENSITIVITY}")
 
 
-class _main_first:
+class main_first:
     """Context manager: rank 0 runs the block first, the other ranks after it (warm caches, no races)."""
 
     def __init__(self, info: distributed.DistInfo):
