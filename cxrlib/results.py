@@ -36,9 +36,14 @@ def init_family(weights: str) -> str:
 def load_runs(run_root: str | Path) -> pd.DataFrame:
     """One row per run folder: parameters, status and the metrics the paper reports (None when failed)."""
     rows = []
-    for run_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and (p / "params.json").is_file()):
-        params = json.loads((run_dir / "params.json").read_text())
-        params = params.get("config", params)
+    for run_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
+        if (run_dir / "params.json").is_file():  # written by training
+            params = json.loads((run_dir / "params.json").read_text())
+            params = params.get("config", params)
+        elif (run_dir / "config.json").is_file():  # written by the run matrix before training starts
+            params = json.loads((run_dir / "config.json").read_text())
+        else:
+            continue
         if "task" not in params:  # e.g. the ChestX-ray14 pretraining folder
             continue
         row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs")}

@@ -8,7 +8,6 @@ book/generated/, reading the run folder only (nothing is retrained to render the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -118,6 +117,7 @@ def execute_run(cfg: RunConfig) -> RunStatus:
     if read_status(run_dir) == "complete":
         return RunStatus(run_dir.name, run_dir, "complete")
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")  # what was asked for, so a run that fails early is still listed
     try:
         execute_notebook(FINETUNE, run_dir / "notebook.ipynb", notebook_parameters(cfg))
     except Exception as err:  # papermill re-raises the notebook's error; keep it as the run's status
