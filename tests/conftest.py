@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
@@ -25,3 +26,13 @@ def real_data() -> Path:
     if not (root / "coronahack" / "Chest_xray_Corona_Metadata.csv").is_file():
         pytest.skip(f"real data not present at {root}")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot to OpenMP waits when another process
+    shares the cores (a parallel region waits for its slowest, descheduled thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

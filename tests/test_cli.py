@@ -20,14 +20,7 @@ from cxrlib.config import RunConfig
 from test_train import tiny_manifest  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot to OpenMP waits when another process
-    shares the cores (a parallel region waits for its slowest, descheduled thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -37,14 +37,7 @@ def tiny_manifest(folder: Path, per_class: int = 8, seed: int = 0, size: int = 4
     return folder / "manifest.csv"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot to OpenMP waits when another process
-    shares the cores (a parallel region waits for its slowest, descheduled thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
