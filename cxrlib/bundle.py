@@ -1,0 +1,206 @@
+"""Results bundles: what the published book renders, without data, GPU or training.
+
+A bundle is a folder (committed under `results/<name>/`)::
+
+    bundle.json       data fingerprints, code commit, hardware, wall time, what did not run and why
+    runs/<run>/       run folders without model weights (params, metrics, history, predictions, status)
+    chapters/*.ipynb  the executed chapters
+    bench/*.json      speed figures with the hardware they came from
+
+`pack` makes one from a run root (after `python -m cxrlib.runs`), `render` puts its chapters where
+the book build reads them. `make book` renders the committed bundle; `make book PROFILE=quick` and
+`make book CORONAHACK_DIR=...` execute first and render the bundle they made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import CXRError
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ROOT / "book" / "generated"
+RECORD = "bundle.json"
+# What a run folder keeps in a bundle: everything but the weights and checkpoints.
+RUN_FILES = ("params.json", "config.json", "metrics.json", "history.csv", "predictions.csv", "status",
+             "notebook.ipynb")
+MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
+
+
+def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
+         bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "") -> dict[str, Any]:
+    """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`."""
+    run_root, out = Path(run_root), Path(out)
+    if not run_root.is_dir():
+        raise CXRError(f"{run_root}: no such run root")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs = []
+    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir()):
+        kept = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+        kept += [p for p in run_dir.glob("external/*/*") if p.suffix in (".csv", ".json")]
+        if not kept:
+            continue
+        for path in kept:
+            target = out / "runs" / run_dir.name / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        runs.append(_run_summary(run_dir))
+    for name in ("matrix.json",):
+        if (run_root / name).is_file():
+            shutil.copyfile(run_root / name, out / name)
+    if chapters:
+        (out / "chapters").mkdir(exist_ok=True)
+        for nb in sorted(Path(chapters).glob("*.ipynb")):
+            shutil.copyfile(nb, out / "chapters" / nb.name)
+    for path in map(Path, bench):
+        (out / "bench").mkdir(exist_ok=True)
+        shutil.copyfile(path, out / "bench" / path.name)
+    matrix = _read_json(run_root / "matrix.json")
+    record = {
+        "name": out.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_commit": _git_commit(runs),
+        "hardware": sorted({r["device"] for r in runs if r.get("device")}),
+        "data_fingerprints": sorted({r["data_fingerprint"] for r in runs if r.get("data_fingerprint")}),
+        "data": [_data_record(Path(d)) for d in data_dirs],
+        "wall_seconds": matrix.get("wall_seconds"),
+        "not_run": matrix.get("not_run", []),
+        "runs": runs,
+        "note": note,
+    }
+    (out / RECORD).write_text(json.dumps(record, indent=2))
+    record["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    (out / RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def load(bundle: str | Path) -> dict[str, Any]:
+    """A bundle's record, with a clear error when the folder is not a bundle."""
+    path = Path(bundle) / RECORD
+    if not path.is_file():
+        raise CXRError(f"{bundle} is not a results bundle (no {RECORD}); make one with `python -m cxrlib.bundle pack`")
+    return json.loads(path.read_text())
+
+
+def render(bundle: str | Path, generated: str | Path = GENERATED) -> list[Path]:
+    """Put the bundle's executed chapters where the book build reads them; nothing is executed."""
+    load(bundle)
+    chapters = sorted((Path(bundle) / "chapters").glob("*.ipynb"))
+    if not chapters:
+        raise CXRError(f"{bundle}/chapters holds no executed chapter")
+    generated = Path(generated)
+    if generated.exists():
+        shutil.rmtree(generated)
+    generated.mkdir(parents=True)
+    for nb in chapters:
+        shutil.copyfile(nb, generated / nb.name)
+    return [generated / nb.name for nb in chapters]
+
+
+def split_weights(checkpoint: str | Path, out: str | Path, chunk_mib: float = 15) -> list[Path]:
+    """Write a model.pt as fp16 chunks small enough to come back from a machine that returns few, small
+    files; `join_weights` restores a loadable model.pt (float tensors in fp32 again, rounded by fp16)."""
+    import io
+
+    import torch
+
+    checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {k: v.half() if v.is_floating_point() else v
+                                for k, v in checkpoint["state_dict"].items()}
+    checkpoint["carried_as"] = "fp16 chunks (cxrlib.bundle.split_weights)"
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    data, size = buf.getvalue(), int(chunk_mib * 2**20)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for k in range(0, len(data), size):
+        parts.append(out / f"weights.part{k // size:02d}")
+        parts[-1].write_bytes(data[k:k + size])
+    return parts
+
+
+def join_weights(parts: list[str | Path], out: str | Path) -> Path:
+    """The model.pt that `split_weights` cut up, float tensors back in fp32."""
+    import io
+
+    import torch
+
+    data = b"".join(Path(p).read_bytes() for p in sorted(map(str, parts)))
+    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {k: v.float() if v.is_floating_point() else v
+                                for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, out)
+    return Path(out)
+
+
+def _run_summary(run_dir: Path) -> dict[str, Any]:
+    params = _read_json(run_dir / "params.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    status = (run_dir / "status").read_text().strip() if (run_dir / "status").is_file() else "missing"
+    return {"run": run_dir.name, "status": status,
+            "data_fingerprint": (params.get("data") or {}).get("fingerprint") or metrics.get("data_fingerprint"),
+            "device": metrics.get("device") or params.get("device"),
+            "git_commit": metrics.get("git_commit") or params.get("git_commit"),
+            "train_seconds": metrics.get("train_seconds")}
+
+
+def _data_record(folder: Path) -> dict[str, Any]:
+    """Where the data came from: the transport record when the folder is a transport copy."""
+    transport = _read_json(folder / "TRANSPORT.json")
+    return {"folder": folder.name, "transport_copy": transport or None}
+
+
+def _git_commit(runs: list[dict[str, Any]]) -> str | None:
+    commits = {r["git_commit"] for r in runs if r.get("git_commit")}
+    if len(commits) == 1:
+        return commits.pop()
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxrlib.bundle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="make a bundle from a run root")
+    p.add_argument("run_root", help="folder of run folders (python -m cxrlib.runs --run-root)")
+    p.add_argument("out", help="bundle folder to write, e.g. results/paper-h200")
+    p.add_argument("--chapters", default="", help="folder of executed chapter notebooks to include")
+    p.add_argument("--bench", nargs="*", default=[], help="benchmark JSON files to include")
+    p.add_argument("--data", nargs="*", default=[], help="data folders used (their TRANSPORT.json is recorded)")
+    p.add_argument("--note", default="", help="free text kept in bundle.json")
+    r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/")
+    r.add_argument("bundle", help="bundle folder, e.g. results/paper-h200")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pack":
+            record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
+                          data_dirs=args.data, note=args.note)
+            print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
+                  + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
+        else:
+            for path in render(args.bundle):
+                print(f"rendered {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    except CXRError as err:
+        print(f"cxrlib.bundle: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

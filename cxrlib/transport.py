@@ -1,0 +1,83 @@
+"""A smaller copy of a data folder, in the publisher's own layout, to carry to a GPU machine.
+
+The lent GPU machine takes at most 64 MiB of files with it, so the real data travels re-encoded:
+images whose longer side exceeds `max_side`, and every PNG, are written as JPEG (under their
+original file names, so the readers find them) with the longer side at most `max_side`; JPEGs
+already small enough are copied byte for byte; everything else (CSV metadata) is copied unchanged.
+Training resizes to a square of at most `max_side` anyway, so results differ only by JPEG
+re-encoding of the re-written files. `TRANSPORT.json` in the copy records what was done, so a
+results bundle can say which data it was trained on.
+
+    python -m cxrlib.transport ../shared/data .transport/data --max-side 224 --quality 85
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CXRError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+RECORD = "TRANSPORT.json"
+
+
+def transport_copy(src: str | Path, dst: str | Path, *, max_side: int = 224, quality: int = 85) -> dict:
+    """Copy `src` to `dst` as described in the module docstring; returns (and writes) the record."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CXRError(f"{src}: not a folder")
+    counts = {"copied": 0, "reencoded": 0, "other_files": 0}
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            shutil.copyfile(path, out)
+            counts["other_files"] += 1
+            continue
+        try:
+            with Image.open(path) as img:
+                small_jpeg = img.format == "JPEG" and max(img.size) <= max_side
+                if not small_jpeg:
+                    img = img.convert("L")
+                    img.thumbnail((max_side, max_side), Image.LANCZOS)
+                    img.save(out, "JPEG", quality=quality)
+                    counts["reencoded"] += 1
+                    continue
+        except (UnidentifiedImageError, OSError) as err:
+            raise CXRError(f"{path}: cannot read image ({err})") from err
+        shutil.copyfile(path, out)
+        counts["copied"] += 1
+    record = {"source": str(src.resolve()), "max_side": max_side, "jpeg_quality": quality, **counts,
+              "bytes": sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()),
+              "note": (f"images with a longer side over {max_side} px, and every PNG, re-encoded as 8-bit "
+                       f"grayscale JPEG (quality {quality}) under their original names; smaller JPEGs copied "
+                       "byte for byte; metadata unchanged")}
+    (dst / RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxrlib.transport", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="data folder to copy (e.g. ../shared/data)")
+    parser.add_argument("dst", help="where the copy goes")
+    parser.add_argument("--max-side", type=int, default=224, help="longest image side in the copy (default 224)")
+    parser.add_argument("--quality", type=int, default=85, help="JPEG quality of re-encoded images (default 85)")
+    args = parser.parse_args(argv)
+    try:
+        record = transport_copy(args.src, args.dst, max_side=args.max_side, quality=args.quality)
+    except CXRError as err:
+        print(f"cxrlib.transport: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

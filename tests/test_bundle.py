@@ -1,0 +1,98 @@
+"""Results bundles and the transport copy of a data folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxrlib import bundle, transport
+from cxrlib.errors import CXRError
+
+
+def _run_folder(root, name, status="complete"):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "status").write_text(status + "\n")
+    (run / "params.json").write_text(json.dumps({"config": {"task": "binary"}, "data": {"fingerprint": "abc"},
+                                                 "device": "cpu (1 threads)"}))
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "git_commit": "1234", "train_seconds": 3.0}))
+    (run / "predictions.csv").write_text("image,true,pred\n")
+    (run / "model.pt").write_bytes(b"weights")
+    (run / "external" / "nih").mkdir(parents=True)
+    (run / "external" / "nih" / "metrics.json").write_text("{}")
+    return run
+
+
+def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
+    root = tmp_path / "runs"
+    _run_folder(root, "binary-ce-a")
+    _run_folder(root, "binary-focal-a", status="failed: CXRError: boom")
+    (root / "matrix.json").write_text(json.dumps({"wall_seconds": 12.5, "not_run": [{"arm": "imagenet", "reason": "offline"}]}))
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    (chapters / "05_results.ipynb").write_text("{}")
+    bench_json = tmp_path / "speed.json"
+    bench_json.write_text("{}")
+    record = bundle.pack(root, tmp_path / "b", chapters=chapters, bench=[bench_json])
+    out = tmp_path / "b"
+    assert not list(out.rglob("*.pt"))
+    assert (out / "runs" / "binary-ce-a" / "external" / "nih" / "metrics.json").is_file()
+    assert (out / "chapters" / "05_results.ipynb").is_file() and (out / "bench" / "speed.json").is_file()
+    assert record["data_fingerprints"] == ["abc"] and record["code_commit"] == "1234"
+    assert record["wall_seconds"] == 12.5 and record["not_run"][0]["arm"] == "imagenet"
+    assert [r["status"] for r in record["runs"]] == ["complete", "failed: CXRError: boom"]
+    assert bundle.load(out)["bytes"] == record["bytes"]
+
+
+def test_render_copies_chapters_and_rejects_non_bundles(tmp_path):
+    with pytest.raises(CXRError, match="not a results bundle"):
+        bundle.render(tmp_path)
+    (tmp_path / "b" / "chapters").mkdir(parents=True)
+    (tmp_path / "b" / "bundle.json").write_text("{}")
+    with pytest.raises(CXRError, match="no executed chapter"):
+        bundle.render(tmp_path / "b", tmp_path / "gen")
+    (tmp_path / "b" / "chapters" / "01_data_analysis.ipynb").write_text("{}")
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "stale.ipynb").write_text("{}")
+    rendered = bundle.render(tmp_path / "b", tmp_path / "gen")
+    assert [p.name for p in rendered] == ["01_data_analysis.ipynb"]
+    assert not (tmp_path / "gen" / "stale.ipynb").exists()
+
+
+def test_weights_survive_the_trip_in_chunks(tmp_path):
+    state = {"w": torch.randn(300, 300), "steps": torch.tensor(7)}
+    torch.save({"state_dict": state, "backbone": "resnet50"}, tmp_path / "model.pt")
+    parts = bundle.split_weights(tmp_path / "model.pt", tmp_path / "parts", chunk_mib=0.1)
+    assert len(parts) > 1 and all(p.stat().st_size <= 0.1 * 2**20 for p in parts)
+    back = torch.load(bundle.join_weights(parts, tmp_path / "back.pt"), weights_only=True)
+    assert back["backbone"] == "resnet50" and back["state_dict"]["w"].dtype == torch.float32
+    assert torch.allclose(back["state_dict"]["w"], state["w"], rtol=1e-3, atol=1e-3)
+    assert int(back["state_dict"]["steps"]) == 7
+
+
+def test_transport_copy_shrinks_images_and_keeps_the_layout(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (400, 300), dtype=np.uint8)).save(src / "a" / "images" / "big.png")
+    Image.fromarray(rng.integers(0, 255, (100, 80), dtype=np.uint8)).save(src / "a" / "images" / "small.jpeg")
+    (src / "a" / "metadata.csv").write_text("filename\nbig.png\n")
+    record = transport.transport_copy(src, tmp_path / "dst", max_side=224, quality=85)
+    dst = tmp_path / "dst" / "a"
+    assert record["reencoded"] == 1 and record["copied"] == 1 and record["other_files"] == 1
+    with Image.open(dst / "images" / "big.png") as img:
+        assert max(img.size) == 224 and img.format == "JPEG"
+    assert (dst / "images" / "small.jpeg").read_bytes() == (src / "a" / "images" / "small.jpeg").read_bytes()
+    assert (dst / "metadata.csv").read_text() == "filename\nbig.png\n"
+    assert json.loads((tmp_path / "dst" / "TRANSPORT.json").read_text())["max_side"] == 224
+
+
+def test_transport_copy_names_an_unreadable_image(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "broken.jpeg").write_bytes(b"not an image")
+    with pytest.raises(CXRError, match="broken.jpeg"):
+        transport.transport_copy(tmp_path / "src", tmp_path / "dst")
