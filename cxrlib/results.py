@@ -226,9 +226,10 @@ def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> s
                    "no evidence of a difference": "no evidence of a difference (the interval contains 0)"}
         said = outcome.get(verdict(ci), "the difference is undefined on these test images")
         p_values = ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])
+        seeds = ", ".join(map(str, sorted(set(r["seeds"]))))
         sentences.append(
             f"{where}{a} − {b} {name} = {fmt_ci(r[f'{metric}_difference'], ci, signed=True)} over {r['pairs']} "
-            f"paired run(s) (seed(s) {', '.join(map(str, sorted(set(r['seeds']))))}; at least {r['images']} shared test images, "
+            f"paired run(s) (seed(s) {seeds}; at least {r['images']} shared test images, "
             f"patient-level paired bootstrap 95% CI): {said}. {a} was ahead in {r[f'{metric}_ahead']} of "
             f"{r['pairs']}. McNemar's exact test on the paired right/wrong calls: p = {p_values}."
         )
