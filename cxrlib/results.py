@@ -105,7 +105,7 @@ def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it)."""
-    columns = [c for c in (*SHOWN, "status") if c in runs]
+    columns = [c for c in (*SHOWN, "status") if c in runs and (c != "debiased" or runs[c].any())]
     return runs[columns].sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
                                       if c in runs]).reset_index(drop=True)
 

@@ -143,8 +143,19 @@ def test_arms_and_run_tables(matrix):
     assert arms.note.iloc[-1] == "not run: no extra_covid_dir given"
     assert "out of memory" in " ".join(arms.note)
     table = results.run_table(runs)
-    assert list(table.columns[:3]) == ["task", "loss", "init"] and len(table) == 9
+    assert list(table.columns[:3]) == ["task", "loss", "init"] and len(table) == 9 and table.shape[1] <= 8
     paper = results.paper_table(runs, "binary")
     assert paper.shape[1] <= 8 and "failed: out of memory" in set(paper.status)
     assert paper.loc[("ce", "ImageNet", "yes", 0), "accuracy"].count("(") == 1  # value (low–high)
     assert set(results.class_table(runs, "binary").columns) == {"precision", "recall", "specificity", "F1"}
+
+
+def test_debiasing_arm_pairs_on_extra_negatives(tmp_path):
+    plain = make_run(tmp_path, extra_negatives="", pred_seed=1)
+    debiased = make_run(tmp_path / "debiased", extra_negatives="/data/nih", pred_seed=1)  # same name, own root
+    runs = pd.concat([results.load_runs(tmp_path), results.load_runs(tmp_path / "debiased")], ignore_index=True)
+    assert list(runs.debiased) == [False, True]
+    pairs = results.matched_pairs(runs, "debiased", True, False)
+    assert list(zip(pairs.run_dir_a, pairs.run_dir_b)) == [(str(debiased), str(plain))]
+    same_loss = results.matched_pairs(runs, "loss", "ce", "ce")  # the negatives are part of what a run is
+    assert (same_loss.run_dir_a == same_loss.run_dir_b).all()
