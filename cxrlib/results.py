@@ -386,12 +386,14 @@ def _why_missing(runs: pd.DataFrame, factor: str, values: Sequence[Any], not_run
     for value in values:
         words = ARM_WORDS.get((factor, value), (str(value).lower(),))
         said = [f"{e['arm']}: {e['reason']}" for e in not_run if any(w in e["arm"].lower() for w in words)]
-        done = runs[(runs.status == "complete") & _is(runs[factor], value)] if factor in runs else runs.iloc[:0]
+        arm = runs[_is(runs[factor], value)] if factor in runs else runs.iloc[:0]
         if said:
             reasons += said
-        elif done.empty:
+        elif not (arm.status == "complete").any():
             label = _label(factor, value)
-            reasons.append(f"no complete run {label if label.startswith('with') else f'with {factor} {value}'}")
+            failed = sorted(set(arm.status))
+            reasons.append(f"no complete run {label if label.startswith('with') else f'with {factor} {value}'}"
+                           + (f" ({', '.join(failed)})" if failed else ""))
     return "; ".join(reasons) or f"the runs differ in more than {factor}"
 
 

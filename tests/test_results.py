@@ -134,6 +134,9 @@ def test_claims_table_contrary_and_interaction(tmp_path):
     assert found["(a)"] == "not supported"
     assert found["(b)*"] == "supported"
     assert found["(c)"].startswith("not testable here")
+    make_run(tmp_path, "failed: CUDA out of memory", weighted_sampler=False)
+    found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=20))
+    assert found["(c)"] == "not testable here (no complete run without weighted sampling (failed: CUDA out of memory))"
 
 
 def test_arms_and_run_tables(matrix):
