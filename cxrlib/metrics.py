@@ -1,9 +1,15 @@
-"""Predictions -> metrics: per-class scores, AUCs, patient-level bootstrap CIs, calibration, thresholds.
+"""Predictions -> metrics: per-class scores, AUCs, confidence intervals, paired comparisons, calibration.
 
 Every metric is computed from the predictions table alone (predictions.csv), and everything returned
 is plain JSON: a run's metrics.json is what the notebooks and the book read, nothing re-runs a model.
 Undefined values (a 0/0 precision, the AUC of a class absent from the test set) are None, never a
 crash and never a silent 0; macro averages leave them out (scikit-learn's zero_division=nan).
+
+Two kinds of 95 % interval, each where it works: accuracy, macro-F1, balanced accuracy and AUC get a
+patient-level percentile bootstrap (`ci`), because they are not simple proportions and images of one
+patient are correlated; sensitivity, specificity and precision also get Wilson score intervals
+(`wilson`), because a bootstrap of a proportion at 0 or 1 collapses to [1, 1] (every resample of a
+perfect score is perfect) while Wilson's interval stays honest about a small denominator.
 """
 
 from __future__ import annotations
@@ -23,14 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+from scipy.stats import binomtest
 from sklearn.dummy import DummyClassifier
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
-    accuracy_score,
     average_precision_score,
-    balanced_accuracy_score,
     confusion_matrix,
-    f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
     roc_curve,
@@ -42,7 +47,10 @@ POSITIVE = "covid"  # the class whose sensitivity the paper reports; index 1 of 
 ID_COLUMNS = ("image_id", "path", "patient_id", "source", "split")
 # The metrics that get a bootstrap CI; each is also a top-level key of compute_metrics().
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc", "covid_sensitivity", "covid_specificity")
+# The metrics a paired comparison of two runs reports (difference, paired bootstrap CI).
+PAIRED = ("macro_f1", "covid_sensitivity", "roc_auc")
 N_BINS = 10  # equal-width confidence bins for ECE and the reliability curve
+LEVEL = 0.95
 
 
 def predictions_table(
@@ -88,30 +96,176 @@ def compute_metrics(
     classes = list(classes)
     y, yhat, probs = _arrays(pred, classes)
     groups = _patients(pred)
+    weights = bootstrap_counts(groups, n_boot, seed)
     with _quiet():
         out: dict[str, Any] = {"n": len(y), "n_patients": len(set(groups)), "classes": classes}
         out.update(_classification(y, yhat, classes))
         out["roc_auc"], out["roc_auc_per_class"] = _ovr(roc_auc_score, y, probs, classes)
         out["pr_auc"], out["pr_auc_per_class"] = _ovr(average_precision_score, y, probs, classes)
         out["ece"], out["reliability"] = calibration(y, probs)
-        out["ci"] = _bootstrap_ci(groups, n_boot, seed, lambda i: _headline(y[i], yhat[i], probs[i], classes))
-        out["ci_info"] = {"level": 0.95, "method": "percentile", "unit": "patient", "n_boot": n_boot, "seed": seed}
+        out["ci"] = _percentiles(headline_batch(y, yhat, probs, classes, weights))
+        out["ci_info"] = {"level": LEVEL, "method": "percentile", "unit": "patient", "n_boot": n_boot, "seed": seed,
+                          "proportions": "wilson score interval (key 'wilson'), unit image"}
         if threshold is not None:
             y_t = _as_index(apply_threshold(pred, threshold, classes)["pred"], classes, "pred")
             at = {"threshold": float(threshold), **_classification(y, y_t, classes)}
-            at["ci"] = _bootstrap_ci(groups, n_boot, seed, lambda i: _headline(y[i], y_t[i], None, classes))
+            at["ci"] = _percentiles(headline_batch(y, y_t, None, classes, weights))
             out["at_threshold"] = at
     return _jsonable(out)
 
 
-def bootstrap_indices(groups: Sequence[Any], n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Row indices of `n_boot` resamples: groups (patients) drawn with replacement, each with all its rows."""
+def bootstrap_counts(groups: Sequence[Any], n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_rows) multiplicity of each row in each resample: patients drawn with replacement, all rows of a
+    drawn patient repeated as often as the patient was drawn. One matrix, so metrics need no loop per resample."""
     codes, uniques = pd.factorize(pd.Series(list(groups)))
-    rows = np.arange(len(codes))
     rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        drawn = np.bincount(rng.integers(0, len(uniques), len(uniques)), minlength=len(uniques))
-        yield np.repeat(rows, drawn[codes])
+    drawn = rng.multinomial(len(uniques), np.full(len(uniques), 1 / max(len(uniques), 1)), size=n_boot)
+    return drawn[:, codes]
+
+
+def headline_batch(
+    y: np.ndarray, yhat: np.ndarray, probs: np.ndarray | None, classes: Sequence[str], weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """HEADLINE metrics of each row of `weights` (B, n): the sample in which image i appears weights[b, i] times.
+
+    All from per-resample confusion matrices (one matrix product) and, for AUC, a weighted rank formula, so
+    B resamples cost little more than one. A row of ones gives the plain estimate. NaN where undefined.
+    """
+    classes = list(classes)
+    k = len(classes)
+    weights = np.asarray(weights, dtype=float)
+    cm = (weights @ np.eye(k * k)[y * k + yhat]).reshape(-1, k, k)  # (B, true, predicted)
+    hits, n_true, n_said = np.diagonal(cm, axis1=1, axis2=2), cm.sum(axis=2), cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a row without any defined class
+        recall = hits / n_true
+        out = {
+            "accuracy": hits.sum(axis=1) / cm.sum(axis=(1, 2)),
+            "macro_f1": np.nanmean(2 * hits / (n_true + n_said), axis=1),  # F1 = 2TP / (2TP + FP + FN)
+            "balanced_accuracy": np.nanmean(recall, axis=1),
+        }
+        if probs is not None:
+            per = [_weighted_auc(y == c, probs[:, c], weights) for c in range(k)]
+            out["roc_auc"] = per[1] if k == 2 else np.nanmean(per, axis=0)
+        if POSITIVE in classes:
+            p = classes.index(POSITIVE)
+            out["covid_sensitivity"] = recall[:, p]
+            out["covid_specificity"] = 1 - (n_said[:, p] - hits[:, p]) / (n_true.sum(axis=1) - n_true[:, p])
+    return out
+
+
+def wilson_interval(successes: int, n: int, level: float = LEVEL) -> list[float | None]:
+    """Wilson score interval of a proportion successes/n ([None, None] when n == 0).
+
+    Unlike the normal approximation and the bootstrap, it does not collapse at 0/n or n/n: 0 of 10 gives
+    [0, 0.28], not [0, 0].
+    """
+    if n == 0:
+        return [None, None]
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def proportion_cis(confusion: np.ndarray, classes: Sequence[str], level: float = LEVEL) -> dict[str, Any]:
+    """Wilson intervals of each class's precision, recall (sensitivity) and specificity, from a confusion matrix
+    (rows true, columns predicted); plus covid_sensitivity / covid_specificity where there is a covid class."""
+    cm = np.asarray(confusion, dtype=int)
+    total, n_true, n_said, hits = cm.sum(), cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    per_class = {
+        c: {"precision": wilson_interval(hits[k], n_said[k], level),
+            "recall": wilson_interval(hits[k], n_true[k], level),
+            "specificity": wilson_interval(total - n_true[k] - n_said[k] + hits[k], total - n_true[k], level)}
+        for k, c in enumerate(classes)
+    }
+    out: dict[str, Any] = {"per_class": per_class}
+    if POSITIVE in classes:
+        out["covid_sensitivity"] = per_class[POSITIVE]["recall"]
+        out["covid_specificity"] = per_class[POSITIVE]["specificity"]
+    return out
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test on paired right/wrong calls: a two-sided binomial test of the discordant pairs.
+
+    Images only one model gets right carry the evidence; images both get right or wrong carry none. It treats
+    images as independent (images of one patient are not), so read it beside the patient-level bootstrap.
+    """
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"a_only_correct": a_only, "b_only_correct": b_only, "p_value": float(p)}
+
+
+def join_predictions(a: pd.DataFrame, b: pd.DataFrame, on: str = "image_id") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of two predictions tables for the images both hold, in the same order (a paired comparison
+    needs the same images). The truth and the patient of an image must agree in both."""
+    for name, table in (("a", a), ("b", b)):
+        if on not in table.columns:
+            raise CXRError(f"predictions table {name} has no {on!r} column: cannot pair its images")
+        dup = table[on][table[on].duplicated()]
+        if len(dup):
+            raise CXRError(f"predictions table {name} lists image {dup.iloc[0]!r} twice: cannot pair its images")
+    common = a[on][a[on].isin(set(b[on]))]
+    left = a.set_index(on).loc[common].reset_index()
+    right = b.set_index(on).loc[common].reset_index()
+    for col in ("true", "patient_id"):
+        if col in left and col in right:
+            differ = (left[col].astype(str) != right[col].astype(str)).to_numpy()
+            if differ.any():
+                raise CXRError(f"image {common.iloc[np.argmax(differ)]!r} has {col} {left[col][differ].iloc[0]!r} in "
+                               f"one run and {right[col][differ].iloc[0]!r} in the other: not the same test data")
+    return left, right
+
+
+def paired_bootstrap(
+    pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
+    classes: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    coef: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Run A vs run B on the images both saw, for one or more pairs (e.g. one per seed), with paired CIs.
+
+    The contrast is sum_i coef_i * (metric(A_i) - metric(B_i)) (default coef 1/m: the mean difference over
+    the m pairs; [+1, -1] over two pairs gives a difference of differences). Its 95 % CI resamples patients
+    once for all pairs, so both runs of a pair, and every pair, see the same resampled patients: the shared
+    noise of the test set cancels, which two separate intervals cannot do. Per metric: the mean of A and B
+    over pairs, the contrast, its CI and in how many pairs A was ahead; per pair: n and McNemar's test.
+    """
+    classes = list(classes)
+    if not pairs:
+        raise CXRError("paired_bootstrap needs at least one pair of predictions tables")
+    coef = np.full(len(pairs), 1 / len(pairs)) if coef is None else np.asarray(coef, dtype=float)
+    if len(coef) != len(pairs):
+        raise CXRError(f"paired_bootstrap got {len(coef)} coefficients for {len(pairs)} pairs")
+    joined = [join_predictions(a, b) for a, b in pairs]
+    empty = [i for i, (a, _) in enumerate(joined) if a.empty]
+    if empty:
+        raise CXRError(f"pair {empty[0]} has no image in common: its runs were tested on different data")
+    groups = [_patients(a) for a, _ in joined]
+    codes, uniques = pd.factorize(pd.Series(np.concatenate(groups)))  # patients of all pairs, resampled together
+    drawn = bootstrap_counts(uniques, n_boot, seed)
+    starts = np.cumsum([0] + [len(a) for a, _ in joined])
+    contrast = np.zeros((n_boot + 1, len(PAIRED)))
+    point, per_pair = [], []
+    for i, (a, b) in enumerate(joined):
+        weights = np.vstack([np.ones(len(a)), drawn[:, codes[starts[i]:starts[i + 1]]]])  # row 0: the estimate
+        scores = [_paired_scores(t, classes, weights) for t in (a, b)]
+        contrast += coef[i] * np.stack([scores[0][m] - scores[1][m] for m in PAIRED], axis=1)
+        point.append({m: (scores[0][m][0], scores[1][m][0]) for m in PAIRED})
+        y = _as_index(a["true"], classes, "column 'true'")
+        correct = [_as_index(t["pred"], classes, "column 'pred'") == y for t in (a, b)]
+        per_pair.append({"n": len(a), "n_patients": len(set(groups[i])), "mcnemar": mcnemar_exact(*correct)})
+    out: dict[str, Any] = {"n_pairs": len(pairs), "n_images": [p["n"] for p in per_pair],
+                           "n_patients": len(uniques), "pairs": per_pair, "n_boot": n_boot, "seed": seed}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a metric undefined in every resample -> None
+        for j, m in enumerate(PAIRED):
+            a_vals, b_vals = np.array([p[m][0] for p in point]), np.array([p[m][1] for p in point])
+            out[m] = {"a": np.nanmean(a_vals), "b": np.nanmean(b_vals), "difference": contrast[0, j],
+                      "ci": np.nanpercentile(contrast[1:, j], [2.5, 97.5]).tolist() if n_boot else [None, None],
+                      "ahead": int((a_vals > b_vals).sum()), "pairs": len(pairs)}
+    return _jsonable(out)
 
 
 def calibration(y: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> tuple[float, dict[str, list]]:
@@ -306,12 +460,14 @@ def _classification(y: np.ndarray, yhat: np.ndarray, classes: list[str]) -> dict
             y, yhat, labels=labels, average=avg, zero_division=np.nan)[:3]))
         for avg in ("macro", "weighted")
     }
+    headline = headline_batch(y, yhat, None, classes, np.ones((1, len(y))))
     return {
-        **_headline(y, yhat, None, classes),
+        **{name: values[0] for name, values in headline.items()},
         "weighted_f1": averages["weighted"]["f1"],
         "per_class": per_class,
         **averages,
         "confusion": {"labels": classes, "matrix": cm.tolist()},
+        "wilson": proportion_cis(cm, classes),
     }
 
 
@@ -321,31 +477,31 @@ def _ovr(score: Callable, y: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return (per[classes[1]] if len(classes) == 2 else _nanmean(per.values())), per
 
 
-def _headline(y: np.ndarray, yhat: np.ndarray, probs: np.ndarray | None, classes: list[str]) -> dict[str, float]:
-    """The CI'd metrics of one (re)sample, lean enough for 1000 draws; roc_auc only with probabilities."""
-    labels = list(range(len(classes)))
-    out = {
-        "accuracy": accuracy_score(y, yhat),
-        "macro_f1": f1_score(y, yhat, labels=labels, average="macro", zero_division=np.nan),
-        "balanced_accuracy": balanced_accuracy_score(y, yhat),
-    }
-    if probs is not None:
-        out["roc_auc"] = _ovr(roc_auc_score, y, probs, classes)[0]
-    if POSITIVE in classes:
-        is_pos, said_pos = y == classes.index(POSITIVE), yhat == classes.index(POSITIVE)
-        out["covid_sensitivity"] = said_pos[is_pos].mean() if is_pos.any() else math.nan
-        out["covid_specificity"] = 1 - said_pos[~is_pos].mean() if (~is_pos).any() else math.nan
-    return out
+def _weighted_auc(is_pos: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of `weights` (B, n): P(score of a positive > score of a negative), ties counting 1/2 (the
+    Mann-Whitney form of the area, equal to scikit-learn's on the repeated rows). NaN without both classes."""
+    values, level = np.unique(score, return_inverse=True)
+    at_level = sparse.csr_matrix((np.ones(len(score)), (np.arange(len(score)), level)), shape=(len(score), len(values)))
+    neg = np.asarray(weights[:, ~is_pos] @ at_level[~is_pos])  # (B, levels): negative weight at each score level
+    below = np.cumsum(neg, axis=1) - neg
+    wins = (weights[:, is_pos] * (below + neg / 2)[:, level[is_pos]]).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return wins / (weights[:, is_pos].sum(axis=1) * weights[:, ~is_pos].sum(axis=1))
 
 
-def _bootstrap_ci(groups: np.ndarray, n_boot: int, seed: int, stats: Callable[[np.ndarray], dict]) -> dict:
-    """95 % percentile intervals of `stats` over patient resamples; draws where a metric is undefined are skipped."""
-    draws = [stats(idx) for idx in bootstrap_indices(groups, n_boot, seed)]
-    if not draws:
-        return {}
+def _paired_scores(pred: pd.DataFrame, classes: list[str], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """PAIRED metrics of one run per weights row; NaN for a metric this task lacks (no covid class)."""
+    y, yhat, probs = _arrays(pred, classes)
+    scores = headline_batch(y, yhat, probs, classes, weights)
+    return {m: scores.get(m, np.full(len(weights), np.nan)) for m in PAIRED}
+
+
+def _percentiles(draws: dict[str, np.ndarray], level: float = LEVEL) -> dict[str, list]:
+    """Percentile intervals of each metric over resamples; resamples where it is undefined are skipped."""
+    tail = 100 * (1 - level) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a metric undefined in every draw -> NaN -> None
-        return {k: np.nanpercentile(np.array([d[k] for d in draws], float), [2.5, 97.5]).tolist() for k in draws[0]}
+        return {k: np.nanpercentile(v, [tail, 100 - tail]).tolist() for k, v in draws.items() if len(v)}
 
 
 @contextlib.contextmanager

@@ -1,15 +1,40 @@
-"""The results chapter's tables: every run in the paper's form, and paired comparisons from the numbers."""
+"""The results chapter's numbers: the run table, the paper's tables, paired comparisons, the claims table.
+
+Everything is read from run folders (params.json, metrics.json, predictions.csv, status) and from the run
+root's matrix.json when the run matrix wrote one; nothing re-trains. A comparison of two arms is made only
+on runs that differ in that one factor, on the test images both saw, with a patient-level paired
+bootstrap (metrics.paired_bootstrap): a sentence says "no evidence of a difference" whenever the 95 %
+interval of the difference contains 0, whatever the means.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from .errors import CXRError
+from .metrics import PAIRED, paired_bootstrap
 
-PAIR_KEYS = ("task", "backbone", "seed", "image_size", "epochs")
+# Config fields that do not change what a run tests: two runs differing only in these are the same arm.
+NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
+# A factor that is a derived column also frees the columns it is derived from.
+DERIVED_FROM = {"init_family": ("init",), "debiased": ("extra_negatives",)}
+SHOWN = ("task", "loss", "init", "extra_covid_train", "debiased", "seed", "image_size", "epochs")
+METRIC_NAMES = {"macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity", "roc_auc": "ROC AUC",
+                "accuracy": "accuracy"}
+ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per (factor, value)
+    ("init_family", "chest_xray"): ("chest", "chexnet", "chestxray14", "torchxrayvision", "file:"),
+    ("init_family", "imagenet"): ("imagenet",),
+    ("init_family", "random"): ("random", "none"),
+    ("extra_covid_train", True): ("extra",), ("extra_covid_train", False): ("noextra", "without"),
+    ("debiased", True): ("extra_negatives", "debias", "negatives"),
+}
 
 
 def read_status(run_dir: str | Path) -> str:
@@ -29,12 +54,16 @@ def init_name(weights: str) -> str:
 
 
 def init_family(weights: str) -> str:
+    """random | imagenet | chest_xray: the paper's initialisation arms, whatever the checkpoint's source."""
     kind = weights.partition(":")[0]
     return {"none": "random", "imagenet": "imagenet"}.get(kind, "chest_xray")
 
 
 def load_runs(run_root: str | Path) -> pd.DataFrame:
-    """One row per run folder: parameters, status and the metrics the paper reports (None when failed)."""
+    """One row per run folder: parameters, status and the metrics the paper reports (None when not complete).
+
+    Parameters are read with .get(), so fields added later (extra_covid_train, extra_negatives) are optional.
+    """
     rows = []
     for run_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
         if (run_dir / "params.json").is_file():  # written by training
@@ -46,82 +75,359 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
             continue
         if "task" not in params:  # e.g. the ChestX-ray14 pretraining folder
             continue
-        row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs")}
-        row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=init_name(row["weights"]),
-                   init_family=init_family(row["weights"]))
-        metrics_file = run_dir / "metrics.json"
-        if row["status"] == "complete" and metrics_file.is_file():
-            m = json.loads(metrics_file.read_text())
-            row.update(accuracy=m["accuracy"], macro_precision=m["macro"]["precision"],
-                       macro_recall=m["macro"]["recall"], macro_f1=m["macro_f1"],
-                       covid_sensitivity=m.get("covid_sensitivity"), roc_auc=m.get("roc_auc"))
-            for name, ci in m.get("ci", {}).items():
-                row[f"{name}_ci"] = tuple(ci) if ci else None
-            for cls, scores in m["per_class"].items():
-                for key in ("precision", "recall", "f1"):
-                    row[f"{cls}_{key}"] = scores[key]
-        rows.append(row)
+        rows.append(_run_row(run_dir, params))
     return pd.DataFrame(rows)
 
 
-def _with_ci(value, ci) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
+    """The arms the run matrix asked for but did not run, with its reason (matrix.json "not_run"; [] if absent)."""
+    path = Path(run_root) / "matrix.json"
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text()).get("not_run", [])
+    except json.JSONDecodeError as err:
+        raise CXRError(f"{path} is not valid JSON ({err}): rerun the run matrix") from err
+    return [{"arm": str(e.get("arm", "?")), "reason": str(e.get("reason", "no reason recorded"))} for e in entries]
+
+
+def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
+    """`0.460 (0.290–0.650)`; a signed difference reads `+0.012 (−0.030 to +0.051)`; '–' when undefined."""
+    if not _finite(value):
         return "–"
-    if isinstance(ci, tuple) and None not in ci:
-        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{value:.3f}"
+    spec = "+.3f" if signed else ".3f"
+    text = f"{value:{spec}}".replace("-", "−")
+    if isinstance(ci, (tuple, list)) and len(ci) == 2 and all(_finite(v) for v in ci):
+        low, high = (f"{v:{spec}}".replace("-", "−") for v in ci)
+        text += f" ({low} to {high})" if signed else f" ({low}–{high})"
+    return text
+
+
+def run_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it)."""
+    columns = [c for c in (*SHOWN, "status") if c in runs and (c != "debiased" or runs[c].any())]
+    return runs[columns].sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
+                                      if c in runs]).reset_index(drop=True)
+
+
+def arms_table(runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = ()) -> pd.DataFrame:
+    """One row per arm of the matrix (task, loss, init, extra COVID): complete/failed runs and seeds; then the
+    arms that were not run, with the reason matrix.json gives."""
+    keys = [c for c in ("task", "loss", "init", "extra_covid_train") if c in runs]
+    keys += ["debiased"] if "debiased" in runs and runs.debiased.any() else []
+    rows = []
+    for arm, sub in runs.groupby(keys, dropna=False, sort=True) if not runs.empty else ():
+        done = sub.status == "complete"
+        rows.append({"arm": " · ".join(_label(k, v) for k, v in zip(keys, arm)), "complete": int(done.sum()),
+                     "not complete": int((~done).sum()),
+                     "seeds": ", ".join(str(s) for s in sorted(sub.seed[done].dropna().astype(int))),
+                     "note": "; ".join(sorted(set(sub.status[~done]))) or ""})
+    rows += [{"arm": e["arm"], "complete": 0, "not complete": 0, "seeds": "", "note": f"not run: {e['reason']}"}
+             for e in not_run]
+    return pd.DataFrame(rows, columns=["arm", "complete", "not complete", "seeds", "note"])
 
 
 def paper_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Rows (loss, init), columns accuracy, per-class and macro precision/recall/F1; 95% CIs in brackets."""
-    sub = runs[runs.task == task]
+    """The paper's overall table for one task: one row per run, accuracy, macro precision/recall/F1, AUC.
+
+    Accuracy, macro-F1 and AUC with patient-bootstrap 95 % CIs; failed runs stay, with their status.
+    """
     out = []
-    for _, r in sub.sort_values(["loss", "init"]).iterrows():
-        row = {"loss": r.loss, "init": r.init, "status": r.status}
+    for _, r in _task_runs(runs, task).iterrows():
+        row = {**_index(r), "status": r.status}
         if r.status == "complete":
-            row["accuracy"] = _with_ci(r.accuracy, r.get("accuracy_ci"))
-            classes = [c[: -len("_f1")] for c in r.index if c.endswith("_f1") and c not in ("macro_f1",)
-                       and not c.endswith("_ci") and pd.notna(r[c])]
-            for cls in classes:
-                for key in ("precision", "recall", "f1"):
-                    row[f"{cls} {key}"] = _with_ci(r[f"{cls}_{key}"], None)
-            row["macro precision"] = _with_ci(r.macro_precision, None)
-            row["macro recall"] = _with_ci(r.macro_recall, None)
-            row["macro F1"] = _with_ci(r.macro_f1, r.get("macro_f1_ci"))
+            row.update({"accuracy": fmt_ci(r.accuracy, r.get("accuracy_ci")),
+                        "macro precision": fmt_ci(r.macro_precision), "macro recall": fmt_ci(r.macro_recall),
+                        "macro F1": fmt_ci(r.macro_f1, r.get("macro_f1_ci")),
+                        "ROC AUC": fmt_ci(r.roc_auc, r.get("roc_auc_ci"))})
         out.append(row)
-    return pd.DataFrame(out).set_index(["loss", "init"]) if out else pd.DataFrame()
+    return _indexed(out)
 
 
-def paired(runs: pd.DataFrame, factor: str, a: str, b: str, metric: str = "macro_f1") -> pd.DataFrame:
-    """Runs that differ only in `factor` (a vs b): the metric for each, the difference, CI overlap."""
-    done = runs[runs.status == "complete"]
-    keys = [k for k in PAIR_KEYS if k in done] + [k for k in ("loss", "init_family") if k != factor]
-    left = done[done[factor] == a]
-    right = done[done[factor] == b]
-    pairs = left.merge(right, on=keys, suffixes=(f"_{a}", f"_{b}"))
-    if pairs.empty:
-        return pd.DataFrame(columns=[*keys, f"{metric}_{a}", f"{metric}_{b}", "difference", "cis_overlap"])
-    pairs["difference"] = pairs[f"{metric}_{a}"] - pairs[f"{metric}_{b}"]
-    ci_a, ci_b = pairs.get(f"{metric}_ci_{a}"), pairs.get(f"{metric}_ci_{b}")
-    if ci_a is not None and ci_b is not None:
-        pairs["cis_overlap"] = [bool(x and y and x[0] <= y[1] and y[0] <= x[1]) for x, y in zip(ci_a, ci_b)]
-    else:
-        pairs["cis_overlap"] = None
-    return pairs[[*keys, f"{metric}_{a}", f"{metric}_{b}", "difference", "cis_overlap"]]
+def class_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Per class of one task: precision, recall (sensitivity) and specificity with Wilson 95 % CIs, and F1."""
+    out = []
+    for _, r in _task_runs(runs, task).iterrows():
+        if r.status != "complete":
+            continue
+        for cls in r.classes:
+            cell = {k: fmt_ci(r.get(f"{cls}_{k}"), r.get(f"{cls}_{k}_wilson"))
+                    for k in ("precision", "recall", "specificity")}
+            out.append({**_index(r), "class": cls, **cell, "F1": fmt_ci(r.get(f"{cls}_f1"))})
+    return _indexed(out, extra=["class"])
+
+
+def paired(
+    runs: pd.DataFrame, factor: str, a: Any, b: Any, by: Sequence[str] = ("task",), n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Arm a vs arm b of `factor` (e.g. "loss", "focal", "ce"), one row per group of `by`.
+
+    Runs are paired when they are complete and differ only in `factor` (same seed, task, data and every other
+    parameter); each group's pairs (over seeds and the other factors) give one paired_bootstrap: per metric
+    of PAIRED the mean of a and b, the mean difference a − b with its 95 % CI, and in how many pairs a was
+    ahead; McNemar's p per pair. `verdict` reads the macro-F1 interval.
+    """
+    pairs = matched_pairs(runs, factor, a, b)
+    by = [k for k in by if k in pairs]
+    groups = pairs.groupby(by, sort=True) if by else [((), pairs)] if len(pairs) else []
+    rows = []
+    for group, sub in groups:
+        classes = sub["classes"].iloc[0]
+        result = paired_bootstrap([(_predictions(x), _predictions(y)) for x, y in zip(sub.run_dir_a, sub.run_dir_b)],
+                                  classes, n_boot=n_boot, seed=seed)
+        row = dict(zip(by, group if isinstance(group, tuple) else (group,)))
+        row.update(pairs=result["n_pairs"], images=min(result["n_images"]), patients=result["n_patients"],
+                   seeds=tuple(int(s) for s in sub.seed))
+        for m in PAIRED:
+            r = result[m]
+            row.update({f"{m}_a": r["a"], f"{m}_b": r["b"], f"{m}_difference": r["difference"],
+                        f"{m}_ci": tuple(r["ci"]), f"{m}_ahead": r["ahead"]})
+        row["mcnemar_p"] = tuple(p["mcnemar"]["p_value"] for p in result["pairs"])
+        row["verdict"] = verdict(row["macro_f1_ci"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else [*by, "pairs", "verdict"])
+
+
+def matched_pairs(runs: pd.DataFrame, factor: str, a: Any, b: Any) -> pd.DataFrame:
+    """Complete runs with factor == a joined to those with factor == b on everything else (seed included)."""
+    if runs.empty or factor not in runs:
+        return pd.DataFrame(columns=["run_dir_a", "run_dir_b"])
+    done = runs[runs.status == "complete"].copy()
+    freed = {factor, *DERIVED_FROM.get(factor, ())}
+    done["_key"] = [json.dumps({k: v for k, v in ident.items() if k not in freed}, sort_keys=True, default=str)
+                    + f"|seed={s}" for ident, s in zip(done["identity"], done["seed"])]
+    left, right = done[_is(done[factor], a)], done[_is(done[factor], b)]
+    pairs = left.merge(right[["_key", "run_dir"]], on="_key", suffixes=("_a", "_b"))
+    return pairs.drop(columns="_key")
+
+
+def verdict(ci: Any) -> str:
+    """'supported' when the 95 % CI of a − b lies above 0, 'not supported' below 0, else no evidence."""
+    if not isinstance(ci, (tuple, list)) or len(ci) != 2 or not all(_finite(v) for v in ci):
+        return "not testable here (the difference is undefined on these test images)"
+    if ci[0] > 0:
+        return "supported"
+    if ci[1] < 0:
+        return "not supported"
+    return "no evidence of a difference"
 
 
 def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> str:
-    """One sentence stating a comparison from the paired numbers, including how uncertain it is."""
+    """Sentences stating each row of `paired`, from the paired difference and its CI (never from the means)."""
     if pairs.empty:
         return f"No pair of complete runs differs only in {a} vs {b}, so this comparison cannot be made here."
-    diff = pairs["difference"]
-    better = int((diff > 0).sum())
-    overlap = int(pairs["cis_overlap"].fillna(True).sum())
-    direction = "higher" if diff.mean() > 0 else "lower"
-    return (
-        f"Over {len(pairs)} paired run(s), {a} gave a {direction} test {metric.replace('_', '-')} than {b} "
-        f"by {abs(diff.mean()):.3f} on average (range {diff.min():+.3f} to {diff.max():+.3f}); "
-        f"{a} was ahead in {better} of {len(pairs)}. The patient-level 95% intervals overlap in {overlap} "
-        f"of {len(pairs)} pair(s)" + (", so these differences are within the uncertainty." if overlap == len(pairs)
-                                       else ".")
-    )
+    name = METRIC_NAMES.get(metric, metric)
+    sentences = []
+    for _, r in pairs.iterrows():
+        where = f"{r['task']} task: " if "task" in r else ""
+        ci = r[f"{metric}_ci"]
+        outcome = {"supported": f"{a} scored higher (the interval excludes 0)",
+                   "not supported": f"{b} scored higher (the interval excludes 0)",
+                   "no evidence of a difference": "no evidence of a difference (the interval contains 0)"}
+        said = outcome.get(verdict(ci), "the difference is undefined on these test images")
+        p_values = ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])
+        seeds = ", ".join(map(str, sorted(set(r["seeds"]))))
+        sentences.append(
+            f"{where}{a} − {b} {name} = {fmt_ci(r[f'{metric}_difference'], ci, signed=True)} over {r['pairs']} "
+            f"paired run(s) (seed(s) {seeds}; at least {r['images']} shared test images, "
+            f"patient-level paired bootstrap 95% CI): {said}. {a} was ahead in {r[f'{metric}_ahead']} of "
+            f"{r['pairs']}. McNemar's exact test on the paired right/wrong calls: p = {p_values}."
+        )
+    return "\n\n".join(sentences)
+
+
+def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """`paired`'s output for readers: differences with CIs, 3 decimals, no raw tuples."""
+    if pairs.empty:
+        return pd.DataFrame()
+    out = pairs[[c for c in pairs.columns if c in ("task", "loss", "init", "init_family", "extra_covid_train")]
+                ].copy()
+    out["pairs"] = pairs["pairs"]
+    for m in PAIRED:
+        out[f"Δ {METRIC_NAMES[m]}"] = [fmt_ci(d, ci, signed=True) for d, ci in zip(pairs[f"{m}_difference"],
+                                                                                   pairs[f"{m}_ci"])]
+    out["McNemar p"] = [", ".join(f"{p:.2g}" for p in ps) for ps in pairs["mcnemar_p"]]
+    out["verdict (macro-F1)"] = pairs["verdict"]
+    return out.reset_index(drop=True)
+
+
+def claims_table(
+    runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = (), n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """The paper's claims (arXiv 2105.08382), each per task: the runs that test it and a computed verdict.
+
+    supported / not supported: the 95 % CI of the paired difference (macro-F1) excludes 0 in the claimed /
+    the opposite direction; "no evidence of a difference" when it contains 0; "not testable here (why)" when
+    the runs it needs are missing (with matrix.json's reason where it gives one).
+    """
+    tasks = sorted(runs.task.dropna().unique()) if not runs.empty else []
+    rows = []
+    for task in tasks:
+        sub = runs[runs.task == task]
+        for claim, factor, a, b in (
+            ("(a) chest-X-ray (CheXNet) pretraining beats ImageNet initialisation", "init_family", "chest_xray",
+             "imagenet"),
+            ("(b) focal loss beats cross-entropy", "loss", "focal", "ce"),
+            ("(c) weighted sampling handles the class imbalance", "weighted_sampler", True, False),
+        ):
+            rows.append({"claim": claim, "task": task, **_paired_claim(sub, factor, a, b, not_run, n_boot, seed)})
+        rows.append({"claim": "(b) … most once extra COVID-19 images are added", "task": task,
+                     **_interaction_claim(sub, not_run, n_boot, seed)})
+        rows.append({"claim": "(d) high accuracy (read here: above always predicting the majority class)",
+                     "task": task, **_accuracy_claim(sub)})
+    return pd.DataFrame(rows, columns=["claim", "task", "tested by", "result", "verdict"])
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """One load_runs row: shown parameters, identity for pairing, and the metrics of a complete run."""
+    weights = params.get("weights", "none")
+    row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs",
+                                      "weighted_sampler", "extra_negatives")}
+    row["extra_covid_train"] = params.get("extra_covid_train", True)  # before the axis existed: always True
+    row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=init_name(weights),
+               init_family=init_family(weights), debiased=bool(params.get("extra_negatives")))
+    identity = {k: v for k, v in params.items() if k not in NOT_COMPARED}
+    row["identity"] = {**identity, "init": row["init"], "init_family": row["init_family"],
+                       "extra_covid_train": row["extra_covid_train"], "debiased": row["debiased"]}
+    metrics_file = run_dir / "metrics.json"
+    if row["status"] == "complete" and metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        row.update(classes=m.get("classes"), accuracy=m["accuracy"], macro_precision=m["macro"]["precision"],
+                   macro_recall=m["macro"]["recall"], macro_f1=m["macro_f1"],
+                   covid_sensitivity=m.get("covid_sensitivity"), roc_auc=m.get("roc_auc"),
+                   majority_accuracy=m.get("majority_baseline", {}).get("accuracy"))
+        for name, ci in m.get("ci", {}).items():
+            row[f"{name}_ci"] = tuple(ci) if ci else None
+        wilson = m.get("wilson", {}).get("per_class", {})
+        for cls, scores in m["per_class"].items():
+            for key in ("precision", "recall", "specificity", "f1"):
+                row[f"{cls}_{key}"] = scores.get(key)
+                if key in wilson.get(cls, {}):
+                    row[f"{cls}_{key}_wilson"] = tuple(wilson[cls][key])
+    return row
+
+
+def _predictions(run_dir: str) -> pd.DataFrame:
+    path = Path(run_dir) / "predictions.csv"
+    if not path.is_file():
+        raise CXRError(f"{path}: a complete run without predictions.csv; rerun it (python -m cxrlib.runs)")
+    return pd.read_csv(path)
+
+
+def _paired_claim(runs: pd.DataFrame, factor: str, a: Any, b: Any, not_run, n_boot: int, seed: int) -> dict:
+    result = paired(runs, factor, a, b, by=(), n_boot=n_boot, seed=seed)
+    if result.empty:
+        return {"tested by": f"{_label(factor, a)} vs {_label(factor, b)}: no paired runs",
+                "result": "–", "verdict": f"not testable here ({_why_missing(runs, factor, (a, b), not_run)})"}
+    r = result.iloc[0]
+    return {"tested by": f"{r['pairs']} paired run(s): {_label(factor, a)} vs {_label(factor, b)}",
+            "result": f"Δ macro-F1 {fmt_ci(r['macro_f1_difference'], r['macro_f1_ci'], signed=True)}; "
+                      f"ahead in {r['macro_f1_ahead']} of {r['pairs']}",
+            "verdict": r["verdict"]}
+
+
+def _interaction_claim(runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> dict:
+    """(focal − CE with extra COVID) − (focal − CE without), on runs matched in everything else."""
+    arms = {}
+    for extra in (True, False):
+        sub = runs[_is(runs.extra_covid_train, extra)] if "extra_covid_train" in runs else runs.iloc[:0]
+        arms[extra] = matched_pairs(sub, "loss", "focal", "ce")
+    if arms[True].empty or arms[False].empty:
+        missing = [extra for extra in (True, False) if arms[extra].empty]
+        why = _why_missing(runs, "extra_covid_train", missing, not_run)
+        return {"tested by": "focal vs CE, with and without extra COVID-19 in training: no paired runs",
+                "result": "–", "verdict": f"not testable here ({why})"}
+    key = [c for c in ("init", "seed", "backbone", "image_size", "epochs", "weighted_sampler", "debiased")
+           if c in arms[True]]
+    both = arms[True].merge(arms[False], on=key, suffixes=("_with", "_without"))
+    if both.empty:
+        return {"tested by": "focal vs CE, with and without extra COVID-19", "result": "–",
+                "verdict": "not testable here (no init and seed has focal and CE runs in both extra-COVID arms)"}
+    m = len(both)
+    pairs = [(_predictions(x), _predictions(y)) for x, y in zip(both.run_dir_a_with, both.run_dir_b_with)]
+    pairs += [(_predictions(x), _predictions(y)) for x, y in zip(both.run_dir_a_without, both.run_dir_b_without)]
+    result = paired_bootstrap(pairs, both["classes_with"].iloc[0], n_boot=n_boot, seed=seed,
+                              coef=[1 / m] * m + [-1 / m] * m)["macro_f1"]
+    return {"tested by": f"{m} set(s) of 4 runs: (focal − CE with extra COVID) − (focal − CE without)",
+            "result": f"Δ of Δ macro-F1 {fmt_ci(result['difference'], result['ci'], signed=True)}",
+            "verdict": verdict(result["ci"])}
+
+
+def _accuracy_claim(runs: pd.DataFrame) -> dict:
+    """Each run of the paper's arm (focal, chest-X-ray init; else every run) against its majority baseline."""
+    done = runs[(runs.status == "complete") & runs.get("majority_accuracy", pd.Series(index=runs.index)).notna()]
+    if done.empty:
+        return {"tested by": "no complete run with a majority baseline", "result": "–",
+                "verdict": "not testable here (no complete run of this task)"}
+    paper_arm = done[(done.loss == "focal") & (done.init_family == "chest_xray")]
+    chosen, which = (paper_arm, "focal · chest X-ray") if not paper_arm.empty else (done, "all arms")
+    low = [ci[0] if isinstance(ci, tuple) and _finite(ci[0]) else math.nan for ci in chosen.accuracy_ci]
+    high = [ci[1] if isinstance(ci, tuple) and _finite(ci[1]) else math.nan for ci in chosen.accuracy_ci]
+    base = chosen.majority_accuracy.to_numpy(float)
+    if all(lo > ba for lo, ba in zip(low, base)):
+        said = "supported"
+    elif all(hi < ba for hi, ba in zip(high, base)):
+        said = "not supported"
+    else:
+        said = "no evidence of a difference"
+    worst = chosen.accuracy.idxmin()
+    return {"tested by": f"{len(chosen)} run(s), {which}, vs always the majority class",
+            "result": f"lowest accuracy {fmt_ci(chosen.accuracy[worst], chosen.accuracy_ci[worst])} vs majority "
+                      f"{fmt_ci(chosen.majority_accuracy[worst])}",
+            "verdict": said}
+
+
+def _why_missing(runs: pd.DataFrame, factor: str, values: Sequence[Any], not_run) -> str:
+    """Why an arm has no paired runs: matrix.json's reason for it, else what the run folders show."""
+    reasons = []
+    for value in values:
+        words = ARM_WORDS.get((factor, value), (str(value).lower(),))
+        said = [f"{e['arm']}: {e['reason']}" for e in not_run if any(w in e["arm"].lower() for w in words)]
+        arm = runs[_is(runs[factor], value)] if factor in runs else runs.iloc[:0]
+        if said:
+            reasons += said
+        elif not (arm.status == "complete").any():
+            label = _label(factor, value)
+            failed = sorted(set(arm.status))
+            reasons.append(f"no complete run {label if label.startswith('with') else f'with {factor} {value}'}"
+                           + (f" ({', '.join(failed)})" if failed else ""))
+    return "; ".join(reasons) or f"the runs differ in more than {factor}"
+
+
+def _task_runs(runs: pd.DataFrame, task: str) -> pd.DataFrame:
+    sub = runs[runs.task == task] if not runs.empty else runs
+    return sub.sort_values([c for c in ("loss", "init", "extra_covid_train", "seed") if c in sub])
+
+
+def _index(r: pd.Series) -> dict[str, Any]:
+    return {"loss": r.loss, "init": r.init, "extra COVID": _yes_no(r.get("extra_covid_train")), "seed": r.seed}
+
+
+def _indexed(rows: list[dict], extra: Sequence[str] = ()) -> pd.DataFrame:
+    return pd.DataFrame(rows).set_index(["loss", "init", "extra COVID", "seed", *extra]) if rows else pd.DataFrame()
+
+
+def _label(factor: str, value: Any) -> str:
+    """How an arm is named in the tables: the value itself, or with/without for the on/off factors."""
+    what = {"extra_covid_train": "extra COVID", "weighted_sampler": "weighted sampling", "debiased": "extra negatives"}
+    if factor in what:
+        return f"{'with' if value else 'without'} {what[factor]}"
+    return str(value)
+
+
+def _yes_no(value: Any) -> str:
+    return "–" if value is None else ("yes" if value else "no")
+
+
+def _is(column: pd.Series, value: Any) -> pd.Series:
+    """column == value, where booleans also match their JSON/CSV spellings."""
+    if isinstance(value, bool):
+        return column.map(lambda v: v is not None and str(v).lower() in (("true", "1") if value else ("false", "0")))
+    return column == value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

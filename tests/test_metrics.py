@@ -144,13 +144,15 @@ def test_bootstrap_ci_narrower_with_more_patients():
 
 def test_bootstrap_resamples_whole_patients():
     patients = ["a"] * 5 + ["b"] * 1 + ["c"] * 3 + ["d"] * 2  # unequal sizes: rows are not drawn alone
-    for idx in M.bootstrap_indices(patients, n_boot=50, seed=0):
-        counts = np.bincount(idx, minlength=len(patients))
+    counts = M.bootstrap_counts(patients, n_boot=50, seed=0)
+    assert counts.shape == (50, len(patients))
+    for row in counts:
         for p in set(patients):
             rows = [i for i, q in enumerate(patients) if q == p]
-            assert len(set(counts[rows])) == 1  # all images of a patient appear equally often
-        draws_per_patient = {p: counts[patients.index(p)] for p in set(patients)}
+            assert len(set(row[rows])) == 1  # all images of a patient appear equally often
+        draws_per_patient = {p: row[patients.index(p)] for p in set(patients)}
         assert sum(draws_per_patient.values()) == 4  # four patients drawn, whatever their sizes
+    assert len({tuple(row) for row in counts}) > 10  # resamples differ
     # All images from one patient: every resample is the whole set, so the interval collapses.
     y, yhat = [0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 1, 1]
     one_patient = M.compute_metrics(table(y, yhat, BINARY, patients=["x"] * 6), BINARY, n_boot=100)
@@ -240,3 +242,136 @@ def test_multilabel_auroc_constant_column():
     assert out["mean"] == approx(0.75) and out["n"] == 4
     with pytest.raises(CXRError, match="must both be"):
         M.multilabel_auroc(y, p[:, :2], ["a", "b", "c"])
+
+
+def test_auroc_is_the_probability_a_positive_outranks_a_negative():
+    # positives 0.9, 0.4, 0.4 vs negatives 0.4, 0.2: 0.9 wins 2, each 0.4 ties one (1/2) and wins one -> 5 of 6
+    pred = table([1, 1, 1, 0, 0], [[0.1, 0.9], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4], [0.8, 0.2]], BINARY)
+    assert M.compute_metrics(pred, BINARY, n_boot=0)["roc_auc"] == approx(5 / 6)
+    # and on random scores with ties, against the brute-force count over every (positive, negative) pair
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 80)
+    p = np.round(rng.random(80) * 0.5 + 0.3 * y, 1)  # rounding makes ties
+    wins = (p[y == 1][:, None] > p[y == 0][None, :]) + 0.5 * (p[y == 1][:, None] == p[y == 0][None, :])
+    assert M.compute_metrics(table(y, np.c_[1 - p, p], BINARY), BINARY, n_boot=0)["roc_auc"] == approx(wins.mean())
+
+
+def test_wilson_interval_does_not_collapse_at_0_and_1():
+    assert M.wilson_interval(0, 10) == approx([0.0, 0.2775], abs=1e-4)
+    assert M.wilson_interval(10, 10) == approx([0.7225, 1.0], abs=1e-4)
+    assert M.wilson_interval(3, 10) == approx([0.1078, 0.6032], abs=1e-4)  # textbook value
+    assert M.wilson_interval(0, 0) == [None, None]
+    # A perfect COVID detector: the bootstrap interval of its sensitivity is [1, 1], Wilson's is not.
+    y = [1] * 8 + [0] * 12
+    m = M.compute_metrics(table(y, y, BINARY), BINARY, n_boot=200)
+    assert m["ci"]["covid_sensitivity"] == [1.0, 1.0]
+    low, high = m["wilson"]["covid_sensitivity"]
+    assert high == approx(1.0) and 0.6 < low < 0.7  # 8 of 8: Wilson lower bound 0.676
+    assert m["ci_info"]["proportions"].startswith("wilson")
+
+
+def test_wilson_per_class_from_the_confusion_matrix():
+    y, yhat = from_confusion([[4, 2], [1, 3]])
+    wilson = M.compute_metrics(table(y, yhat, BINARY), BINARY, n_boot=0)["wilson"]
+    assert wilson["per_class"]["covid"] == approx({"precision": M.wilson_interval(3, 5),
+                                                    "recall": M.wilson_interval(3, 4),
+                                                    "specificity": M.wilson_interval(4, 6)})
+    assert wilson["per_class"]["non_covid"]["precision"] == approx(M.wilson_interval(4, 5))
+    assert wilson["covid_specificity"] == wilson["per_class"]["covid"]["specificity"]
+
+
+def test_vectorised_metrics_equal_sklearn_on_every_resample():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    pred = random_table(12, seed=7, images_per_patient=2)  # few patients: resamples often miss a class
+    y, yhat, probs = M._arrays(pred, list(MULTI))
+    counts = M.bootstrap_counts(pred["patient_id"], n_boot=40, seed=1)
+    batch = M.headline_batch(y, yhat, probs, MULTI, counts)
+    for b, row in enumerate(counts):
+        i = np.repeat(np.arange(len(y)), row)
+        with M._quiet():
+            expected = {
+                "accuracy": accuracy_score(y[i], yhat[i]),
+                "macro_f1": f1_score(y[i], yhat[i], labels=[0, 1, 2], average="macro", zero_division=np.nan),
+                "balanced_accuracy": balanced_accuracy_score(y[i], yhat[i]),
+                "roc_auc": M._ovr(roc_auc_score, y[i], probs[i], list(MULTI))[0],
+                "covid_sensitivity": (yhat[i][y[i] == 0] == 0).mean() if (y[i] == 0).any() else np.nan,
+                "covid_specificity": (yhat[i][y[i] != 0] != 0).mean(),
+            }
+        for name, value in expected.items():
+            assert batch[name][b] == approx(value, nan_ok=True), (name, b)
+
+
+def test_vectorised_bootstrap_matches_the_loop_it_replaced():
+    """Same intervals as resampling patients one draw at a time with scikit-learn, within Monte-Carlo noise."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = random_table(60, seed=3)
+    y, yhat, _ = M._arrays(pred, list(MULTI))
+    codes, uniques = pd.factorize(pred["patient_id"])
+    rng = np.random.default_rng(11)
+    loop = {"accuracy": [], "macro_f1": []}
+    for _ in range(1000):
+        i = np.repeat(np.arange(len(y)), np.bincount(rng.integers(0, len(uniques), len(uniques)),
+                                                     minlength=len(uniques))[codes])
+        loop["accuracy"].append(accuracy_score(y[i], yhat[i]))
+        loop["macro_f1"].append(f1_score(y[i], yhat[i], average="macro"))
+    ci = M.compute_metrics(pred, MULTI, n_boot=1000, seed=0)["ci"]
+    for name, draws in loop.items():
+        assert ci[name] == approx(np.percentile(draws, [2.5, 97.5]), abs=0.03), name
+
+
+def test_mcnemar_exact_by_hand():
+    a = np.array([True] * 8 + [False] * 1 + [True] * 5 + [False] * 3)
+    b = np.array([False] * 8 + [True] * 1 + [True] * 5 + [False] * 3)
+    out = M.mcnemar_exact(a, b)
+    # 9 discordant pairs, 8 for a: two-sided binomial p = 2 * (1 + 9) / 2**9
+    assert out == approx({"a_only_correct": 8, "b_only_correct": 1, "p_value": 20 / 512})
+    assert M.mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def planted(n_patients, seed, skill):
+    """A binary model whose probability of the right class is high with chance `skill` per image."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_patients
+    y = (np.arange(n) % 5 == 0).astype(int)  # 20 % covid
+    right = rng.random(n) < skill
+    p_true = np.where(right, rng.uniform(0.6, 0.95, n), rng.uniform(0.05, 0.4, n))
+    p_covid = np.where(y == 1, p_true, 1 - p_true)
+    return table(y, np.c_[1 - p_covid, p_covid], BINARY, patients=[f"p{i // 2}" for i in range(n)])
+
+
+def test_paired_bootstrap_identical_runs_show_no_difference():
+    run = planted(100, seed=0, skill=0.8)
+    out = M.paired_bootstrap([(run, run.copy())], BINARY, n_boot=200)
+    for name in M.PAIRED:
+        assert out[name]["difference"] == 0 and out[name]["ci"] == [0.0, 0.0] and out[name]["ahead"] == 0
+    assert out["pairs"][0]["mcnemar"]["p_value"] == 1.0 and out["n_images"] == [200]
+
+
+def test_paired_bootstrap_finds_a_planted_better_run_and_pairs_by_image():
+    pairs = [(planted(150, seed=s, skill=0.9), planted(150, seed=s + 10, skill=0.65)) for s in range(2)]
+    out = M.paired_bootstrap(pairs, BINARY, n_boot=300)
+    for name in M.PAIRED:
+        low, high = out[name]["ci"]
+        assert 0 < low <= out[name]["difference"] <= high, name
+        assert out[name]["ahead"] == 2 and out[name]["a"] > out[name]["b"]
+    assert all(p["mcnemar"]["p_value"] < 0.01 for p in out["pairs"])
+    # Each pair is its own seed; the patient resample is shared, so the same seed gives the same interval.
+    assert M.paired_bootstrap(pairs, BINARY, n_boot=300) == out
+    # Only the images both runs saw are compared, and the count says so.
+    a, b = pairs[0]
+    part = M.paired_bootstrap([(a, b.iloc[::2])], BINARY, n_boot=50)
+    assert part["n_images"] == [150]
+    # A difference of differences: the same pair counted + and - is exactly 0.
+    assert M.paired_bootstrap([pairs[0], pairs[0]], BINARY, n_boot=50, coef=[1, -1])["macro_f1"]["ci"] == [0, 0]
+
+
+def test_paired_bootstrap_refuses_different_test_data():
+    a = planted(20, seed=0, skill=0.8)
+    with pytest.raises(CXRError, match="img3.*not the same test data"):
+        M.paired_bootstrap([(a, a.assign(true=np.where(a.index == 3, "covid", a["true"])))], BINARY, n_boot=10)
+    with pytest.raises(CXRError, match="no image in common"):
+        M.paired_bootstrap([(a, a.assign(image_id=a["image_id"] + "x"))], BINARY, n_boot=10)
+    with pytest.raises(CXRError, match="2 coefficients for 1 pairs"):
+        M.paired_bootstrap([(a, a)], BINARY, n_boot=10, coef=[1, -1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from cxrlib import results, runs
@@ -36,20 +35,3 @@ def test_a_failed_run_is_kept_and_listed(tmp_path):
     listed = results.load_runs(tmp_path)
     assert list(listed.status) == [result.status]
     assert results.paper_table(listed, cfg.task).status.iloc[0] == result.status
-
-
-def _runs(values: dict[tuple[str, str], float]) -> pd.DataFrame:
-    rows = [{"task": "binary", "loss": loss, "init_family": fam, "backbone": "resnet50", "seed": 0,
-             "image_size": 64, "epochs": 2, "status": "complete", "macro_f1": f1,
-             "macro_f1_ci": (f1 - 0.04, f1 + 0.04)} for (loss, fam), f1 in values.items()]
-    return pd.DataFrame(rows)
-
-
-def test_paired_compares_runs_differing_only_in_the_factor():
-    table = _runs({("ce", "random"): 0.70, ("focal", "random"): 0.80, ("ce", "chest_xray"): 0.75})
-    pairs = results.paired(table, "loss", "focal", "ce")
-    assert len(pairs) == 1 and pairs.difference.iloc[0] == pytest.approx(0.10)
-    assert not pairs.cis_overlap.iloc[0]
-    text = results.describe(pairs, "focal", "ce")
-    assert "higher" in text and "0.100" in text
-    assert "cannot be made" in results.describe(results.paired(table, "loss", "focal", "weighted_ce"), "focal", "x")

@@ -1,0 +1,31 @@
+"""Each chapter's paired .py (what people edit) and .ipynb (what the book executes) hold the same cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jupytext
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+CHAPTERS = sorted(p.stem for p in NOTEBOOKS.glob("*.py"))
+
+
+def cells(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(type, source, tags) of every cell as jupytext reads the file: tags too, since they say which cells are
+    parameters and which outputs nbval compares; outputs and other metadata left out."""
+    return [(c.cell_type, c.source.strip(), c.metadata.get("tags", [])) for c in jupytext.read(path).cells]
+
+
+def test_every_chapter_is_paired():
+    assert CHAPTERS and CHAPTERS == sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_py_and_ipynb_hold_the_same_code(chapter):
+    py, ipynb = cells(NOTEBOOKS / f"{chapter}.py"), cells(NOTEBOOKS / f"{chapter}.ipynb")
+    differ = [i for i, (a, b) in enumerate(zip(py, ipynb)) if a != b]
+    assert len(py) == len(ipynb) and not differ, (
+        f"{chapter}.py and .ipynb differ (cell counts {len(py)} vs {len(ipynb)}, first differing cell "
+        f"{differ[:1]}): run `jupytext --sync notebooks/{chapter}.py`"
+    )

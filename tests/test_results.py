@@ -1,0 +1,164 @@
+"""cxrlib.results on hand-made run folders whose answers are known: pairing, paired sentences, claims."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlib import metrics, results
+
+BINARY = ["non_covid", "covid"]
+CHEST = "file:/runs/pretrain-chestxray14-resnet50/model.pt"
+
+
+def predictions(skill: float, seed: int, n_patients: int = 120) -> pd.DataFrame:
+    """The same 2 images x n_patients test set for every run; the model is right with chance `skill`."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_patients
+    y = (np.arange(n) % 4 == 0).astype(int)  # 25 % covid
+    right = rng.random(n) < skill
+    p_true = np.where(right, rng.uniform(0.6, 0.95, n), rng.uniform(0.05, 0.4, n))
+    p_covid = np.where(y == 1, p_true, 1 - p_true)
+    rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)]})
+    return metrics.predictions_table(rows, np.c_[1 - p_covid, p_covid], BINARY, y)
+
+
+def make_run(root: Path, status: str = "complete", skill: float = 0.8, pred_seed: int = 0, **config) -> Path:
+    """A run folder as training writes it (params.json, predictions.csv, metrics.json, status)."""
+    config = {"task": "binary", "loss": "ce", "backbone": "resnet50", "weights": "imagenet", "seed": 0,
+              "image_size": 32, "epochs": 1, "weighted_sampler": True, "extra_covid_train": True, **config}
+    name = "-".join(str(config[k]) for k in ("task", "loss", "weights", "seed", "extra_covid_train",
+                                             "weighted_sampler")).replace("/", "_").replace(":", "_")
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "params.json").write_text(json.dumps({"config": config}))
+    (run / "status").write_text(status + "\n")
+    if status == "complete":
+        pred = predictions(skill, pred_seed)
+        pred.to_csv(run / "predictions.csv", index=False)
+        m = metrics.compute_metrics(pred, BINARY, n_boot=100, seed=0)
+        m["majority_baseline"] = metrics.majority_baseline([0, 0, 0, 1], pred["true"], BINARY)
+        metrics.save_metrics(m, run / "metrics.json")
+    return run
+
+
+@pytest.fixture
+def matrix(tmp_path: Path) -> Path:
+    """chest X-ray clearly better than ImageNet; focal identical to CE; no arm without extra COVID."""
+    for seed in (0, 1):
+        for loss in ("ce", "focal"):
+            make_run(tmp_path, loss=loss, weights=CHEST, seed=seed, skill=0.92, pred_seed=seed)
+            make_run(tmp_path, loss=loss, weights="imagenet", seed=seed, skill=0.62, pred_seed=10 + seed)
+    make_run(tmp_path, "failed: out of memory", loss="focal", weights="none")
+    (tmp_path / "matrix.json").write_text(json.dumps(
+        {"not_run": [{"arm": "binary without extra COVID (noextra)", "reason": "no extra_covid_dir given"}]}))
+    return tmp_path
+
+
+def verdicts(table: pd.DataFrame) -> dict[str, str]:
+    return {claim[:3] + ("*" if "most once" in claim else ""): v for claim, v in zip(table.claim, table.verdict)}
+
+
+def test_load_runs_reads_old_and_new_params(tmp_path):
+    make_run(tmp_path, weights=CHEST, extra_covid_train=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "params.json").write_text(json.dumps({"task": "multiclass", "loss": "focal", "weights": "none", "seed": 3}))
+    (old / "status").write_text("failed: killed\n")
+    runs = results.load_runs(tmp_path).set_index("run")
+    assert runs.loc["old", "extra_covid_train"] and runs.loc["old", "init"] == "random"  # before the axis: True
+    new = runs.drop(index="old").iloc[0]
+    assert not new.extra_covid_train and new.init_family == "chest_xray" and new.classes == BINARY
+    assert new.covid_recall_wilson[0] < new.covid_recall < new.covid_recall_wilson[1]
+    assert 0 < new.majority_accuracy < 1
+
+
+def test_fmt_ci():
+    assert results.fmt_ci(0.46, (0.29, 0.65)) == "0.460 (0.290–0.650)"
+    assert results.fmt_ci(0.0123, [-0.03, 0.051], signed=True) == "+0.012 (−0.030 to +0.051)"
+    assert results.fmt_ci(None) == "–" and results.fmt_ci(float("nan"), (0.1, 0.2)) == "–"
+    assert results.fmt_ci(np.float64(0.5), (None, None)) == "0.500"
+
+
+def test_pairs_only_runs_differing_in_the_factor(matrix):
+    runs = results.load_runs(matrix)
+    pairs = results.matched_pairs(runs, "loss", "focal", "ce")
+    assert len(pairs) == 4  # 2 inits x 2 seeds; the failed focal run has no partner
+    for _, p in pairs.iterrows():  # same seed and init on both sides
+        a, b = (runs.set_index("run_dir").loc[p[f"run_dir_{s}"]] for s in "ab")
+        assert (a.seed, a.init, a.loss, b.loss) == (b.seed, b.init, "focal", "ce")
+    assert results.matched_pairs(runs, "init_family", "chest_xray", "imagenet").shape[0] == 4
+    assert results.matched_pairs(runs, "loss", "focal", "weighted_ce").empty
+
+
+def test_identical_runs_give_no_evidence_and_a_planted_better_run_is_found(matrix):
+    runs = results.load_runs(matrix)
+    same = results.paired(runs, "loss", "focal", "ce", n_boot=200)
+    assert same.loc[0, "pairs"] == 4 and same.loc[0, "macro_f1_difference"] == 0
+    low, high = same.loc[0, "macro_f1_ci"]
+    assert low <= 0 <= high and same.loc[0, "verdict"] == "no evidence of a difference"
+    text = results.describe(same, "focal", "ce")
+    assert "no evidence of a difference" in text and "ahead in 0 of 4" in text
+    better = results.paired(runs, "init_family", "chest_xray", "imagenet", n_boot=200)
+    assert better.loc[0, "macro_f1_ci"][0] > 0 and better.loc[0, "verdict"] == "supported"
+    assert all(p < 0.001 for p in better.loc[0, "mcnemar_p"])
+    assert "chest X-ray scored higher" in results.describe(better, "chest X-ray", "ImageNet")
+    assert "Δ macro-F1" in results.comparison_table(better).columns
+    assert "cannot be made" in results.describe(results.paired(runs, "loss", "focal", "x"), "focal", "x")
+
+
+def test_claims_table_verdicts(matrix):
+    runs = results.load_runs(matrix)
+    table = results.claims_table(runs, results.read_not_run(matrix), n_boot=200)
+    assert list(table.task.unique()) == ["binary"]
+    found = verdicts(table)
+    assert found["(a)"] == "supported"
+    assert found["(b)"] == "no evidence of a difference"
+    assert found["(c)"].startswith("not testable here (no complete run without weighted sampling")
+    assert found["(b)*"].startswith("not testable here (binary without extra COVID (noextra): no extra_covid_dir")
+    assert found["(d)"] == "supported"  # focal · chest X-ray at 0.92 vs always non-COVID at 0.75
+
+
+def test_claims_table_contrary_and_interaction(tmp_path):
+    # ImageNet clearly better: (a) not supported. Focal beats CE only with extra COVID: the interaction is found.
+    make_run(tmp_path, weights=CHEST, skill=0.6, pred_seed=1)
+    make_run(tmp_path, weights="imagenet", skill=0.93, pred_seed=2)
+    for extra, focal_skill in ((True, 0.95), (False, 0.6)):
+        make_run(tmp_path, loss="focal", weights="none", extra_covid_train=extra, skill=focal_skill, pred_seed=3)
+        make_run(tmp_path, loss="ce", weights="none", extra_covid_train=extra, skill=0.6, pred_seed=4)
+    found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=200))
+    assert found["(a)"] == "not supported"
+    assert found["(b)*"] == "supported"
+    assert found["(c)"].startswith("not testable here")
+    make_run(tmp_path, "failed: CUDA out of memory", weighted_sampler=False)
+    found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=20))
+    assert found["(c)"] == "not testable here (no complete run without weighted sampling (failed: CUDA out of memory))"
+
+
+def test_arms_and_run_tables(matrix):
+    runs = results.load_runs(matrix)
+    arms = results.arms_table(runs, results.read_not_run(matrix))
+    assert arms.complete.sum() == 8 and arms["not complete"].sum() == 1
+    assert arms.note.iloc[-1] == "not run: no extra_covid_dir given"
+    assert "out of memory" in " ".join(arms.note)
+    table = results.run_table(runs)
+    assert list(table.columns[:3]) == ["task", "loss", "init"] and len(table) == 9 and table.shape[1] <= 8
+    paper = results.paper_table(runs, "binary")
+    assert paper.shape[1] <= 8 and "failed: out of memory" in set(paper.status)
+    assert paper.loc[("ce", "ImageNet", "yes", 0), "accuracy"].count("(") == 1  # value (low–high)
+    assert set(results.class_table(runs, "binary").columns) == {"precision", "recall", "specificity", "F1"}
+
+
+def test_debiasing_arm_pairs_on_extra_negatives(tmp_path):
+    plain = make_run(tmp_path, extra_negatives="", pred_seed=1)
+    debiased = make_run(tmp_path / "debiased", extra_negatives="/data/nih", pred_seed=1)  # same name, own root
+    runs = pd.concat([results.load_runs(tmp_path), results.load_runs(tmp_path / "debiased")], ignore_index=True)
+    assert list(runs.debiased) == [False, True]
+    pairs = results.matched_pairs(runs, "debiased", True, False)
+    assert list(zip(pairs.run_dir_a, pairs.run_dir_b)) == [(str(debiased), str(plain))]
+    same_loss = results.matched_pairs(runs, "loss", "ce", "ce")  # the negatives are part of what a run is
+    assert (same_loss.run_dir_a == same_loss.run_dir_b).all()
