@@ -37,9 +37,9 @@ PROBE = """<script>
 window.addEventListener("load", () => {
   const article = document.querySelector("article.bd-article") || document.querySelector("article") || document.body;
   const column = article.getBoundingClientRect().width;
-  const name = (el) => (el.getAttribute("src") || el.querySelector("th, td")?.innerText || "").slice(0, 60);
+  const name = (el) => (el.getAttribute("src") || el.innerText || "").trim().replace(/\\s+/g, " ").slice(0, 60);
   const h2 = article.querySelector("h2");
-  const banners = [...article.querySelectorAll(".admonition")].filter(
+  const banners = [...article.querySelectorAll(".admonition:not(details)")].filter(
       (a) => !h2 || (a.compareDocumentPosition(h2) & Node.DOCUMENT_POSITION_FOLLOWING));
   const report = {
     height: Math.ceil(document.documentElement.scrollHeight),
@@ -100,7 +100,7 @@ def probe(page: Path, tmp: Path) -> dict:
     copy = tmp / "probe.html"
     copy.write_text(text, encoding="utf-8")
     dom = _run(copy.as_uri(), "--dump-dom", tmp=tmp)
-    found = re.search(r'<pre id="cxr-report">(.*?)</pre>', dom, re.S)
+    found = re.search(r'<pre id="cxr-report"[^>]*>(.*?)</pre>', dom, re.S)
     assert found, f"{page}: the probe did not run (chromium printed {dom[-300:]!r})"
     return json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
 
