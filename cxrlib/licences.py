@@ -16,8 +16,8 @@ from .audit import origin
 from .errors import CXRError
 
 OPEN_LICENCES = re.compile(r"^(cc[ -]?by|cc[ -]?by[ -]sa|cc0|apache[ -]?2(\.0)?|public domain)( \d(\.\d)?)?$")
-KERMANY = "Kermany et al. 2018 (Guangzhou paediatric set), CC BY 4.0"
-NIH = "NIH Clinical Center ChestX-ray14, no restrictions; cite Wang et al. 2017"
+KERMANY = "Kermany et al. 2018, CC BY 4.0"
+NIH = "NIH Clinical Center, no restrictions; cite Wang et al. 2017"
 NIH_SOURCES = ("nih", "chestxray14")
 SYNTHETIC = "synthetic image made by cxrlib, MIT"
 
@@ -48,7 +48,7 @@ def redistributable(table: pd.DataFrame, synthetic: bool = False) -> pd.Series:
 
 
 def caption(row: pd.Series, synthetic: bool = False) -> str:
-    """"source, licence" for one redistributable row (a thumbnail's caption)."""
+    """"source, licence" for one redistributable row (a thumbnail's caption); CXRError for any other row."""
     if synthetic:
         return SYNTHETIC
     kind = _kind(row.to_frame().T).iloc[0]
@@ -57,6 +57,6 @@ def caption(row: pd.Series, synthetic: bool = False) -> str:
     if kind == "nih":
         return NIH
     if kind == "ieee8023" and open_licence(row.get("license", "")):
-        return f"ieee8023 COVID-19 image data collection (Cohen et al. 2020), {row['license']}"
+        return f"ieee8023 (Cohen et al. 2020), {row['license']}"
     raise CXRError(f"{row.get('image_id', row.name)}: not redistributable (licence {row.get('license', '')!r}); "
                      "filter with licences.redistributable first")
