@@ -9,6 +9,7 @@ the same check on hand-made pages with each defect, so the check itself can fail
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -102,7 +103,7 @@ def probe(page: Path, tmp: Path) -> dict:
     dom = _run(copy.as_uri(), "--dump-dom", tmp=tmp)
     found = re.search(r'<pre id="cxr-report"[^>]*>(.*?)</pre>', dom, re.S)
     assert found, f"{page}: the probe did not run (chromium printed {dom[-300:]!r})"
-    return json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+    return json.loads(html.unescape(found.group(1)))
 
 
 def screenshot(page: Path, height: int, shot: Path, tmp: Path) -> Path:
