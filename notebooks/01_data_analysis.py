@@ -35,7 +35,7 @@ run_root = "../runs/quick"
 run_dir = ""
 profile = "quick"
 
-# %%
+# %% tags=["hide-input"]
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -82,7 +82,7 @@ imbalance = pd.DataFrame({
 }, index=classes(task))
 imbalance
 
-# %%
+# %% mystnb={"figure": {"caption": "Images per class and source, after removing the copies shared by the two sources.", "name": "fig-data-class-source"}}
 sns.countplot(table, y="label", hue="source", order=["covid", "pneumonia", "normal"]).set_title("images per class and source");
 
 # %% [markdown]
@@ -121,10 +121,10 @@ stats = audit.image_statistics(pixels, parts=("whole", "border")).set_index(tabl
 look = pd.concat([table[["source", "label"]], sizes, stats[["whole_mean", "whole_std", "border_mean"]]], axis=1)
 look.groupby(["source", "label"])[["width", "height", "aspect", "whole_mean", "border_mean"]].median().round(2)
 
-# %%
+# %% mystnb={"figure": {"caption": "Aspect ratio (width / height) of the images as stored, per class (panels) and source (colour).", "name": "fig-data-aspect"}}
 fig = sns.displot(look, x="aspect", hue="source", col="label", kind="hist", height=2.6, facet_kws={"sharey": False})
 
-# %%
+# %% mystnb={"figure": {"caption": "Mean pixel intensity of each image after resizing, per class (panels) and source (colour); densities normalised per source.", "name": "fig-data-intensity"}}
 fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", height=2.6, fill=True,
                   common_norm=False, facet_kws={"sharey": False})
 
@@ -134,7 +134,7 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # (On the synthetic default these are generated images; with real data they are drawn from the
 # user's own files when the book is built, and are never committed.)
 
-# %%
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Four images per class, drawn with the chapter's seed; each caption gives the class and the source.", "name": "fig-data-samples"}}
 rng = np.random.default_rng(seed)
 picks = [i for label in ("covid", "pneumonia", "normal")
          for i in rng.choice(np.flatnonzero(table.label.to_numpy() == label), 4, replace=False)]
@@ -152,7 +152,7 @@ plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · {table.
 probe = audit.source_probe(table.reset_index(drop=True), pixels, sizes=sizes.reset_index(drop=True), seed=seed)
 probe
 
-# %%
+# %% tags=["hide-input"]
 display(Markdown("\n".join(
     f"- {r.features} → {r.target}: balanced accuracy {r.balanced_accuracy:.2f} (chance {r.chance_balanced_accuracy:.2f}): **{r.verdict}**"
     for r in probe.itertuples())))

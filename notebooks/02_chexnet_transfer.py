@@ -42,7 +42,7 @@ coronahack_dir = ""
 extra_covid_dir = ""
 run_dir = ""
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -73,7 +73,7 @@ auroc = pd.Series(pre_metrics["per_finding_auroc"], name="test AUROC").to_frame(
 auroc.loc["mean"] = pre_metrics["mean_auroc"]
 auroc.round(3)
 
-# %%
+# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) per epoch.", "name": "fig-pretrain-loss"}}
 history = pd.read_csv(pretrained / "history.csv")
 ax = sns.lineplot(history.melt("epoch", [c for c in ("train_loss", "val_loss") if c in history]), x="epoch",
                   y="value", hue="variable", marker="o")
@@ -94,7 +94,7 @@ print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
 print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
 print(f"parameters: {total:,}")
 
-# %%
+# %% tags=["hide-input"]
 check = transfer_check(model, weights)
 assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"
 assert (check.mean_abs_diff_to_random_init > 0).all(), "a backbone tensor equals a random init"
@@ -104,7 +104,7 @@ pd.DataFrame({
     "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
 })
 
-# %%
+# %% mystnb={"figure": {"caption": "Mean absolute difference between each transferred backbone tensor and the same tensor freshly initialised at random (log scale).", "name": "fig-transfer-vs-random"}}
 ax = sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30)
 ax.set(title="every transferred tensor differs from a random init", xlabel="mean |transferred − random init|");
 
@@ -119,11 +119,11 @@ done = runs[runs.status == "complete"]
 assert not done.empty, f"no complete runs in {run_root}"
 done.pivot_table(index=["task", "loss"], columns="init", values="macro_f1").round(3)
 
-# %%
+# %% mystnb={"figure": {"caption": "Test macro-F1 of the complete runs of the run matrix, by initialisation and task.", "name": "fig-init-f1"}}
 ax = sns.pointplot(done, x="macro_f1", y="init", hue="task", linestyle="none", dodge=0.3)
 ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
 
-# %%
+# %% tags=["hide-input"]
 families = set(done.init_family)
 baseline = "imagenet" if "imagenet" in families else "random"
 if baseline == "random":

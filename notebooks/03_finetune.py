@@ -49,7 +49,7 @@ run_dir = ""
 run_root = "../runs/quick"
 profile = "quick"
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -65,10 +65,10 @@ cfg.run_dir = run_dir or str(Path(run_root) / cfg.run_name())
 display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
 print(f"run folder: {cfg.run_name()}")
 
-# %% tags=["nbval-ignore-output"]
+# %% tags=["nbval-ignore-output", "hide-input"]
 out = Path(run(cfg))
 
-# %%
+# %% tags=["hide-input"]
 metrics = json.loads((out / "metrics.json").read_text())
 history = pd.read_csv(out / "history.csv")
 predictions = pd.read_csv(out / "predictions.csv")
@@ -80,7 +80,7 @@ assert set(predictions.split) == {"test"} and len(predictions) == sum(metrics["p
 # %% [markdown]
 # ## Training curves
 
-# %%
+# %% mystnb={"figure": {"caption": "Training and validation loss per epoch (log scale when the first epoch dwarfs the rest), and the validation scores used for model selection.", "name": "fig-training-curves"}}
 plots.training_curves(history);
 
 # %% [markdown]
@@ -103,10 +103,10 @@ headline
 # %% [markdown]
 # ## Confusion matrix and ROC curves
 
-# %%
+# %% mystnb={"figure": {"caption": "Confusion matrix on the test split: counts, coloured by the share of each true class.", "name": "fig-confusion"}}
 plots.confusion_matrix(metrics["confusion"]["matrix"], metrics["confusion"]["labels"]);
 
-# %%
+# %% mystnb={"figure": {"caption": "ROC curves on the test split, one class against the rest, with the area under each curve.", "name": "fig-roc"}}
 plots.roc_curves(predictions, classes);
 
 # %% [markdown]
@@ -115,7 +115,7 @@ plots.roc_curves(predictions, classes);
 # A screening use would fix a COVID-19 sensitivity first. The threshold below was chosen on the
 # validation split to reach the target sensitivity, then applied unchanged to the test split.
 
-# %%
+# %% mystnb={"figure": {"caption": "Reliability diagram on the test split: observed accuracy against the model's confidence, per confidence bin; the expected calibration error (ECE) is in the title.", "name": "fig-reliability"}}
 plots.reliability(metrics["reliability"], metrics["ece"]);
 
 # %%

@@ -46,7 +46,7 @@ profile = "quick"
 n_cam = 12
 seed = 0
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -86,13 +86,15 @@ errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) el
 # (Committed outputs show synthetic images only; on real data these are drawn from the user's own
 # files when the book is built.)
 
-# %%
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "The test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class.", "name": "fig-confident-errors"}}
 cache = ImageCache(meta["image_size"])
 worst = explain.most_confident_errors(predictions, n=8)
 if len(worst):
     worst_pixels, _ = cache.load(worst.path.tolist())
     worst_cams = explain.grad_cam(model, to_batch(worst_pixels, meta["input_spec"]))
     explain.error_gallery(worst, worst_pixels, worst_cams)
+
+# %%
 worst[["image_id", "source", "true", "pred", "confidence"]]
 
 # %% [markdown]
@@ -111,7 +113,7 @@ assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
 sample.groupby("true")[["cam_lung_share", "lung_area_share"]].mean().round(3)
 
-# %%
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps of the predicted class for a sample of test images per true class; each caption reads true → predicted class.", "name": "fig-gradcam-sample"}}
 plots.image_grid(list(pixels), [f"{t} → {p}" for t, p in zip(sample.true, sample.pred)], ncols=6, overlays=list(cams));
 
 # %% [markdown]
@@ -141,12 +143,12 @@ probe[["features", "target", "n", "balanced_accuracy", "chance_balanced_accuracy
 # intensity, leaving borders, text and collimation); everything but the lung fields blanked.
 # `f1_retained` is macro-F1 relative to intact.
 
-# %%
+# %% tags=["hide-input"]
 masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
 masked.round(3)
 
-# %%
+# %% tags=["hide-input"]
 display(Markdown(audit.conclusion(probe, masked)))
 
 # %% [markdown]
