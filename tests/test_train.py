@@ -156,7 +156,7 @@ def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp
 
     params = json.loads((run_dir / "params.json").read_text())
     n = {s: sum(params["data"]["summary"]["counts"][s].values()) for s in ("train", "val", "test")}
-    one_pass = sum(-(-n[s] // cfg.batch_size) for s in n)
+    one_pass = sum(-(-n[s] // params["training"]["eval_batch_size"]) for s in n)
     assert calls["batches"] == one_pass  # once per image, not once per epoch
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == 3 and not history.augment.any() and history.cached_features.all()
@@ -181,7 +181,7 @@ def test_fit_options_and_sampler_choices():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    assert train.amp_dtype("auto", torch.device("cpu")) is None
+    assert train.amp_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if train.cpu_has_fast_bf16() else None)
     assert train.amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
 
 
