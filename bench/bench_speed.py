@@ -146,7 +146,7 @@ def figure_c(args) -> dict:
         step = make_step(args.cpu_size, args.cpu_batch, True, dtype, cpu)
         step()
         times = []
-        while len(times) < 3 or sum(times) < args.cpu_seconds:
+        while len(times) < args.min_steps or sum(times) < args.cpu_seconds:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
@@ -219,12 +219,13 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # as fit sets it, so the bare step is not handicapped
     quick = args.quick
     args.image_size = args.image_size or (224 if gpu else 64 if quick else 128)
-    args.n_train = args.n_train or (4356 if gpu else 48 if quick else 512)
-    args.n_val = args.n_val or (937 if gpu else 16 if quick else 128)
+    args.n_train = args.n_train or (4356 if gpu else 32 if quick else 512)
+    args.n_val = args.n_val or (937 if gpu else 8 if quick else 128)
     if quick and not gpu:
         args.batch_size, args.eval_batch_size, args.epochs = min(args.batch_size, 8), 64, 2
     args.seconds = 1.0 if quick else 5.0
-    args.cpu_size, args.cpu_batch, args.cpu_seconds = (64, 8, 0.5) if quick else (224, 32, 8.0)
+    args.cpu_size, args.cpu_batch, args.cpu_seconds = (64, 4, 0.5) if quick else (224, 32, 8.0)
+    args.min_steps = 2 if quick else 3
     if not gpu:
         args.workers = 0  # no worker processes on a CPU that also trains
     print(f"bench_speed on {device}: {args.image_size} px, batch {args.batch_size}, {args.n_train} + {args.n_val} "
