@@ -348,6 +348,7 @@ def fit(
         num_workers=opts.num_workers, worker_init_fn=_seed_worker, generator=loader_rng,
         pin_memory=device.type == "cuda", persistent_workers=False)
     val_on_device = images.DeviceBatches.of(val_set, device) if opts.device_batches else None
+    n_batches = len(train_sampler) // opts.batch_size if drop_last else -(-len(train_sampler) // opts.batch_size)
     net = model
     if info.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -382,8 +383,7 @@ def fit(
         loss_sum, seen = torch.zeros((), device=device), 0
         batches = loader if loader is not None else _sampled_batches(on_device, train_sampler, opts.batch_size,
                                                                      drop_last, loader_rng)
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}", disable=not show, leave=False,
-                          total=len(loader) if loader is not None else None):
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}", disable=not show, leave=False, total=n_batches):
             x, y = _to_device(batch[0], device, opts.channels_last), batch[1].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = net(x)
@@ -398,10 +398,10 @@ def fit(
             scheduler.step()
         totals = distributed.gather_objects((float(loss_sum), seen))
         train_loss = sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals))
-        probs, targets, val_loss = predict_dataset(model, val_set if val_on_device is None else val_on_device, batch_size=opts.eval_batch_size,
-                                                   device=device, amp=opts.amp, output=output, loss_fn=loss_fn,
-                                                   channels_last=opts.channels_last, num_workers=opts.num_workers,
-                                                   device_batches=opts.device_batches)
+        probs, targets, val_loss = predict_dataset(
+            model, val_set if val_on_device is None else val_on_device, batch_size=opts.eval_batch_size,
+            device=device, amp=opts.amp, output=output, loss_fn=loss_fn, channels_last=opts.channels_last,
+            num_workers=opts.num_workers, device_batches=opts.device_batches)
         scores = dict(score_fn(targets, probs))
         if opts.monitor not in scores:
             raise CXRError(f"monitor={opts.monitor!r} is not among the validation scores {sorted(scores)}")
