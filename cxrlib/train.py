@@ -265,7 +265,7 @@ class FitOptions:
     amp: str = "auto"  # auto | bf16 | fp16 | off: see amp_dtype
     channels_last: bool = True
     num_workers: int = 0
-    device_batches: bool = True  # batches gathered and augmented on the device (images.DeviceBatches) when the set allows
+    device_batches: bool = True  # gather and augment batches on the device (images.DeviceBatches) where possible
     eval_batch_size: int = 256  # validation and test forwards: no gradients, so larger batches
     progress: bool | None = None  # None: bars on a terminal or in a notebook, off in logs
 
