@@ -8,10 +8,11 @@ Run by hand (not in CI): `python bench/bench_pretrain.py [--backbones resnet50 d
   already on the device: the model's ceiling, no data loading;
 - the evaluation forward pass (validation and test scoring);
 - the CPU input pipeline per process: images.make_transform (the training augmentation) from the
-  cached uint8 image to the normalised tensor, which the DataLoader workers run;
-- (on a GPU by default) train.fit itself, end to end, on random in-memory images: DataLoader workers,
-  transform, training steps and validation, i.e. what one epoch of `cxrlib pretrain` costs after the
-  image cache is warm.
+  cached uint8 image to the normalised tensor, which DataLoader workers run when fit cannot batch on
+  the device (FitOptions.device_batches=False);
+- (on a GPU by default) train.fit itself, end to end, on random in-memory images: batches gathered and
+  augmented on the device (images.DeviceBatches), training steps and validation, i.e. what one epoch
+  of `cxrlib pretrain` costs after the image cache is warm.
 
 It then prints the epoch time these imply for the real ChestX-ray14 (official split, 10% of the
 train_val patients for validation) on this device, and for N such devices with ideal scaling.
@@ -125,7 +126,7 @@ class InMemoryFindings(torch.utils.data.Dataset):
 
 
 def bench_fit(backbone: str, batch: int, size: int, n: int, workers: int) -> dict:
-    """End to end: train.fit itself (DataLoader workers, transform, step, validation) for two epochs of n images.
+    """End to end: train.fit itself (device batches, step, validation) for two epochs of n images.
 
     The second epoch is reported: the first also pays for cuDNN's autotuning.
     """

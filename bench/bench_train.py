@@ -65,7 +65,7 @@ def make_step(size: int, batch: int, channels_last: bool, autocast: torch.dtype 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.make_optimizer
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
 

@@ -64,6 +64,7 @@ class RunConfig:
     test_frac: float = 0.15
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp16 on older GPUs, else fp32) | bf16 | fp16 | off
     num_workers: int = 0
     run_dir: str = ""
     profile: str = "custom"
@@ -76,6 +77,7 @@ class RunConfig:
             "optimizer": (self.optimizer, ("adamw", "sgd")),
             "scheduler": (self.scheduler, ("cosine", "step", "none")),
             "split": (self.split, ("patient", "published")),
+            "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

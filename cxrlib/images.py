@@ -265,37 +265,166 @@ class ImageCache:
         return out, skipped
 
 
+# The light training augmentation, shared by the per-image (DataLoader) and the batched (device) paths:
+# what differs between two radiographs of one patient. No flips (see make_transform).
+AUGMENT = {"degrees": 5.0, "translate": 0.05, "scale": 0.05, "brightness": 0.1, "contrast": 0.1}
+
+
 def _three_channels(x: torch.Tensor) -> torch.Tensor:
     return x.expand(3, -1, -1)
 
 
-def make_transform(input_spec: str = "imagenet", train: bool = False, augment: bool = True) -> Callable:
+class ImageTransform:
+    """make_transform's result: uint8 (H, W) -> normalised float (C, H, W), one image at a time.
+
+    It carries `input_spec` and `augment` so that `DeviceBatches` can do the same to a whole batch
+    on the training device instead (one gather, one grid_sample, one normalisation per batch).
+    """
+
+    def __init__(self, input_spec: str = "imagenet", augment: bool = False):
+        if input_spec not in INPUT_SPECS:
+            raise CXRError(f"unknown input spec {input_spec!r}: choose one of {', '.join(INPUT_SPECS)}")
+        self.input_spec, self.augment = input_spec, augment
+        spec = INPUT_SPECS[input_spec]
+        steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        if augment:
+            a = AUGMENT
+            steps += [
+                v2.RandomAffine(degrees=a["degrees"], translate=(a["translate"],) * 2,
+                                scale=(1 - a["scale"], 1 + a["scale"])),
+                v2.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
+            ]
+        if spec["channels"] == 3:
+            steps.append(v2.Lambda(_three_channels))
+        steps.append(v2.Normalize(mean=list(spec["mean"]), std=list(spec["std"])))
+        self._steps = v2.Compose(steps)
+
+    def __call__(self, img: np.ndarray) -> torch.Tensor:
+        return self._steps(img)
+
+
+def make_transform(input_spec: str = "imagenet", train: bool = False, augment: bool = True) -> ImageTransform:
     """uint8 (H, W) array -> float tensor (C, H, W) normalised for `input_spec`.
 
-    Train-time augmentation is deliberately light: a small affine (+-5 degrees, 5% shift, 5% zoom)
-    and +-10% brightness/contrast, i.e. what differs between two radiographs of one patient.
+    Train-time augmentation is deliberately light (AUGMENT): a small affine (+-5 degrees, 5% shift,
+    5% zoom) and +-10% brightness/contrast, i.e. what differs between two radiographs of one patient.
     No horizontal flip: chest anatomy is not mirror-symmetric (heart on the patient's left) and
     radiographs carry side markers, so a flipped film is not a plausible input.
     """
-    if input_spec not in INPUT_SPECS:
-        raise CXRError(f"unknown input spec {input_spec!r}: choose one of {', '.join(INPUT_SPECS)}")
-    spec = INPUT_SPECS[input_spec]
-    steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if train and augment:
-        steps += [
-            v2.RandomAffine(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05)),
-            v2.ColorJitter(brightness=0.1, contrast=0.1),
-        ]
-    if spec["channels"] == 3:
-        steps.append(v2.Lambda(_three_channels))
-    steps.append(v2.Normalize(mean=list(spec["mean"]), std=list(spec["std"])))
-    return v2.Compose(steps)
+    return ImageTransform(input_spec, augment=train and augment)
 
 
 def to_batch(pixels: np.ndarray, input_spec: str = "imagenet") -> torch.Tensor:
     """uint8 images (N, H, W) -> the model's evaluation input batch (N, C, H, W)."""
     transform = make_transform(input_spec, train=False)
     return torch.stack([transform(img) for img in pixels])
+
+
+# --- the batched input path: whole splits on the training device ---------------------------------
+
+
+def augment_params(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random draws of the light augmentation for n images, on the CPU from `generator` (the run's).
+
+    angle in degrees, shift (x, y) as a fraction of the side, zoom, brightness and contrast factors,
+    each uniform within AUGMENT's bounds. Drawn on the CPU so a seed gives the same draws on any device.
+    """
+    u = torch.rand(n, 6, generator=generator, dtype=torch.float64) * 2 - 1
+    a = AUGMENT
+    return {"angle": u[:, 0] * a["degrees"], "shift": u[:, 1:3] * a["translate"], "zoom": 1 + u[:, 3] * a["scale"],
+            "brightness": 1 + u[:, 4] * a["brightness"], "contrast": 1 + u[:, 5] * a["contrast"]}
+
+
+def augment_batch(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Square images x (B, 1, H, W) in [0, 1] -> rotated, shifted, zoomed (bilinear, black outside) and
+    brightness- then contrast-jittered, as ColorJitter does (contrast blends with each image's mean).
+    One affine_grid/grid_sample for the whole batch, on x's device.
+    """
+    p = {k: v.to(x.device, torch.float32) for k, v in params.items()}
+    rad = torch.deg2rad(p["angle"])
+    cos, sin = torch.cos(rad) / p["zoom"], torch.sin(rad) / p["zoom"]
+    shift = 2 * p["shift"]  # fractions of the side in affine_grid's [-1, 1] coordinates
+    # Output point o samples the input at R^-1 (o - shift) / zoom.
+    theta = torch.stack([torch.stack([cos, sin, -(cos * shift[:, 0] + sin * shift[:, 1])], 1),
+                         torch.stack([-sin, cos, sin * shift[:, 0] - cos * shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = (x * p["brightness"].view(-1, 1, 1, 1)).clamp_(0, 1)
+    c = p["contrast"].view(-1, 1, 1, 1)
+    return (x * c + x.mean(dim=(1, 2, 3), keepdim=True) * (1 - c)).clamp_(0, 1)
+
+
+class DeviceBatches:
+    """A split held as one tensor on the training device; batches are gathered by index there.
+
+    For uint8 images with an ImageTransform, each batch is converted, augmented (augment_batch) and
+    normalised on the device, batched, with the same arithmetic as the per-image transform (so
+    without augmentation the two paths give the same numbers). Other inputs (e.g. cached features)
+    are gathered as they are. On a GPU the tensor lives in GPU memory when it takes under a quarter
+    of what is free, else in pinned host memory (copied per batch); on the CPU nothing is copied.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device | str,
+                 transform: ImageTransform | None = None):
+        self.device = torch.device(device)
+        self.transform = transform
+        self.inputs = self._place(inputs)
+        self.targets = targets.to(self.device)
+        if transform is not None:
+            spec = INPUT_SPECS[transform.input_spec]
+            self.mean, self.std = (torch.tensor(spec[k], device=self.device).view(1, -1, 1, 1) for k in ("mean", "std"))
+            self.channels = spec["channels"]
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return t.to(self.device) if t.nbytes < free // 4 else t.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, index: Sequence[int] | torch.Tensor, generator: torch.Generator | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of rows `index` on the device; augmented (draws from `generator`) if the
+        transform augments and a generator is given."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        x = self.inputs.index_select(0, index.to(self.inputs.device)).to(self.device, non_blocking=True)
+        y = self.targets.index_select(0, index.to(self.device))
+        if self.transform is None:
+            return x, y
+        x = x.unsqueeze(1).to(torch.float32).mul_(1.0 / 255)
+        if self.transform.augment and generator is not None:
+            x = augment_batch(x, augment_params(len(index), generator))
+        if self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return x.sub(self.mean).div_(self.std), y
+
+    @classmethod
+    def of(cls, dataset: torch.utils.data.Dataset, device: torch.device | str) -> "DeviceBatches | None":
+        """The batched path for `dataset`, or None when it has none (then use a DataLoader).
+
+        Supported: CXRDataset-like sets (uint8 `.images` (N, H, W), `.labels`, an ImageTransform
+        `.transform`) and TensorDatasets of (inputs, targets).
+        """
+        if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
+            return cls(*dataset.tensors, device)
+        pixels, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+        transform = getattr(dataset, "transform", None)
+        if (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3
+                and isinstance(transform, ImageTransform) and labels is not None):
+            return cls(torch.from_numpy(pixels), torch.as_tensor(labels), device, transform)
+        return None
+
+
+def warm_cache(table: pd.DataFrame, image_size: int, root: str | Path | None = None) -> dict[str, int]:
+    """Decode every image of `table` at `image_size` into the on-disk cache, once, before a run matrix.
+
+    Runs then only memory-map their pixels. Returns {"images", "decoded", "unreadable"} counts.
+    """
+    cache = ImageCache(image_size, root)
+    pixels, skipped = cache.load(table["path"].tolist())
+    return {"images": len(pixels), "decoded": cache.decoded_count, "unreadable": len(skipped)}
 
 
 class CXRDataset(torch.utils.data.Dataset):

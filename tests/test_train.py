@@ -156,7 +156,7 @@ def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp
 
     params = json.loads((run_dir / "params.json").read_text())
     n = {s: sum(params["data"]["summary"]["counts"][s].values()) for s in ("train", "val", "test")}
-    one_pass = sum(-(-n[s] // cfg.batch_size) for s in n)
+    one_pass = sum(-(-n[s] // params["training"]["eval_batch_size"]) for s in n)
     assert calls["batches"] == one_pass  # once per image, not once per epoch
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == 3 and not history.augment.any() and history.cached_features.all()
@@ -181,7 +181,7 @@ def test_fit_options_and_sampler_choices():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    assert train.amp_dtype("auto", torch.device("cpu")) is None
+    assert train.amp_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if train.cpu_has_fast_bf16() else None)
     assert train.amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
 
 
@@ -224,7 +224,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     assert info.world_size == world and info.rank == rank
     model = _tiny_cnn()
     opts = train.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
-                            patience=0, progress=False)
+                            amp="off", patience=0, progress=False)  # fp32: the comparison is to 1e-5
     result = train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, out)
     if info.is_main:
         torch.save({"state": result.best_state, "last": model.state_dict()}, Path(out) / "ddp.pt")
@@ -242,7 +242,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
 
     single = _tiny_cnn()
-    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", patience=0,
+    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp="off", patience=0,
                             progress=False)
     train.fit(single, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
 
