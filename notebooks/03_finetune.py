@@ -30,24 +30,27 @@
 # patient-disjoint test split, with patient-level bootstrap 95% intervals.
 
 # %% tags=["parameters"]
-coronahack_dir = ""
-extra_covid_dir = ""
-task = "multiclass"
-loss = "focal"
-gamma = 2.0
-alpha = ""
-backbone = "resnet50"
-weights = "none"
-image_size = 64
-epochs = 2
-batch_size = 32
-freeze = "none"
-lr = 1e-3
-seed = 0
-device = "auto"
-run_dir = ""
-run_root = "../runs/quick"
+# None = not set: the profile's default (cxrlib.config.PROFILES), else RunConfig's, applies.
 profile = "quick"
+coronahack_dir = None
+extra_covid_dir = None
+manifest = None
+task = None
+loss = None
+gamma = None
+alpha = None
+backbone = None
+weights = None
+image_size = None
+epochs = None
+batch_size = None
+freeze = None
+lr = None
+patience = None
+seed = None
+extra_covid_train = None
+device = None
+run_dir = None  # None: ../runs/<profile>/<data tag>/<run name>
 
 # %%
 import json
@@ -57,18 +60,17 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from cxrlib import RunConfig, plots
-from cxrlib.config import data_banner
-from cxrlib.train import run
+from cxrlib.config import banner_from_record
+from cxrlib.train import default_run_dir, run
 
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
-cfg.run_dir = run_dir or str(Path(run_root) / cfg.run_name())
-display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
-print(f"run folder: {cfg.run_name()}")
+print(f"run: {cfg.run_name()} ({cfg.profile} profile: {cfg.image_size} px, {cfg.epochs} epoch(s))")
 
 # %% tags=["nbval-ignore-output"]
-out = Path(run(cfg))
+out = Path(run(cfg, cfg.run_dir or default_run_dir(cfg, root="../runs")))
 
 # %%
+display(Markdown(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters
 metrics = json.loads((out / "metrics.json").read_text())
 history = pd.read_csv(out / "history.csv")
 predictions = pd.read_csv(out / "predictions.csv")
