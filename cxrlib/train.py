@@ -64,10 +64,10 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     checkpoint-last.pt of an interrupted run and ends with the same numbers as an uninterrupted one.
     Under `torchrun` every rank calls this; rank 0 alone writes.
     """
-    loaded = load_data(cfg)
-    run_dir = Path(run_dir or default_run_dir(cfg, loaded.record))
+    loaded = None if (run_dir or cfg.run_dir) else load_data(cfg)  # the default folder is named by the data
+    run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record))
     return run_folder(cfg, run_dir, lambda info: _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded),
-                      resume=resume, data_record=loaded.record)
+                      resume=resume, data_record=lambda: (loaded or load_data(cfg)).record)
 
 
 @dataclass
@@ -95,18 +95,19 @@ def default_run_dir(cfg: RunConfig, record: dict[str, Any] | None = None, root: 
 
 
 def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[distributed.DistInfo], None], *,
-               resume: bool = False, outputs: Sequence[str] = OUTPUTS, data_record: dict | None = None) -> Path:
+               resume: bool = False, outputs: Sequence[str] = OUTPUTS,
+               data_record: Callable[[], dict] | None = None) -> Path:
     """The run-folder life cycle around `work(info)`, for fine-tuning and pretraining alike.
 
-    Complete folder: check `cfg.to_dict()` (and `data_record`'s fingerprint, when given) against its
-    params.json and return it. Otherwise join
+    Complete folder: check `cfg.to_dict()` (and the fingerprint of `data_record()`, when given: data are
+    read only to check a complete folder) against its params.json and return it. Otherwise join
     the torchrun process group (if any), clear stale `outputs` unless resuming, write status
     "running", call `work`, then write "complete" last; an exception writes "failed: <reason>" and
     is re-raised. The process group is left again if this call created it.
     """
     run_dir = Path(run_dir)
     if read_status(run_dir) == "complete":
-        check_reusable(cfg, run_dir, data_record)
+        check_reusable(cfg, run_dir, data_record() if data_record else None)
         return run_dir
     owns_group = not torch.distributed.is_initialized()
     info = distributed.setup(getattr(cfg, "device", "auto"))
@@ -153,11 +154,12 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
 
 
 def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool | None,
-                        info: distributed.DistInfo, loaded: LoadedData) -> None:
+                        info: distributed.DistInfo, loaded: LoadedData | None) -> None:
     classes = list(cfg.classes)
-    report = loaded.report
-    with main_first(info):  # rank 0 fills the image cache; the others then read it
+    with main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
         seed_everything(cfg.seed)
+        loaded = loaded or load_data(cfg)
+        report = loaded.report
         table = data.split_table(loaded.table, cfg.task, seed=cfg.seed, mode=cfg.split,
                                  val_frac=cfg.val_frac, test_frac=cfg.test_frac)
         if not cfg.extra_covid_train:  # after the split: the test split stays that of the run with them
