@@ -1,5 +1,6 @@
 # The README's two commands: `make book` and `make test`. Both create .venv and install on first use.
 # Real data:  make book CORONAHACK_DIR=/path/to/coronahack EXTRA_COVID_DIR=/path/to/covid-chestxray-dataset
+#             (+ CHESTXRAY14_DIR=/path/to/ChestX-ray14 or CHEST_INIT=chexnet:PATH for the chest-X-ray arm)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,8 +9,17 @@ STAMP := $(VENV)/.installed
 PROFILE ?= quick
 CORONAHACK_DIR ?=
 EXTRA_COVID_DIR ?=
+CHESTXRAY14_DIR ?=
+CHEST_INIT ?=
+SEEDS ?=
+EXTRA_COVID_AXIS ?=
+EXECUTOR ?=
+CONCURRENT ?= 1
 RUN_ROOT ?= runs/$(PROFILE)
 DATA_ARGS := --coronahack-dir "$(CORONAHACK_DIR)" --extra-covid-dir "$(EXTRA_COVID_DIR)"
+MATRIX_ARGS := --chestxray14-dir "$(CHESTXRAY14_DIR)" --chest-init "$(CHEST_INIT)" --concurrent $(CONCURRENT) \
+  $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXTRA_COVID_AXIS),--extra-covid-axis $(EXTRA_COVID_AXIS)) \
+  $(if $(EXECUTOR),--executor $(EXECUTOR))
 CHROMIUM := /usr/bin/chromium
 
 .PHONY: install book runs notebooks test unit nbval check-book bench clean
@@ -23,10 +33,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The run matrix through papermill (skips runs already complete).
-# A failed run is kept (status file, executed notebook) and shown as failed in the results chapter.
+# The run matrix into $(RUN_ROOT)/<data tag>/ (skips runs already complete with the same parameters and data).
+# A failed run is kept (status file, executed notebook) and shown as failed in the results chapter;
+# arms that cannot run here (no ImageNet file, no real chest-X-ray init) are listed in matrix.json.
 runs: $(STAMP)
-	$(PY) -m cxrlib.runs --profile $(PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) \
+	$(PY) -m cxrlib.runs --profile $(PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) $(MATRIX_ARGS) \
 	  || echo "some runs failed: see their status files and the results chapter"
 
 # Execute the chapter notebooks for the book (from the run folder; nothing is retrained).

@@ -46,39 +46,33 @@ def _run_data(args: argparse.Namespace) -> int:
 
 # --- pretrain ------------------------------------------------------------------------------------
 def add_pretrain_parser(sub) -> None:
+    from .chestxray14 import PretrainConfig
+    from .config import PRETRAIN_PROFILES
+
     p = sub.add_parser(
         "pretrain", help="train a 14-finding ChestX-ray14 model (CheXNet-style) to fine-tune from with --weights file:",
         description="Same command in one process or under torchrun (e.g. torchrun --nproc_per_node 8 -m cxrlib "
-                    "pretrain ...): DistributedDataParallel, rank 0 writes. --batch-size is per process.",
+                    "pretrain ...): DistributedDataParallel, rank 0 writes. --batch-size is per process. "
+                    "Unset flags take --profile's value, else PretrainConfig's default.",
+        argument_default=argparse.SUPPRESS,
     )  # fmt: skip
-    p.add_argument("--chestxray14", default="", help="NIH ChestX-ray14 folder (empty: a synthetic one)")
-    p.add_argument("--backbone", default="resnet50", help="resnet50 | densenet121")
-    p.add_argument("--weights", default="imagenet", help="none | imagenet | chexnet:PATH | file:PATH")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32, help="per process; the global batch is this x processes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--optimizer", default="adamw", help="adamw | sgd")
-    p.add_argument("--scheduler", default="cosine", help="cosine | step | none")
-    p.add_argument("--patience", type=int, default=3, help="early stopping on validation mean AUROC; 0 disables")
-    p.add_argument("--class-weighted", action="store_true", help="BCE pos_weight = negatives/positives (CheXNet)")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of train_val_list.txt patients for validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off")
-    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers per process (-1: auto)")
+    p.add_argument("--profile", default="custom", choices=[*PRETRAIN_PROFILES, "custom"],
+                   help="pretraining defaults under the flags given (config.PRETRAIN_PROFILES)")
+    _add_dataclass_flags(p, PretrainConfig, {"chestxray14": ["--chestxray14"]})
     p.add_argument("--out", default="",
                    help="run folder (default runs/pretrain/chestxray14-<backbone>-<weights>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint-last.pt")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue an interrupted run from its checkpoint-last.pt")
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from .chestxray14 import PretrainConfig, pretrain
+    from .config import PRETRAIN_PROFILES, with_profile
 
     names = PretrainConfig.__dataclass_fields__
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names or k == "profile"}
+    cfg = PretrainConfig(**{k: v for k, v in with_profile(PRETRAIN_PROFILES, given).items() if k != "profile"})
     pretrain(cfg, args.out or None, resume=args.resume)
     return 0
 
@@ -97,22 +91,16 @@ def _field_help(cls) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
 
 
-def add_train_parser(sub) -> None:
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, aliases: dict[str, list[str]]) -> None:
+    """One flag per dataclass field, help from the field's comment; unset flags stay absent (SUPPRESS), so the
+    profile's defaults, then the dataclass's, apply to them."""
     import dataclasses
     import typing
 
-    from .config import RunConfig
-
-    p = sub.add_parser(
-        "train", help="fine-tune and evaluate one configuration into a run folder",
-        description="Writes DIR/model.pt, metrics.json, predictions.csv, history.csv, params.json and status. "
-                    "No data option: the synthetic default. A complete run folder is never retrained. "
-                    "The same command runs under torchrun (DistributedDataParallel; --batch-size per process).",
-        argument_default=argparse.SUPPRESS,
-    )  # fmt: skip
-    types, helps = typing.get_type_hints(RunConfig), _field_help(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        flags = [*TRAIN_ALIASES.get(f.name, []), f"--{f.name.replace('_', '-')}"]
+    types, helps = typing.get_type_hints(cls), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        flags = [*aliases.get(f.name, []), f"--{f.name.replace('_', '-')}"]
+        flags = list(dict.fromkeys(flags))
         text = f"{helps.get(f.name, '')} (default: {f.default!r})".lstrip()
         kind = types[f.name]
         if kind is bool:
@@ -121,6 +109,20 @@ def add_train_parser(sub) -> None:
             p.add_argument(*flags, dest=f.name, type=kind, metavar=f.name.upper(), help=text)
         else:  # alpha: "0.25,0.5,0.25", parsed and checked by RunConfig
             p.add_argument(*flags, dest=f.name, metavar="A,B,...", help=text)
+
+
+def add_train_parser(sub) -> None:
+    from .config import RunConfig
+
+    p = sub.add_parser(
+        "train", help="fine-tune and evaluate one configuration into a run folder",
+        description="Writes DIR/model.pt, metrics.json, predictions.csv, history.csv, params.json and status. "
+                    "No data option: the synthetic default. A complete run folder is never retrained. "
+                    "Unset flags take --profile's value (config.PROFILES), else RunConfig's default. "
+                    "The same command runs under torchrun (DistributedDataParallel; --batch-size per process).",
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    _add_dataclass_flags(p, RunConfig, TRAIN_ALIASES)
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue an interrupted run from its checkpoint-last.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -133,12 +135,11 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from .config import PROFILES, RunConfig, profile_config
+    from .config import RunConfig
     from .train import default_run_dir, read_status, run
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
-    profile = values.get("profile", "custom")
-    cfg = profile_config(values.pop("profile"), **values) if profile in PROFILES else RunConfig(**values)
+    cfg = RunConfig.from_parameters(values)
     target = default_run_dir(cfg)
     existed = read_status(target) == "complete"
     run_dir = run(cfg, target, resume=args.resume, progress=args.progress)

@@ -67,7 +67,8 @@ class RunConfig:
     amp: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp16 on older GPUs, else fp32) | bf16 | fp16 | off
     num_workers: int = 0
     run_dir: str = ""
-    profile: str = "custom"
+    profile: str = "custom"  # quick | paper | custom: the defaults under the parameters actually set
+    extra_covid_train: bool = True  # False: ieee8023-only images leave train/val after the split (same test set)
 
     def __post_init__(self) -> None:
         classes(self.task)
@@ -114,7 +115,8 @@ class RunConfig:
             weights += "-" + (path.parent.name if path.stem == "model" else path.stem)
         elif self.weights.startswith("torchxrayvision:"):
             weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
-        return f"{self.task}-{self.loss}-{self.backbone}-{weights}-s{self.seed}"
+        return f"{self.task}-{self.loss}-{self.backbone}-{weights}-s{self.seed}" + (
+            "" if self.extra_covid_train else "-noextra")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,36 +131,87 @@ class RunConfig:
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":
-        """From a notebook's namespace (papermill parameters): every RunConfig field found there, over the
-        defaults of its `profile`; other names are ignored."""
+        """From CLI flags or a notebook's namespace (papermill parameters): the defaults of `profile` first,
+        then every RunConfig field that is set (None = not set); other names are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         given = {k: v for k, v in params.items() if k in known}
-        return cls.from_dict({**PROFILES.get(given.get("profile", ""), {}), **given})
+        return cls.from_dict(with_profile(PROFILES, given))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
 # Profiles: `quick` runs on CPU in minutes on the synthetic default; `paper` is the paper's set-up.
+# Each default lives here once: RunConfig's field defaults, then the profile's values over them.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0, profile="quick"),
-    "paper": dict(image_size=224, epochs=30, batch_size=32, lr=1e-4, patience=5, profile="paper"),
+    "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
+    "paper": dict(image_size=224, epochs=30, batch_size=32, lr=1e-4, patience=5),
 }
+# ChestX-ray14 pretraining (chestxray14.PretrainConfig) under the same profile names.
+PRETRAIN_PROFILES: dict[str, dict[str, Any]] = {
+    "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
+    "paper": dict(),  # PretrainConfig's own defaults are the paper-scale set-up (224 px, 5 epochs)
+}
+# The run matrix: seeds per configuration (seeds 0..N-1).
+MATRIX_PROFILES: dict[str, dict[str, Any]] = {"quick": dict(seeds=1), "paper": dict(seeds=3)}
+
+
+def with_profile(profiles: dict[str, dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:
+    """The one precedence rule: the profile's defaults first, then the values actually set (None = not set).
+
+    `given["profile"]` names the profile; "custom" (or none) means no profile defaults.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    profile = given.get("profile", "custom")
+    if profile != "custom" and profile not in profiles:
+        raise CXRError(f"unknown profile {profile!r}: choose one of {', '.join(profiles)} or custom")
+    return {**profiles.get(profile, {}), **given}
 
 
 def profile_config(profile: str, **overrides: Any) -> RunConfig:
     """A RunConfig from a named profile plus overrides."""
-    if profile not in PROFILES:
-        raise CXRError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
-    return RunConfig.from_dict({**PROFILES[profile], **overrides})
+    return RunConfig.from_parameters({**overrides, "profile": profile})
 
 
-def data_banner(coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> str:
-    """The sentence every chapter shows first: which data its numbers come from."""
-    if not (coronahack_dir or extra_covid_dir or manifest):
+SOURCE_NAMES = {"coronahack": "CoronaHack", "ieee8023": "ieee8023 COVID-19 collection", "manifest": "manifest"}
+SYNTHETIC_TAG = "synthetic"
+
+
+def data_record(fingerprint: str, n_images: int, coronahack_dir: str = "", extra_covid_dir: str = "",
+                manifest: str = "") -> dict[str, Any]:
+    """What a run's numbers come from, as params.json keeps it: the banners and the run root's data tag
+    are made from this record, never from the parameters a notebook happens to have now."""
+    sources = {k: v for k, v in (("coronahack", coronahack_dir), ("ieee8023", extra_covid_dir),
+                                 ("manifest", manifest)) if v}
+    tag = "+".join(sources) + f"-{fingerprint[:8]}" if sources else SYNTHETIC_TAG
+    return {"synthetic": not sources, "sources": sources, "fingerprint": fingerprint, "n_images": int(n_images),
+            "tag": tag}
+
+
+def data_banner(record: dict[str, Any]) -> str:
+    """The sentence every chapter shows first: which data its numbers come from (a `data_record`)."""
+    if record["synthetic"]:
         return ("**Data: synthetic.** No data was configured, so this chapter ran on cxrlib's synthetic chest "
                 "X-rays (CoronaHack and ieee8023 layouts). Its numbers show that the code works; they say "
                 "nothing about COVID-19. Set `coronahack_dir` and `extra_covid_dir` to run it on the real data.")
-    parts = [f"{name} `{path}`" for name, path in (("CoronaHack", coronahack_dir), ("ieee8023 COVID-19 collection",
-             extra_covid_dir), ("manifest", manifest)) if path]
-    return "**Data: " + ", ".join(parts) + ".** Research use only; not a diagnostic device."
+    parts = ", ".join(f"{SOURCE_NAMES[k]} `{v}`" for k, v in record["sources"].items())
+    return (f"**Data: {parts}** ({record['n_images']} images after de-duplication, data fingerprint "
+            f"`{record['fingerprint']}`). Research use only; not a diagnostic device.")
+
+
+def banner_from_record(path: str | Path) -> str:
+    """The banner of a run folder, or of a run root (all its runs must share one data record), from what the
+    runs recorded in params.json: the data, then the profile, image size and epochs."""
+    path = Path(path)
+    folders = [path] if (path / "params.json").is_file() else sorted(p.parent for p in path.glob("*/params.json"))
+    records = [json.loads((f / "params.json").read_text()) for f in folders]
+    records = [r for r in records if "record" in r.get("data", {}) and "task" in r.get("config", {})]
+    if not records:
+        raise CXRError(f"no run folder with a data record in {path}: run `python -m cxrlib.runs` (or train) first")
+    data = {r["data"]["record"]["fingerprint"]: r["data"]["record"] for r in records}
+    if len(data) > 1:
+        raise CXRError(f"{path} mixes runs of different data ({', '.join(d['tag'] for d in data.values())}); "
+                       "give one data set's run root")
+    settings = sorted({(r["config"]["profile"], r["config"]["image_size"], r["config"]["epochs"]) for r in records})
+    runs_text = "; ".join(f"profile `{p}`, {size} px, {epochs} epoch(s)" for p, size, epochs in settings)
+    return f"{data_banner(next(iter(data.values())))}\n\n*Recorded by {len(records)} run(s): {runs_text}.*"

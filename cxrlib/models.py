@@ -248,11 +248,19 @@ def imagenet_available(backbone: str) -> bool:
     return imagenet_file(backbone).is_file()
 
 
-def _imagenet_state(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
+def fetch_imagenet(backbone: str, progress: bool = True) -> Path:
+    """The ImageNet weights file of `backbone`: from torchvision's cache, else downloaded into it through
+    torchvision's weights API (with a progress bar). Offline: CXRError saying where to put the file."""
+    if not imagenet_available(backbone):
+        _imagenet_state(backbone, progress=progress)
+    return imagenet_file(backbone)
+
+
+def _imagenet_state(backbone: str, progress: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """torchvision's ImageNet weights, from its cache or downloaded into it; offline -> where to put the file."""
     weights, expected = IMAGENET_WEIGHTS[backbone], imagenet_file(backbone)
     try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
+        state = weights.get_state_dict(progress=progress, check_hash=True)
     except (URLError, OSError) as err:
         raise CXRError(
             f"weights=imagenet: torchvision's {weights} is not in the cache and could not be downloaded ({err}). "

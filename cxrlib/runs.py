@@ -1,19 +1,31 @@
-"""The run matrix through papermill, and the book's executed chapters.
+"""The run matrix, and the book's executed chapters.
 
-`python -m cxrlib.runs --profile quick` executes notebooks/03_finetune.ipynb once per configuration
-(task x loss x init) into the run folder; `--book` then executes the other chapters into
-book/generated/, reading the run folder only (nothing is retrained to render the book).
+`python -m cxrlib.runs --profile quick` trains every configuration (task x loss x init x seed x extra-COVID)
+into runs/<profile>/<data tag>/ (through notebooks/03_finetune.ipynb with papermill, or in-process with
+`--executor inline`; `--concurrent N` worker processes), writes matrix.json (arms asked, run and not run
+with the reason and the command that would run them, wall times, hardware); `--book` then executes the
+other chapters into book/generated/ from that folder only (nothing is retrained to render the book).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+import time
+import typing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import RunConfig, profile_config
+from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
 from .results import load_runs, read_status
 
@@ -24,6 +36,9 @@ FINETUNE = "03_finetune"
 CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results")
 TASKS = ("binary", "multiclass")
 LOSSES = ("ce", "focal")
+ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper compares
+EXTRA_AXIS = {"both": (True, False), "with": (True,), "without": (False,)}
+MATRIX_FILE = "matrix.json"
 
 
 @dataclass
@@ -31,41 +46,101 @@ class RunStatus:
     name: str
     run_dir: Path
     status: str  # complete | failed: <reason> | missing
+    seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
 
 
-def pretrain_dir(run_root: Path, backbone: str = "resnet50") -> Path:
-    """Where the run matrix keeps its ChestX-ray14-pretrained backbone (the paper's "CheXNet" init)."""
-    return Path(run_root) / f"pretrain-chestxray14-{backbone}"
+@dataclass
+class Arms:
+    """Initialisations: the weight spec of each arm that runs, and for the others why not and how to run them."""
+
+    run: dict[str, str] = field(default_factory=dict)
+    not_run: dict[str, dict[str, str]] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
 
-def available_inits(run_root: Path, backbone: str = "resnet50", chestxray14: bool = True) -> list[str]:
-    """Initialisations the matrix can use here: random, ImageNet when cached, chest X-ray when pretrained."""
-    from .models import imagenet_available
+# --- where runs live -----------------------------------------------------------------------------
 
-    inits = ["none"]
+
+def data_root(run_root: str | Path, record: dict) -> Path:
+    """The run root of one data set: runs of other data (synthetic vs each real fingerprint) never mix."""
+    return Path(run_root) / record["tag"]
+
+
+def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> Path:
+    """runs/<profile>/<data tag> at the repository root: where the chapters look when given no run_root."""
+    from .train import load_data
+
+    cfg = RunConfig(coronahack_dir=coronahack_dir or "", extra_covid_dir=extra_covid_dir or "", manifest=manifest or "")
+    return data_root(ROOT / "runs" / profile, load_data(cfg).record)
+
+
+def pretrain_dir(run_root: str | Path, backbone: str = "resnet50", chestxray14_dir: str = "") -> Path:
+    """The matrix's ChestX-ray14 pretraining folder: synthetic, or one per real ChestX-ray14 folder."""
+    if not chestxray14_dir:
+        return Path(run_root) / f"pretrain-synthetic-chestxray14-{backbone}"
+    digest = hashlib.sha1(str(Path(chestxray14_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(run_root) / f"pretrain-chestxray14-{digest}-{backbone}"
+
+
+def chest_pretraining(run_root: str | Path) -> Path:
+    """The pretraining folder whose model.pt the chest-X-ray arm fine-tuned from (chapter 2 reads it)."""
+    matrix_file = Path(run_root) / MATRIX_FILE
+    record = json.loads(matrix_file.read_text()) if matrix_file.is_file() else {}
+    arms = record.get("arms", {})
+    weights = arms.get("run", {}).get("chest_xray", "")
+    if not weights.startswith("file:") or not (Path(weights[5:]).parent / "metrics.json").is_file():
+        why = arms.get("not_run", {}).get("chest_xray", {}).get("reason", f"its init is {weights or 'unknown'}")
+        raise CXRError(f"no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm in {run_root}: {why}")
+    return Path(weights[5:]).parent
+
+
+# --- the initialisations -------------------------------------------------------------------------
+
+
+def matrix_command(args: argparse.Namespace, **changes: str) -> str:
+    """The `python -m cxrlib.runs` command of `args` with some flags changed (what would run a skipped arm)."""
+    values = {**vars(args), **changes}
+    parts = ["python", "-m", "cxrlib.runs", "--profile", values["profile"]]
+    for flag in ("run_root", "coronahack_dir", "extra_covid_dir", "chestxray14_dir", "chest_init"):
+        if values.get(flag):
+            parts += [f"--{flag.replace('_', '-')}", str(values[flag])]
+    return shlex.join(parts)
+
+
+def imagenet_arm(profile: str, backbone: str) -> tuple[str | None, str]:
+    """("imagenet", "") when the weights are here (the paper profile downloads them), else (None, why)."""
+    from .models import fetch_imagenet, imagenet_available, imagenet_file
+
     if imagenet_available(backbone):
-        inits.append("imagenet")
-    if chestxray14:
-        checkpoint = pretrain_dir(run_root, backbone) / "model.pt"
-        if read_status(checkpoint.parent) == "complete":
-            inits.append(f"file:{checkpoint}")
-    return inits
+        return "imagenet", ""
+    if profile != "paper":
+        return None, (f"torchvision's ImageNet weights are not in the cache ({imagenet_file(backbone)}); the "
+                      f"{profile} profile never downloads: run the paper profile online, or put the file there")
+    try:
+        fetch_imagenet(backbone, progress=True)
+    except CXRError as err:
+        return None, str(err)
+    return "imagenet", ""
 
 
-def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", backbone: str = "resnet50") -> RunStatus:
-    """Pretrain the chest-X-ray init once: ChestX-ray14 (synthetic in the quick profile), from ImageNet when cached."""
+def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", backbone: str = "resnet50",
+                      **overrides: Any) -> RunStatus:
+    """Pretrain the chest-X-ray init once on ChestX-ray14 (real, or synthetic for synthetic data), from ImageNet
+    when cached, with the profile's pretraining settings."""
     from .chestxray14 import PretrainConfig, pretrain
     from .models import imagenet_available
 
-    out = pretrain_dir(run_root, backbone)
+    out = pretrain_dir(run_root, backbone, chestxray14_dir)
     if read_status(out) != "complete":
-        settings = {"quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3)}.get(profile, {})
         weights = "imagenet" if imagenet_available(backbone) else "none"
-        cfg = PretrainConfig(chestxray14=chestxray14_dir, backbone=backbone, weights=weights, **settings)
+        names = {f.name for f in dataclasses.fields(PretrainConfig)}
+        given = {"chestxray14": chestxray14_dir, "backbone": backbone, "weights": weights, "profile": profile,
+                 **{k: v for k, v in overrides.items() if k in names}}
+        cfg = PretrainConfig(**{k: v for k, v in with_profile(PRETRAIN_PROFILES, given).items() if k != "profile"})
         try:
             pretrain(cfg, out, progress=False)
         except Exception as err:  # kept as the folder's status; the matrix goes on without this init
@@ -73,16 +148,64 @@ def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", b
     return RunStatus(out.name, out, read_status(out))
 
 
-def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
-           tasks=TASKS, losses=LOSSES, **overrides) -> list[RunConfig]:
-    """One RunConfig per task x loss x init, with run_dir inside run_root."""
+def resolve_arms(args: argparse.Namespace, root: Path, synthetic: bool, overrides: dict[str, Any],
+                 backbone: str = "resnet50") -> Arms:
+    """The weight spec of each asked arm, or why it cannot run here and the command that would run it.
+
+    The chest-X-ray arm uses --chest-init as given, else pretrains on --chestxray14-dir, else (synthetic
+    data only) on a synthetic ChestX-ray14. Real data with neither is not run: a synthetic pretraining
+    must never be called a chest-X-ray init of a real-data result.
+    """
+    from .train import init_quality
+
+    arms = Arms()
+    for arm in args.arms.split(","):
+        if arm not in ARMS:
+            raise CXRError(f"--arms: unknown arm {arm!r}: choose from {', '.join(ARMS)}")
+        weights, why, command = None, "", ""
+        if arm == "random":
+            weights = "none"
+        elif arm == "imagenet":
+            weights, why = imagenet_arm(args.profile, backbone)
+            command = matrix_command(args, profile="paper") + "   # online; or copy the file as said"
+        elif args.chest_init:
+            weights = args.chest_init
+        elif args.chestxray14_dir or synthetic:
+            done = ensure_pretrained(root, args.profile, args.chestxray14_dir, backbone, **overrides)
+            weights = f"file:{done.run_dir / 'model.pt'}" if done.complete else None
+            why = f"ChestX-ray14 pretraining did not complete ({done.run_dir}: {done.status})"
+            command = matrix_command(args)
+        else:
+            why = ("real fine-tuning data, but neither real ChestX-ray14 (--chestxray14-dir) nor a ready chest-X-ray "
+                   "init (--chest-init) was given; pretraining on synthetic images would not be a chest-X-ray init")
+            command = (matrix_command(args, chestxray14_dir="PATH/TO/ChestX-ray14") + "   # or --chest-init "
+                       "chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH (make: CHESTXRAY14_DIR=, CHEST_INIT=)")
+        if weights is None:
+            arms.not_run[arm] = {"reason": why, "command": command}
+            print(f"arm {arm} not run: {why}", file=sys.stderr)
+        else:
+            arms.run[arm] = weights
+            arms.quality[arm] = init_quality(weights)
+    return arms
+
+
+# --- the matrix ----------------------------------------------------------------------------------
+
+
+def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str], tasks=TASKS, losses=LOSSES,
+           seeds: int | None = None, extra_covid_train: tuple[bool, ...] = (True,), **overrides) -> list[RunConfig]:
+    """One RunConfig per extra-COVID value x seed x task x loss x init, each with its run_dir in run_root."""
+    n_seeds = seeds or MATRIX_PROFILES[profile]["seeds"]
     configs = []
-    for task in tasks:
-        for loss in losses:
-            for weights in inits:
-                cfg = profile_config(profile, task=task, loss=loss, weights=weights, **data, **overrides)
-                cfg.run_dir = str(Path(run_root) / cfg.run_name())
-                configs.append(cfg)
+    for extra in extra_covid_train:
+        for seed in range(n_seeds):
+            for task in tasks:
+                for loss in losses:
+                    for weights in inits:
+                        cfg = profile_config(profile, **{**overrides, **data}, task=task, loss=loss, weights=weights,
+                                             seed=seed, extra_covid_train=extra)
+                        cfg.run_dir = str(Path(run_root) / cfg.run_name())
+                        configs.append(cfg)
     return configs
 
 
@@ -111,76 +234,196 @@ def notebook_parameters(cfg: RunConfig) -> dict:
     return {k: v for k, v in values.items() if k in declared}
 
 
-def execute_run(cfg: RunConfig) -> RunStatus:
-    """Train and evaluate one configuration through the 03_finetune notebook; failures are kept."""
-    run_dir = Path(cfg.run_dir)
+def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict | None = None) -> RunStatus:
+    """Train and evaluate one configuration (03_finetune through papermill, or train.run in-process); failures
+    are kept in the folder. A complete folder is reused only if its parameters and data match."""
+    from . import train
+
+    run_dir, start = Path(cfg.run_dir), time.monotonic()
     if read_status(run_dir) == "complete":
+        try:
+            train.check_reusable(cfg, run_dir, data_record)
+        except CXRError as err:
+            return RunStatus(run_dir.name, run_dir, f"failed: not reused: {err}")
         return RunStatus(run_dir.name, run_dir, "complete")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")  # what was asked for, so a run that fails early is still listed
     try:
-        execute_notebook(FINETUNE, run_dir / "notebook.ipynb", notebook_parameters(cfg))
-    except Exception as err:  # papermill re-raises the notebook's error; keep it as the run's status
+        if executor == "inline":
+            train.run(cfg, run_dir, progress=False)
+        else:
+            execute_notebook(FINETUNE, run_dir / "notebook.ipynb", notebook_parameters(cfg))
+    except Exception as err:  # the notebook's (or run's) error; keep it as the run's status
         reason = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        if read_status(run_dir) in ("missing", "complete"):
+        if read_status(run_dir) in ("missing", "complete", "running"):
             (run_dir / "status").write_text(reason + "\n")
-    return RunStatus(run_dir.name, run_dir, read_status(run_dir))
+    return RunStatus(run_dir.name, run_dir, read_status(run_dir), time.monotonic() - start)
+
+
+def _worker_init(threads: int) -> None:
+    """A matrix worker process: its share of the CPU threads (the GPU, if any, is shared)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def warm_cache(table_paths: list[str], image_sizes: set[int]) -> None:
+    """Decode every image once per size before the workers start, so they only read the cache."""
+    from .images import ImageCache
+
+    for size in sorted(image_sizes):
+        ImageCache(size).load(table_paths)
+
+
+def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_record: dict,
+                table_paths: list[str]) -> list[RunStatus]:
+    """Run the configurations one by one, or in `concurrent` spawned worker processes taking them in turn;
+    results come back in the order of `configs` and do not depend on `concurrent`."""
+    def show(result: RunStatus) -> RunStatus:
+        print(f"{result.status:>10}  {result.name}  ({result.seconds:.0f} s)", flush=True)
+        return result
+
+    if concurrent <= 1:
+        return [show(execute_run(cfg, executor, data_record)) for cfg in configs]
+    warm_cache(table_paths, {cfg.image_size for cfg in configs})
+    threads = max(1, (os.cpu_count() or 1) // concurrent)
+    with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(execute_run, cfg, executor, data_record) for cfg in configs]
+        return [show(f.result()) for f in futures]
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set NAME=VALUE` pairs as RunConfig values of the field's type (e.g. image_size=32 epochs=1)."""
+    types = typing.get_type_hints(RunConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise CXRError(f"--set {item!r}: use NAME=VALUE with NAME a RunConfig field")
+        kind = types[name]
+        if kind is bool:
+            out[name] = text.lower() in ("1", "true", "yes")
+        else:
+            out[name] = kind(text) if kind in (int, float, str) else text
+    return out
 
 
 def featured_run(run_root: Path) -> Path | None:
-    """The run chapter 3 shows: 3-class, focal loss, preferring the chest-X-ray init as in the paper."""
+    """The run chapter 3 shows: 3-class, focal loss, with the extra COVID images, preferring the chest-X-ray init
+    as in the paper."""
     runs = load_runs(run_root)
     if runs.empty:
         return None
-    done = runs[runs.status == "complete"]
-    for prefer in (lambda r: r.weights.str.startswith("file:"), lambda r: r.weights == "imagenet", lambda r: r.weights == "none"):
+    done = runs[(runs.status == "complete") & ~runs.run.str.endswith("-noextra")]
+    for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
+                   lambda r: r.weights == "none"):
         pick = done[(done.task == "multiclass") & (done.loss == "focal") & prefer(done)]
         if not pick.empty:
             return Path(pick.iloc[0].run_dir)
     return Path(done.iloc[0].run_dir) if not done.empty else None
 
 
-def build_book_notebooks(run_root: Path, data: dict[str, str], profile: str) -> None:
-    """Execute the chapters into book/generated/ from the run folder; chapter 3 is the featured run."""
-    featured = featured_run(run_root)
+def build_book_notebooks(root: Path, data: dict[str, str], profile: str) -> None:
+    """Execute the chapters into book/generated/ from one data set's run root; chapter 3 is the featured run."""
+    featured = featured_run(root)
     if featured is None:
-        raise CXRError(f"no complete run in {run_root}: run `python -m cxrlib.runs --profile {profile}` first")
+        raise CXRError(f"no complete run in {root}: run `python -m cxrlib.runs --profile {profile}` first")
     GENERATED.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(featured / "notebook.ipynb", GENERATED / f"{FINETUNE}.ipynb")
-    parameters = {**data, "run_root": str(run_root), "run_dir": str(featured), "profile": profile}
+    if (featured / "notebook.ipynb").is_file():
+        shutil.copyfile(featured / "notebook.ipynb", GENERATED / f"{FINETUNE}.ipynb")
+    else:  # an inline run: the notebook reads the complete folder (nothing is retrained)
+        saved = json.loads((featured / "params.json").read_text())["config"]
+        cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k in RunConfig.__dataclass_fields__})
+        execute_notebook(FINETUNE, GENERATED / f"{FINETUNE}.ipynb", {**notebook_parameters(cfg),
+                                                                      "run_dir": str(featured)})
+    parameters = {**data, "run_root": str(root), "run_dir": str(featured), "profile": profile}
     for name in CHAPTERS:
         print(f"executing {name} ...", flush=True)
         execute_notebook(name, GENERATED / f"{name}.ipynb", parameters)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxrlib.runs", description=__doc__)
-    parser.add_argument("--profile", default="quick", choices=["quick", "paper"])
-    parser.add_argument("--run-root", default="")
-    parser.add_argument("--coronahack-dir", default="")
-    parser.add_argument("--extra-covid-dir", default="")
-    parser.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 for the chest-X-ray init")
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--inits", default="", help="comma-separated weight specs (default: all available)")
-    parser.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
-    args = parser.parse_args(argv)
-    run_root = Path(args.run_root or ROOT / "runs" / args.profile).resolve()
-    data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
+def hardware() -> str:
+    """The matrix's machine, as params.json describes devices (no host name)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, {os.cpu_count()} CPU cores"
+    return f"cpu: {os.cpu_count()} cores"
+
+
+def default_executor() -> str:
+    """papermill where it is installed (the book's notebooks are the record), else in-process."""
     try:
+        import papermill  # noqa: F401
+    except ImportError:
+        return "inline"
+    return "papermill"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cxrlib.runs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    p.add_argument("--run-root", default="", help="default: runs/<profile>; runs go to RUN_ROOT/<data tag>/")
+    p.add_argument("--coronahack-dir", default="")
+    p.add_argument("--extra-covid-dir", default="")
+    p.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 to pretrain the chest-X-ray arm on")
+    p.add_argument("--chest-init", default="",
+                   help="a ready chest-X-ray init: chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--losses", default=",".join(LOSSES))
+    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for: " + ", ".join(ARMS))
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds 0..N-1 per configuration (default: " +
+                        ", ".join(f"{k} {v['seeds']}" for k, v in MATRIX_PROFILES.items()) + ")")
+    p.add_argument("--extra-covid-axis", choices=list(EXTRA_AXIS), default=None,
+                   help="train with/without the ieee8023-only images (same test set); default both when "
+                        "--extra-covid-dir is given, else with")
+    p.add_argument("--executor", choices=["papermill", "inline"], default=None,
+                   help="papermill (03_finetune per run) or inline (train.run in-process); default papermill if installed")
+    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads and GPU)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                   help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
+                        "same-named pretraining settings follow it")
+    p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import load_data
+
+    args = build_parser().parse_args(argv)
+    data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
+    started = time.monotonic()
+    try:
+        overrides = parse_settings(args.settings)
+        loaded = load_data(RunConfig(**data))
+        root = data_root(Path(args.run_root or ROOT / "runs" / args.profile).resolve(), loaded.record)
         if args.book:
-            build_book_notebooks(run_root, data, args.profile)
+            build_book_notebooks(root, data, args.profile)
             return 0
-        if not args.inits:
-            ensure_pretrained(run_root, args.profile, args.chestxray14_dir)
-        inits = args.inits.split(",") if args.inits else available_inits(run_root)
-        configs = matrix(args.profile, run_root, data, inits, args.tasks.split(","), args.losses.split(","))
-        failed = 0
-        for cfg in configs:
-            result = execute_run(cfg)
-            failed += not result.complete
-            print(f"{result.status:>10}  {result.name}", flush=True)
-        print(f"{len(configs) - failed} complete, {failed} failed, in {run_root}")
+        root.mkdir(parents=True, exist_ok=True)
+        arms = resolve_arms(args, root, loaded.record["synthetic"], overrides)
+        axis = args.extra_covid_axis or ("both" if args.extra_covid_dir else "with")
+        executor = args.executor or default_executor()
+        configs = matrix(args.profile, root, data, list(arms.run.values()), args.tasks.split(","),
+                         args.losses.split(","), args.seeds, EXTRA_AXIS[axis], **overrides)
+        print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
+        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist())
+        failed = sum(not r.complete for r in results)
+        record = {
+            "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
+            "hardware": hardware(), "wall_seconds": time.monotonic() - started,
+            "arms": {"asked": args.arms.split(","), "run": arms.run, "init_quality": arms.quality,
+                     "not_run": arms.not_run},
+            "axes": {"tasks": args.tasks.split(","), "losses": args.losses.split(","),
+                     "seeds": sorted({c.seed for c in configs}), "extra_covid_train": list(EXTRA_AXIS[axis])},
+            "settings": overrides,
+            "runs": [{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results],
+        }
+        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))
+        print(f"{len(configs) - failed} complete, {failed} failed, in {root} (see {MATRIX_FILE})")
         return 1 if failed else 0
     except CXRError as err:
         print(f"cxrlib.runs: error: {err}", file=sys.stderr)

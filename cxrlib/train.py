@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from . import data, distributed, images, losses, metrics, models
-from .config import RunConfig, classes as task_classes
+from .config import RunConfig, classes as task_classes, data_record
 from .errors import CXRError
 from .results import read_status
 
@@ -62,32 +62,54 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     """Train, evaluate and write the run folder of `cfg`; a complete folder is returned untouched.
 
     The book must never retrain what exists, so a folder whose status is "complete" is only checked
-    (same parameters) and returned. `resume=True` continues from checkpoint-last.pt of an interrupted
-    run and ends with the same numbers as an uninterrupted one. Under `torchrun` every rank calls
-    this; rank 0 alone writes.
+    (same parameters, same data fingerprint) and returned. `resume=True` continues from
+    checkpoint-last.pt of an interrupted run and ends with the same numbers as an uninterrupted one.
+    Under `torchrun` every rank calls this; rank 0 alone writes.
     """
-    run_dir = Path(run_dir or default_run_dir(cfg))
-    return run_folder(cfg, run_dir, lambda info: _train_and_evaluate(cfg, run_dir, resume, progress, info),
-                      resume=resume)
+    loaded = None if (run_dir or cfg.run_dir) else load_data(cfg)  # the default folder is named by the data
+    run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record))
+    return run_folder(cfg, run_dir, lambda info: _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded),
+                      resume=resume, data_record=lambda: (loaded or load_data(cfg)).record)
 
 
-def default_run_dir(cfg: RunConfig) -> Path:
-    """cfg.run_dir, else runs/<profile>/<task>-<loss>-<backbone>-<weights>-s<seed>."""
-    return Path(cfg.run_dir or Path("runs") / cfg.profile / cfg.run_name())
+@dataclass
+class LoadedData:
+    """The table a run reads (before its split), the reader's report, and its `config.data_record`."""
+
+    table: pd.DataFrame
+    report: data.ReadReport
+    record: dict[str, Any]
+
+
+def load_data(cfg: RunConfig) -> LoadedData:
+    """Read the run's data once: its fingerprint is part of the run's identity (folder reuse, data tag)."""
+    table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest)
+    record = data_record(data.data_fingerprint(table), len(table), cfg.coronahack_dir, cfg.extra_covid_dir,
+                         cfg.manifest)
+    return LoadedData(table, report, record)
+
+
+def default_run_dir(cfg: RunConfig, record: dict[str, Any] | None = None, root: str | Path = "runs") -> Path:
+    """cfg.run_dir, else <root>/<profile>/<data tag>/<run name>: runs of other data never share a folder."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(root) / cfg.profile / (record or load_data(cfg).record)["tag"] / cfg.run_name()
 
 
 def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[distributed.DistInfo], None], *,
-               resume: bool = False, outputs: Sequence[str] = OUTPUTS) -> Path:
+               resume: bool = False, outputs: Sequence[str] = OUTPUTS,
+               data_record: Callable[[], dict] | None = None) -> Path:
     """The run-folder life cycle around `work(info)`, for fine-tuning and pretraining alike.
 
-    Complete folder: check `cfg.to_dict()` against its params.json and return it. Otherwise join
+    Complete folder: check `cfg.to_dict()` (and the fingerprint of `data_record()`, when given: data are
+    read only to check a complete folder) against its params.json and return it. Otherwise join
     the torchrun process group (if any), clear stale `outputs` unless resuming, write status
     "running", call `work`, then write "complete" last; an exception writes "failed: <reason>" and
     is re-raised. The process group is left again if this call created it.
     """
     run_dir = Path(run_dir)
     if read_status(run_dir) == "complete":
-        _check_same_params(cfg, run_dir)
+        check_reusable(cfg, run_dir, data_record() if data_record else None)
         return run_dir
     owns_group = not torch.distributed.is_initialized()
     info = distributed.setup(getattr(cfg, "device", "auto"))
@@ -115,28 +137,35 @@ def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[distributed.DistIn
     return run_dir
 
 
-def _check_same_params(cfg: RunConfig, run_dir: Path) -> None:
-    """A complete folder made with other parameters is an error, not a silent substitute."""
+def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> None:
+    """A complete folder made with other parameters or other data is an error, not a silent substitute."""
     params_file = run_dir / "params.json"
     if not params_file.is_file():
         return
-    saved = json.loads(params_file.read_text()).get("config", {})
-    wanted = cfg.to_dict()
+    params = json.loads(params_file.read_text())
+    saved, wanted = params.get("config", {}), cfg.to_dict()
     diff = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in wanted
             if k not in NOT_IDENTITY and k in saved and saved[k] != wanted[k]]
+    if data_record is not None:
+        had = params.get("data", {}).get("record", {}).get("fingerprint")
+        if had != data_record["fingerprint"]:
+            diff.append(f"data fingerprint: {had!r} there, {data_record['fingerprint']!r} ({data_record['tag']}) asked")
     if diff:
         raise CXRError(f"{run_dir} is a complete run with other parameters ({'; '.join(diff)}); "
                        "choose another run_dir or delete that folder to retrain")
 
 
 def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool | None,
-                        info: distributed.DistInfo) -> None:
+                        info: distributed.DistInfo, loaded: LoadedData | None) -> None:
     classes = list(cfg.classes)
     with main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
         seed_everything(cfg.seed)
-        table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest)
-        table = data.split_table(table, cfg.task, seed=cfg.seed, mode=cfg.split,
+        loaded = loaded or load_data(cfg)
+        report = loaded.report
+        table = data.split_table(loaded.table, cfg.task, seed=cfg.seed, mode=cfg.split,
                                  val_frac=cfg.val_frac, test_frac=cfg.test_frac)
+        if not cfg.extra_covid_train:  # after the split: the test split stays that of the run with them
+            table = table[~(table["source"].eq("ieee8023") & table["split"].isin(["train", "val"]))]
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
         cache = images.ImageCache(cfg.image_size)
         eval_tf = images.make_transform(model.input_spec, train=False)
@@ -163,10 +192,11 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
         metrics.save_metrics({
             "config": cfg.to_dict(),
             "run_dir": str(run_dir),
-            "data": {"fingerprint": fingerprint, "summary": data.summarize(table, report),
+            "data": {"fingerprint": fingerprint, "record": loaded.record, "summary": data.summarize(table, report),
                      "unreadable": {s: [f"{p}: {why}" for p, why in ds.skipped] for s, ds in sets.items()},
                      "train_class_counts": dict(zip(classes, counts.tolist()))},
-            "model": {"weights_source": load_report.source, "loaded_tensors": len(load_report.loaded),
+            "model": {"weights_source": load_report.source, "init_quality": init_quality(cfg.weights),
+                      "loaded_tensors": len(load_report.loaded),
                       "reinitialised": load_report.reinitialised[:20], "notes": load_report.notes,
                       "input_spec": model.input_spec, "parameters": total, "trainable_parameters": trainable},
             "training": {"augment": augment, "cached_backbone_features": cached_features,
@@ -217,6 +247,24 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
     checkpoint["threshold"] = threshold  # evaluate() applies the same operating point to other data
     save_atomic(checkpoint, run_dir / BEST)
     (run_dir / LAST).unlink(missing_ok=True)  # the run is complete: no more resuming
+
+
+def init_quality(weights: str) -> dict[str, Any] | None:
+    """How good a pretrained init is by its own measure, kept beside the fine-tuned results: a cxrlib
+    pretraining folder's validation and test mean AUROC (and whether its data were synthetic), else the source."""
+    kind, _, rest = weights.partition(":")
+    if kind == "none":
+        return None
+    if kind == "imagenet":
+        return {"source": "torchvision ImageNet-1k weights"}
+    folder = Path(rest).parent
+    if kind == "file" and (folder / "metrics.json").is_file():
+        m = json.loads((folder / "metrics.json").read_text())
+        pre = json.loads((folder / "params.json").read_text()) if (folder / "params.json").is_file() else {}
+        return {"source": f"cxrlib ChestX-ray14 pretraining ({folder})",
+                "synthetic_chestxray14": pre.get("data", {}).get("synthetic"),
+                "val_mean_auroc": m.get("val", {}).get("mean"), "test_mean_auroc": m.get("mean_auroc")}
+    return {"source": weights, "quality": "not measured here (published or user-supplied weights)"}
 
 
 def _choose_threshold(pred_val: pd.DataFrame) -> tuple[float | None, str]:

@@ -26,14 +26,13 @@
 # and shows the confound: the sources differ in ways a classifier can see without looking at lungs.
 
 # %% tags=["parameters"]
-coronahack_dir = ""
-extra_covid_dir = ""
-task = "multiclass"
-seed = 0
-image_size = 64
-run_root = "../runs/quick"
-run_dir = ""
+# None = not set: the profile's default (cxrlib.config.PROFILES), else RunConfig's, applies.
 profile = "quick"
+coronahack_dir = None
+extra_covid_dir = None
+task = None
+seed = None
+image_size = None
 
 # %% tags=["hide-input"]
 import numpy as np
@@ -41,12 +40,15 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from cxrlib import audit, data, plots
-from cxrlib.config import classes, data_banner
+from cxrlib import RunConfig, audit, data, plots
+from cxrlib.config import classes, data_banner, data_record
 from cxrlib.images import ImageCache
 
-display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
+cfg = RunConfig.from_parameters(globals())
+coronahack_dir, extra_covid_dir, task, seed, image_size = (cfg.coronahack_dir, cfg.extra_covid_dir, cfg.task,
+                                                           cfg.seed, cfg.image_size)
 table, report = data.load_table(coronahack_dir, extra_covid_dir)
+display(Markdown(data_banner(data_record(data.data_fingerprint(table), len(table), coronahack_dir, extra_covid_dir))))
 table = data.split_table(table, task, seed=seed)
 summary = data.summarize(table, report)
 assert not summary["leakage"]

@@ -35,12 +35,11 @@
 # synthetic default, a synthetic ChestX-ray14 in the NIH layout), so the whole path is executable.
 
 # %% tags=["parameters"]
-run_root = "../runs/quick"
-backbone = "resnet50"
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-run_dir = ""
+run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+backbone = "resnet50"
 
 # %% tags=["hide-input"]
 import json
@@ -52,13 +51,16 @@ from IPython.display import Markdown, display
 
 from cxrlib import plots, results
 from cxrlib.models import build_model, count_parameters, transfer_check
-from cxrlib.runs import pretrain_dir
+from cxrlib.config import banner_from_record
+from cxrlib.runs import chest_pretraining, default_run_root
 
-pretrained = pretrain_dir(Path(run_root), backbone)
+run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+display(Markdown(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
+pretrained = chest_pretraining(run_root)
 params = json.loads((pretrained / "params.json").read_text())
 pre_metrics = json.loads((pretrained / "metrics.json").read_text())
 display(Markdown(
-    f"**Pretraining data: {'synthetic ChestX-ray14 (NIH layout)' if params['data']['synthetic'] else params['data']['root']}**, "
+    f"**Pretraining: {'synthetic ChestX-ray14 pretraining (NIH layout)' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
     f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
     f"initialised from `{params['config']['weights']}`."))
 

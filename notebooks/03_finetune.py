@@ -30,24 +30,28 @@
 # patient-disjoint test split, with patient-level bootstrap 95% intervals.
 
 # %% tags=["parameters"]
-coronahack_dir = ""
-extra_covid_dir = ""
-task = "multiclass"
-loss = "focal"
-gamma = 2.0
-alpha = ""
-backbone = "resnet50"
-weights = "none"
-image_size = 64
-epochs = 2
-batch_size = 32
-freeze = "none"
-lr = 1e-3
-seed = 0
-device = "auto"
-run_dir = ""
-run_root = "../runs/quick"
+# None = not set: the profile's default (cxrlib.config.PROFILES), else RunConfig's, applies.
 profile = "quick"
+coronahack_dir = None
+extra_covid_dir = None
+manifest = None
+task = None
+loss = None
+gamma = None
+alpha = None
+backbone = None
+weights = None
+image_size = None
+epochs = None
+batch_size = None
+freeze = None
+lr = None
+patience = None
+seed = None
+extra_covid_train = None
+amp = None
+device = None
+run_dir = None  # None: ../runs/<profile>/<data tag>/<run name>
 
 # %% tags=["hide-input"]
 import json
@@ -56,24 +60,22 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cxrlib import RunConfig, plots
-from cxrlib.config import data_banner
-from cxrlib.train import run
+from cxrlib import RunConfig, book, plots
+from cxrlib.config import banner_from_record
+from cxrlib.train import default_run_dir, run
 
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
-cfg.run_dir = run_dir or str(Path(run_root) / cfg.run_name())
-display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
-print(f"run folder: {cfg.run_name()}")
 
-# %% tags=["nbval-ignore-output", "hide-input"]
-out = Path(run(cfg))
+# %% tags=["nbval-ignore-output", "remove-cell"]
+out = Path(run(cfg, cfg.run_dir or default_run_dir(cfg, root="../runs")))
 
 # %% tags=["hide-input"]
+display(book.banner(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters
 metrics = json.loads((out / "metrics.json").read_text())
 history = pd.read_csv(out / "history.csv")
 predictions = pd.read_csv(out / "predictions.csv")
 classes = list(cfg.classes)
-assert (out / "model.pt").is_file() and (out / "status").read_text().strip() == "complete"
+assert (out / "status").read_text().strip() == "complete"
 assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
 assert set(predictions.split) == {"test"} and len(predictions) == sum(metrics["per_class"][c]["support"] for c in classes)
 

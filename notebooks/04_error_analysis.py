@@ -37,12 +37,12 @@
 # region: an estimate, not a segmentation.
 
 # %% tags=["parameters"]
-run_dir = ""
-run_root = "../runs/quick"
+profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
+run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+run_dir = ""  # empty: the 3-class run of run_root shown in the fine-tuning chapter
 external_manifest = ""
-profile = "quick"
 n_cam = 12
 seed = 0
 
@@ -55,19 +55,21 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from cxrlib import audit, data, explain, plots
-from cxrlib.config import data_banner
+from cxrlib.config import banner_from_record
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.results import load_runs
+from cxrlib.runs import default_run_root
 from cxrlib.train import evaluate, load_model
 
 if not run_dir:  # default: the 3-class focal-loss run of the run folder
-    runs = load_runs(run_root)
+    runs = load_runs(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
     run_dir = runs[(runs.status == "complete") & (runs.task == "multiclass")].sort_values("loss").run_dir.iloc[-1]
 run_dir = Path(run_dir)
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
 predictions = pd.read_csv(run_dir / "predictions.csv")
-display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
+display(Markdown(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
+coronahack_dir, extra_covid_dir = meta["config"]["coronahack_dir"], meta["config"]["extra_covid_dir"]  # the run's data
 print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images)")
 
 # %% [markdown]

@@ -36,19 +36,20 @@
 # stay meaningful at 0 % and 100 %.
 
 # %% tags=["parameters"]
-run_root = "../runs/quick"
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-run_dir = ""
+run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
 
 # %%
 from IPython.display import Markdown, display
 
 from cxrlib import plots, results
-from cxrlib.config import data_banner
+from cxrlib.config import banner_from_record
+from cxrlib.runs import default_run_root
 
-display(Markdown(data_banner(coronahack_dir, extra_covid_dir)))
+run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+display(Markdown(banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
 runs = results.load_runs(run_root)
 assert not runs.empty, f"no runs in {run_root}: run `python -m cxrlib.runs --profile {profile}` first"
 complete = runs[runs.status == "complete"]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
+import http.server
 import json
+import threading
+from pathlib import Path
 
 import pytest
+import torch
 
-from cxrlib import results, runs
+from cxrlib import models, results, runs, train
 from cxrlib.config import profile_config
+from cxrlib.errors import CXRError
 
 
 def test_matrix_is_task_x_loss_x_init(tmp_path):
@@ -35,3 +43,128 @@ def test_a_failed_run_is_kept_and_listed(tmp_path):
     listed = results.load_runs(tmp_path)
     assert list(listed.status) == [result.status]
     assert results.paper_table(listed, cfg.task).status.iloc[0] == result.status
+
+
+def test_a_complete_run_of_other_data_is_not_reused(tmp_path, one_thread):
+    from test_train import tiny_config, tiny_manifest
+
+    first = tiny_config(tiny_manifest(tmp_path / "a", per_class=6, seed=0), tmp_path / "run", epochs=1)
+    out = train.run(first, progress=False)
+    recorded = json.loads((out / "params.json").read_text())["data"]["record"]
+    assert recorded == train.load_data(first).record and recorded["tag"].startswith("manifest-")
+    other = dataclasses.replace(first, manifest=str(tiny_manifest(tmp_path / "b", per_class=6, seed=1)))
+    with pytest.raises(CXRError, match="data fingerprint"):
+        train.run(other, progress=False)  # same folder, other data: refused, never relabelled
+    assert runs.execute_run(other, "inline", train.load_data(other).record).status.startswith("failed: not reused")
+    first.run_dir = other.run_dir = ""
+    assert train.default_run_dir(first) != train.default_run_dir(other)  # by default each data set has its folder
+
+
+def test_matrix_axes_seeds_and_extra_covid(tmp_path):
+    data = {"coronahack_dir": "C", "extra_covid_dir": "E"}
+    configs = runs.matrix("paper", tmp_path, data, ["none"], ["binary"], ["ce"], extra_covid_train=(True, False))
+    assert [(c.seed, c.extra_covid_train) for c in configs] == [(s, e) for e in (True, False) for s in range(3)]
+    assert configs[3].run_name().endswith("-s0-noextra") and configs[0].run_name().endswith("-s0")
+    assert len(runs.matrix("quick", tmp_path, data, ["none"], ["binary"], ["ce"], seeds=2)) == 2
+
+
+# --- the initialisations (arms) -------------------------------------------------------------------------
+
+
+def _args(**values) -> argparse.Namespace:
+    return runs.build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in values.items()])
+
+
+def test_real_data_without_a_chest_init_does_not_run_that_arm(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "ensure_pretrained", lambda *a, **k: pytest.fail("must not pretrain on synthetic"))
+    arms = runs.resolve_arms(_args(arms="random,chest_xray", coronahack_dir="/c"), tmp_path, False, {})
+    assert arms.run == {"random": "none"}
+    why = arms.not_run["chest_xray"]
+    assert "--chestxray14-dir" in why["command"] and "--coronahack-dir /c" in why["command"]
+    assert "synthetic" in why["reason"]
+
+
+def test_chest_arm_uses_the_given_init_or_the_synthetic_pretraining(tmp_path, monkeypatch):
+    arms = runs.resolve_arms(_args(arms="chest_xray", coronahack_dir="/c", chest_init="chexnet:/w.pth"), tmp_path,
+                             False, {})
+    assert arms.run == {"chest_xray": "chexnet:/w.pth"} and "not measured" in arms.quality["chest_xray"]["quality"]
+    pre = runs.pretrain_dir(tmp_path)
+    pre.mkdir()
+    (pre / "status").write_text("complete\n")
+    (pre / "metrics.json").write_text(json.dumps({"mean_auroc": 0.61, "val": {"mean": 0.63}}))
+    (pre / "params.json").write_text(json.dumps({"data": {"synthetic": True}}))
+    monkeypatch.setattr(runs, "ensure_pretrained", lambda root, *a, **k: runs.RunStatus(pre.name, pre, "complete"))
+    arms = runs.resolve_arms(_args(arms="chest_xray"), tmp_path, True, {})
+    assert arms.run == {"chest_xray": f"file:{pre / 'model.pt'}"} and "synthetic" in pre.name
+    assert arms.quality["chest_xray"]["val_mean_auroc"] == 0.63 and arms.quality["chest_xray"]["synthetic_chestxray14"]
+
+
+@pytest.fixture
+def fake_imagenet(tmp_path, monkeypatch):
+    """An empty torch hub, and torchvision's ImageNet download sent to a local server of a tiny fake state_dict."""
+    import torchvision.models._api as api
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    name = models.imagenet_file("resnet50").name
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"fc.bias": torch.arange(3.0)}, served / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    original, urls = api.load_state_dict_from_url, []
+
+    def redirected(url, *args, **kwargs):
+        urls.append(f"http://127.0.0.1:{server.server_port}/{Path(url).name}")
+        return original(urls[-1], *args, **{**kwargs, "check_hash": False})  # the fake file has another hash
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", redirected)
+    yield server, urls
+    server.shutdown()
+
+
+def test_paper_profile_fetches_imagenet_through_torchvision(fake_imagenet):
+    server, urls = fake_imagenet
+    assert runs.imagenet_arm("quick", "resnet50")[0] is None  # quick never downloads
+    assert not urls
+    assert runs.imagenet_arm("paper", "resnet50") == ("imagenet", "")
+    assert urls and models.imagenet_available("resnet50")
+    assert torch.load(models.imagenet_file("resnet50"), weights_only=True)["fc.bias"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_offline_imagenet_arm_is_skipped_saying_where_the_file_goes(fake_imagenet, tmp_path):
+    server, _ = fake_imagenet
+    server.shutdown()
+    server.server_close()  # nothing listens: the download fails as offline
+    weights, why = runs.imagenet_arm("paper", "resnet50")
+    assert weights is None and str(models.imagenet_file("resnet50")) in why
+    arms = runs.resolve_arms(_args(arms="random,imagenet", profile="paper"), tmp_path, True, {})
+    assert "imagenet" not in arms.run and str(models.imagenet_file("resnet50")) in arms.not_run["imagenet"]["reason"]
+
+
+# --- executor and concurrency -------------------------------------------------------------------------
+
+RESULT_KEYS = ("accuracy", "macro_f1", "per_class", "confusion", "roc_auc", "ci", "best_epoch", "data_fingerprint")
+
+
+@pytest.mark.slow
+def test_concurrent_workers_give_the_numbers_of_one_by_one(tmp_path, one_thread):
+    tiny = ["--profile", "quick", "--executor", "inline", "--arms", "random", "--tasks", "binary", "--losses", "ce",
+            "--extra-covid-axis", "both", "--set", "image_size=32", "--set", "epochs=1", "--set", "device=cpu"]
+    assert runs.main([*tiny, "--concurrent", "2", "--run-root", str(tmp_path / "two")]) == 0
+    assert runs.main([*tiny, "--concurrent", "1", "--run-root", str(tmp_path / "one")]) == 0
+    two, one = tmp_path / "two" / "synthetic", tmp_path / "one" / "synthetic"
+    record = json.loads((two / "matrix.json").read_text())
+    assert record["concurrent"] == 2 and record["wall_seconds"] > 0 and record["hardware"]
+    names = [r["name"] for r in record["runs"]]
+    assert names == ["binary-ce-resnet50-none-s0", "binary-ce-resnet50-none-s0-noextra"]
+    assert all(r["status"] == "complete" and r["wall_seconds"] > 0 for r in record["runs"])
+    for name in names:
+        a, b = (json.loads((root / name / "metrics.json").read_text()) for root in (two, one))
+        assert {k: a[k] for k in RESULT_KEYS} == {k: b[k] for k in RESULT_KEYS}, name
+        assert not (two / name / "notebook.ipynb").exists()  # inline: the run folder minus the notebook
+    with_extra, without = (pd.read_csv(two / n / "predictions.csv") for n in names)
+    assert with_extra.image_id.tolist() == without.image_id.tolist()  # same test images: paired comparisons
+    sources = [json.loads((two / n / "params.json").read_text())["data"]["summary"]["sources"] for n in names]
+    assert sources[0]["train"].get("ieee8023", 0) > 0 and sources[1]["train"].get("ieee8023", 0) == 0

@@ -251,7 +251,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     h_ddp, h_one = (pd.read_csv(tmp_path / d / "history.csv") for d in ("ddp", "single"))
     cols = ["train_loss", "val_loss", "val_macro_f1", "val_accuracy"]
     pd.testing.assert_frame_equal(h_ddp[cols], h_one[cols], atol=1e-5)
-    assert not (tmp_path / "ddp" / "checkpoint-last.pt.tmp").exists()
+    written = {p.name for p in (tmp_path / "ddp").iterdir()}
+    assert train.LAST in written and not [n for n in written if n.endswith(".tmp")]  # save_atomic's .{name}.{pid}.tmp
 
 
 # --- GPU paths (skipped without CUDA; CI has none) -------------------------------------------------

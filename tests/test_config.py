@@ -1,0 +1,94 @@
+"""One precedence rule (profile defaults, then what the user set) in the notebooks, the CLI and pretraining;
+banners come from what runs recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jupytext
+import pytest
+from papermill.parameterize import parameterize_notebook
+
+from cxrlib import cli, config
+from cxrlib.config import PROFILES, RunConfig, banner_from_record, data_banner, data_record
+from cxrlib.errors import CXRError
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebook_namespace(name: str, parameters: dict) -> dict:
+    """The names a chapter's parameters cell defines after papermill injects `parameters` (nothing else runs)."""
+    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+    for cell in nb.cells:
+        cell.metadata.setdefault("tags", [])
+    nb.metadata["papermill"] = {}
+    nb = parameterize_notebook(nb, parameters)
+    namespace: dict = {}
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "parameters" in tags or "injected-parameters" in tags:
+            exec(cell.source, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_papermill_profile_gives_that_profiles_settings(profile):
+    cfg = RunConfig.from_parameters(notebook_namespace("03_finetune", {"profile": profile}))
+    want = PROFILES[profile]
+    assert (cfg.profile, cfg.image_size, cfg.epochs, cfg.lr, cfg.patience) == (
+        profile, want["image_size"], want["epochs"], want["lr"], want["patience"])
+
+
+def test_parameters_the_user_sets_win_over_the_profile():
+    cfg = RunConfig.from_parameters(notebook_namespace("03_finetune", {"profile": "paper", "epochs": 3}))
+    assert (cfg.image_size, cfg.epochs) == (224, 3)
+
+
+@pytest.mark.parametrize("name", ["01_data_analysis", "03_finetune"])
+def test_parameters_cells_do_not_restate_profile_defaults(name):
+    namespace = notebook_namespace(name, {})
+    owned = {k for values in PROFILES.values() for k in values}
+    restated = {k: namespace[k] for k in owned if namespace.get(k) is not None}
+    assert not restated, f"{name} restates profile-owned defaults {restated}"
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(CXRError, match="unknown profile 'fast'"):
+        RunConfig.from_parameters({"profile": "fast"})
+
+
+def test_pretrain_cli_takes_the_profile_then_the_flags(monkeypatch, tmp_path):
+    import cxrlib.chestxray14 as chestxray14
+
+    seen = {}
+    monkeypatch.setattr(chestxray14, "pretrain", lambda cfg, out, resume: seen.setdefault("cfg", cfg))
+    assert cli.main(["pretrain", "--profile", "quick", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    quick = config.PRETRAIN_PROFILES["quick"]
+    assert (seen["cfg"].image_size, seen["cfg"].lr, seen["cfg"].epochs) == (quick["image_size"], quick["lr"], 1)
+
+
+def write_run(folder: Path, record: dict, **config_values) -> Path:
+    folder.mkdir(parents=True)
+    cfg = RunConfig(**config_values).to_dict()
+    (folder / "params.json").write_text(json.dumps({"config": cfg, "data": {"record": record}}))
+    return folder
+
+
+def test_banner_comes_from_the_run_record_not_the_caller(tmp_path):
+    real = data_record("0123456789abcdef", 5901, coronahack_dir="/data/coronahack")
+    run = write_run(tmp_path / "r" / "a", real, task="binary", image_size=224, epochs=30, profile="paper")
+    text = banner_from_record(run)
+    assert "CoronaHack `/data/coronahack`" in text and "synthetic" not in text and "5901 images" in text
+    assert "profile `paper`, 224 px, 30 epoch(s)" in text
+    assert real["tag"] == "coronahack-01234567" and data_record("x" * 16, 3)["tag"] == "synthetic"
+    assert "**Data: synthetic.**" in data_banner(data_record("f" * 16, 10))
+
+
+def test_a_run_root_mixing_data_has_no_banner(tmp_path):
+    write_run(tmp_path / "a", data_record("1" * 16, 10), task="binary")
+    write_run(tmp_path / "b", data_record("2" * 16, 12, coronahack_dir="/c"), task="binary")
+    with pytest.raises(CXRError, match="mixes runs of different data"):
+        banner_from_record(tmp_path)
+    with pytest.raises(CXRError, match="no run folder"):
+        banner_from_record(tmp_path / "a" / "nothing")
