@@ -39,6 +39,7 @@ LOSSES = ("ce", "focal")
 ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper compares
 EXTRA_AXIS = {"both": (True, False), "with": (True,), "without": (False,)}
 MATRIX_FILE = "matrix.json"
+NOT_STARTED = "not run: the matrix's time budget (--time-budget) was spent before it could start"
 
 
 @dataclass
@@ -194,11 +195,14 @@ def resolve_arms(args: argparse.Namespace, root: Path, synthetic: bool, override
 
 def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str], tasks=TASKS, losses=LOSSES,
            seeds: int | None = None, extra_covid_train: tuple[bool, ...] = (True,), **overrides) -> list[RunConfig]:
-    """One RunConfig per extra-COVID value x seed x task x loss x init, each with its run_dir in run_root."""
+    """One RunConfig per seed x extra-COVID value x task x loss x init, each with its run_dir in run_root.
+
+    Seeds come outermost, so a matrix cut short by its time budget still holds complete comparisons.
+    """
     n_seeds = seeds or MATRIX_PROFILES[profile]["seeds"]
     configs = []
-    for extra in extra_covid_train:
-        for seed in range(n_seeds):
+    for seed in range(n_seeds):
+        for extra in extra_covid_train:
             for task in tasks:
                 for loss in losses:
                     for weights in inits:
@@ -234,12 +238,16 @@ def notebook_parameters(cfg: RunConfig) -> dict:
     return {k: v for k, v in values.items() if k in declared}
 
 
-def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict | None = None) -> RunStatus:
+def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict | None = None,
+                deadline: float | None = None) -> RunStatus:
     """Train and evaluate one configuration (03_finetune through papermill, or train.run in-process); failures
-    are kept in the folder. A complete folder is reused only if its parameters and data match."""
+    are kept in the folder. A complete folder is reused only if its parameters and data match. A run that
+    would start after `deadline` (time.time()) is not started: its status says so and no folder is made."""
     from . import train
 
     run_dir, start = Path(cfg.run_dir), time.monotonic()
+    if deadline is not None and time.time() > deadline and read_status(run_dir) != "complete":
+        return RunStatus(run_dir.name, run_dir, NOT_STARTED)
     if read_status(run_dir) == "complete":
         try:
             train.check_reusable(cfg, run_dir, data_record)
@@ -276,7 +284,7 @@ def warm_cache(table_paths: list[str], image_sizes: set[int]) -> None:
 
 
 def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_record: dict,
-                table_paths: list[str]) -> list[RunStatus]:
+                table_paths: list[str], deadline: float | None = None) -> list[RunStatus]:
     """Run the configurations one by one, or in `concurrent` spawned worker processes taking them in turn;
     results come back in the order of `configs` and do not depend on `concurrent`."""
     def show(result: RunStatus) -> RunStatus:
@@ -284,12 +292,12 @@ def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_r
         return result
 
     if concurrent <= 1:
-        return [show(execute_run(cfg, executor, data_record)) for cfg in configs]
+        return [show(execute_run(cfg, executor, data_record, deadline)) for cfg in configs]
     warm_cache(table_paths, {cfg.image_size for cfg in configs})
     threads = max(1, (os.cpu_count() or 1) // concurrent)
     with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(execute_run, cfg, executor, data_record) for cfg in configs]
+        futures = [pool.submit(execute_run, cfg, executor, data_record, deadline) for cfg in configs]
         return [show(f.result()) for f in futures]
 
 
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                    help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
                         "same-named pretraining settings follow it")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no run after this many seconds (those are listed as not run in matrix.json)")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
     return p
 
@@ -410,8 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         configs = matrix(args.profile, root, data, list(arms.run.values()), args.tasks.split(","),
                          args.losses.split(","), args.seeds, EXTRA_AXIS[axis], **overrides)
         print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
-        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist())
-        failed = sum(not r.complete for r in results)
         record = {
             "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
             "hardware": hardware(), "wall_seconds": time.monotonic() - started,
@@ -420,10 +428,20 @@ def main(argv: list[str] | None = None) -> int:
             "axes": {"tasks": args.tasks.split(","), "losses": args.losses.split(","),
                      "seeds": sorted({c.seed for c in configs}), "extra_covid_train": list(EXTRA_AXIS[axis])},
             "settings": overrides,
-            "runs": [{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results],
+            "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
+            "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
         }
+        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+        deadline = time.time() + args.time_budget if args.time_budget else None
+        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
+                              deadline)
+        failed = sum(r.status.startswith("failed") for r in results)
+        skipped = sum(r.status == NOT_STARTED for r in results)
+        record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
+                      runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
         (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))
-        print(f"{len(configs) - failed} complete, {failed} failed, in {root} (see {MATRIX_FILE})")
+        print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
+              f"in {root} (see {MATRIX_FILE})")
         return 1 if failed else 0
     except CXRError as err:
         print(f"cxrlib.runs: error: {err}", file=sys.stderr)
