@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from . import data, distributed, images, losses, metrics, models
-from .config import RunConfig, classes as task_classes
+from .config import RunConfig, classes as task_classes, external_sets
 from .errors import CXRError
 from .results import read_status
 
@@ -132,11 +132,12 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
     classes = list(cfg.classes)
     with main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
         seed_everything(cfg.seed)
-        table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest)
-        table = data.split_table(table, cfg.task, seed=cfg.seed, mode=cfg.split,
-                                 val_frac=cfg.val_frac, test_frac=cfg.test_frac)
+        table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest,
+                                        extra_negatives=cfg.extra_negatives)
+        table = data.split_table(table, cfg.task, seed=cfg.seed, mode=cfg.split, val_frac=cfg.val_frac,
+                                 test_frac=cfg.test_frac, hold_out=cfg.hold_out)
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
-        cache = images.ImageCache(cfg.image_size)
+        cache = images.make_cache(cfg.image_size, cfg.preprocess)
         eval_tf = images.make_transform(model.input_spec, train=False)
         sets = {s: images.CXRDataset(table[table["split"] == s], cfg.task, cache, eval_tf) for s in SPLITS}
     for s, ds in sets.items():
@@ -195,8 +196,17 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
 
     scored = {s: predict_dataset(trained, sets[s], batch_size=opts.batch_size, device=device, amp=opts.amp)[0]
               for s in ("val", "test")}
-    if not info.is_main:
-        return
+    if info.is_main:
+        _save_results(cfg, run_dir, sets, scored, result, fingerprint, prov)
+    distributed.barrier()  # model.pt holds the validation threshold now
+    for name, where in external_sets(cfg.external).items():  # scored now: a bundle without weights keeps them
+        evaluate(run_dir / BEST, {"external": where}, run_dir / "external" / name, device=str(device), progress=False)
+
+
+def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], scored: dict[str, np.ndarray],
+                  result: "FitResult", fingerprint: str, prov: dict[str, Any]) -> None:
+    """predictions.csv, metrics.json and the threshold in model.pt, from the val and test scores (rank 0)."""
+    classes = list(cfg.classes)
     labels = {s: ds.labels for s, ds in sets.items()}
     pred = {s: metrics.predictions_table(sets[s].table, scored[s], classes, labels[s]) for s in ("val", "test")}
     threshold, why = _choose_threshold(pred["val"])
@@ -577,8 +587,9 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
              progress: bool | None = None) -> dict[str, Any]:
     """Score a saved model on any data the data layer reads; writes out_dir/metrics.json and predictions.csv.
 
-    `data_source` is a table (all its rows are scored) or load_table's arguments
-    ({"coronahack_dir", "extra_covid_dir", "manifest"}). rows="auto" scores every image the model did
+    `data_source` is a table (all its rows are scored), load_table's arguments ({"coronahack_dir",
+    "extra_covid_dir", "manifest", "extra_negatives"}) or {"external": folder or CSV in any layout
+    (`data.load_external`)}. rows="auto" scores every image the model did
     not see in training or validation (model.pt lists their pixel hashes): all of another hospital's
     manifest (external validation), exactly the run's test split on its own data, and only the unseen
     part of data that overlaps it. rows="all" scores everything; rows="test" re-splits with the
@@ -592,8 +603,9 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         table, chosen = data_source, "given"
     else:
         args = {k: str(v or "") for k, v in data_source.items()}
-        table, _ = data.load_table(args.get("coronahack_dir", ""), args.get("extra_covid_dir", ""),
-                                   args.get("manifest", ""))
+        table, _ = (data.load_external(args["external"]) if args.get("external") else
+                    data.load_table(args.get("coronahack_dir", ""), args.get("extra_covid_dir", ""),
+                                    args.get("manifest", ""), extra_negatives=args.get("extra_negatives", "")))
         chosen = rows
         if rows == "auto":
             seen = set(meta.get("seen_image_hashes", []))
@@ -611,7 +623,7 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         table = table.assign(split="test")  # every scored row is this evaluation's test set
     if len(table) == 0:
         raise CXRError(f"no images to evaluate: {note or 'the data source has no rows'}")
-    dataset = images.CXRDataset(table, meta["task"], images.ImageCache(meta["image_size"]),
+    dataset = images.CXRDataset(table, meta["task"], images.make_cache(meta["image_size"], cfg.get("preprocess", "none")),
                                 images.make_transform(meta["input_spec"], train=False))
     dev = distributed.resolve_device(device)
     probs, _, _ = predict_dataset(model, dataset, batch_size=batch_size, device=dev, progress=progress)
@@ -619,6 +631,8 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
     pred = metrics.predictions_table(dataset.table, probs, classes, dataset.labels)
     threshold = meta.get("threshold")
     results = metrics.compute_metrics(pred, classes, n_boot=n_boot, seed=cfg.get("seed", 0), threshold=threshold)
+    if not distributed.current().is_main:  # under torchrun every rank scored a shard; rank 0 writes
+        return results
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(pred, out_dir / "predictions.csv")
@@ -642,7 +656,8 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], *, batch_
         raise CXRError("predict: give at least one image path")
     transform = images.make_transform(meta["input_spec"], train=False)
     size = meta["image_size"]
-    batch = torch.stack([transform(images.resize_square(images.decode_image(p), size)) for p in image_paths])
+    preprocess = meta.get("config", {}).get("preprocess", "none")
+    batch = torch.stack([transform(images.load_preprocessed(p, size, preprocess)) for p in image_paths])
     labels = torch.zeros(len(batch), dtype=torch.long)
     probs, _, _ = predict_dataset(model, TensorDataset(batch, labels), batch_size=batch_size,
                                   device=distributed.resolve_device(device))
