@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import data, images, metrics, synthetic, train
+from cxrlib import data, generalise, images, metrics, synthetic, train
 from cxrlib.cli import build_parser
 from cxrlib.config import RunConfig, external_sets
 from cxrlib.errors import CXRError
@@ -151,16 +151,25 @@ def test_preprocessed_cache_is_its_own_store_and_matches_prediction_time(tmp_pat
     assert np.array_equal(a, images.load_preprocessed(path, 32))
 
 
-def test_every_run_scores_its_external_sets_on_unseen_images(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    """Two 1-epoch 32 px runs on a tiny manifest: the paper set-up and adult negatives, both with external sets."""
     from test_train import tiny_manifest
 
-    monkeypatch.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
-    negatives = tiny_nih(tmp_path / "negatives", copies=3, seed=1)
-    outside = tiny_nih(tmp_path / "outside", seed=2)
-    cfg = RunConfig(manifest=str(tiny_manifest(tmp_path / "m")), extra_negatives=str(negatives),
-                    external=f"nih={outside},again={negatives}", image_size=32, epochs=1, batch_size=8,
-                    patience=0, run_dir=str(tmp_path / "run"), device="cpu")  # fmt: skip
-    run_dir = train.run(cfg, progress=False)
+    root = tmp_path_factory.mktemp("gen")
+    negatives, outside = tiny_nih(root / "negatives", copies=3, seed=1), tiny_nih(root / "outside", seed=2)
+    common = dict(manifest=str(tiny_manifest(root / "m")), image_size=32, epochs=1, batch_size=8, patience=0,
+                  device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
+        train.run(RunConfig(**common, external=f"nih={outside}", run_dir=str(root / "runs" / "paper")), progress=False)
+        train.run(RunConfig(**common, extra_negatives=str(negatives), external=f"nih={outside},again={negatives}",
+                            run_dir=str(root / "runs" / "negs")), progress=False)  # fmt: skip
+    return root / "runs"
+
+
+def test_every_run_scores_its_external_sets_on_unseen_images(run_root):
+    run_dir = run_root / "negs"
     params = json.loads((run_dir / "params.json").read_text())
     assert params["data"]["summary"]["sources"]["train"].get("nih", 0) > 0
     m = json.loads((run_dir / "external" / "nih" / "metrics.json").read_text())
@@ -172,3 +181,40 @@ def test_every_run_scores_its_external_sets_on_unseen_images(tmp_path, monkeypat
     again = pd.read_csv(run_dir / "external" / "again" / "predictions.csv")
     test_ids = set(pd.read_csv(run_dir / "predictions.csv")["image_id"])
     assert set(again["image_id"]) == {i for i in test_ids if i.startswith("nih/")}
+
+
+def test_chapter_06_measures_read_run_folders_and_mark_what_is_no_evidence(run_root):
+    arms = generalise.load_arms(run_root).set_index("run")
+    assert arms.loc["paper", "arm"] == "paper set-up" and arms.loc["negs", "arm"] == "adult negatives"
+    table = generalise.measures(arms.reset_index())
+    ext = table[table["population"] == "external: nih"].set_index("arm")
+    assert ext.loc["paper set-up", "evidence"] and not ext.loc["adult negatives", "evidence"]
+    assert "trained on nih" in ext.loc["adult negatives", "note"]
+    assert (ext["n"] == 4).all() and not ext["enough"].any()  # 4 images: too few to say
+    text = "\n".join(generalise.verdicts(table))
+    assert "**held-out source**: not run." in text and "**remedy**: not run." in text
+    assert "external: nih specificity too few to say (n=4) is no evidence" in text
+    assert "0.000" not in text and "nan" not in text.lower()
+
+
+def test_verdicts_compare_intervals():
+    def row(population, metric, value, low, high, n=200, arm="held-out source", evidence=True):
+        return {"run": "r", "arm": arm, "population": population, "metric": metric, "value": value, "ci_low": low,
+                "ci_high": high, "n": n, "ci_unit": "x", "enough": n >= 10, "evidence": evidence, "note": ""}
+
+    table = pd.DataFrame([row("own test split", "covid_specificity", 0.97, 0.95, 0.99, evidence=False),
+                          row("own test split", "covid_sensitivity", 0.9, 0.85, 0.95, evidence=False),
+                          row("external: nih", "covid_specificity", 0.6, 0.55, 0.65),
+                          row("held-out source country=italy", "covid_sensitivity", 0.88, 0.8, 0.93)])
+    text = generalise.verdicts(table)[ARMS_INDEX]
+    assert "external: nih: specificity 0.60 [0.55–0.65] (n=200), so it calls 40% of these adults COVID-19 (lower than" in text
+    assert "COVID-19 sensitivity 0.88 [0.80–0.93] (n=200), against 0.90 [0.85–0.95] (n=200)" in text
+    assert "(no clear difference from there)" in text
+    comparison = generalise.arm_comparison(pd.concat([table, table.assign(arm="paper set-up", value=0.2, ci_low=0.1,
+                                                                          ci_high=0.3)]), "external: nih")
+    assert comparison.set_index("arm").loc["held-out source", "vs paper set-up"] == "higher"
+    with pytest.raises(CXRError, match="no 'paper set-up' run"):
+        generalise.arm_comparison(table, "external: nih")
+
+
+ARMS_INDEX = 2  # "held-out source" in generalise.ARMS
