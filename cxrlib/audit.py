@@ -189,13 +189,16 @@ def _groups(table: pd.DataFrame) -> np.ndarray:
     return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
 
 
-def _probe_model(n_features: int):
-    """Logistic regression on standardised features; wide (learned) features first reduced by PCA, which
-    keeps the permutation null affordable and the fit stable on a few hundred images."""
-    steps = [SimpleImputer(strategy="median"), StandardScaler()]
-    if n_features > PROBE_COMPONENTS:
-        steps.append(PCA(n_components=PROBE_COMPONENTS, random_state=0))
-    return make_pipeline(*steps, LogisticRegression(max_iter=2000, class_weight="balanced"))
+def _probe_inputs(X: np.ndarray) -> np.ndarray:
+    """Features imputed, standardised and, when wider than PROBE_COMPONENTS, reduced by PCA: once, on all rows.
+
+    These steps never see the target, so fitting them outside the folds leaks nothing about it, and the
+    permutation null (many cross-validations) then only refits the logistic regression.
+    """
+    steps = [SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler()]
+    if X.shape[1] > PROBE_COMPONENTS:
+        steps.append(PCA(n_components=min(PROBE_COMPONENTS, len(X)), random_state=0))
+    return make_pipeline(*steps).fit_transform(X)
 
 
 def permute_by_group(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -207,6 +210,22 @@ def permute_by_group(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator
     codes, uniques = pd.factorize(pd.Series(groups))
     per_group = pd.Series(y).groupby(codes).first().to_numpy()
     return per_group[rng.permutation(len(uniques))][codes]
+
+
+def _null(model, X: np.ndarray, y: np.ndarray, groups: np.ndarray, cv: list, n: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """Balanced accuracies of the same cross-validation on `n` between-patient permutations of `y`.
+
+    A permutation that leaves a training fold without some target is redrawn (rare targets only).
+    """
+    scores: list[float] = []
+    for _ in range(20 * n):  # bounded: a target too rare for the folds ends with fewer draws, not a hang
+        if len(scores) == n:
+            break
+        y_perm = permute_by_group(y, groups, rng)
+        if all(len(np.unique(y_perm[train])) == len(np.unique(y)) for train, _ in cv):
+            scores.append(balanced_accuracy_score(y_perm, cross_val_predict(model, X, y_perm, cv=cv)))
+    return np.array(scores)
 
 
 def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Sequence[Any],
@@ -232,14 +251,13 @@ def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Se
     if n_splits < 2:
         raise CXRError(f"probe: target {names[per_class.idxmin()]!r} has one patient only; cross-validation "
                        "needs at least two per value")
-    model = _probe_model(X.shape[1])
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    X, model = _probe_inputs(X), LogisticRegression(max_iter=2000, class_weight="balanced")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # StratifiedGroupKFold: a class with few groups
+        # the folds once (splitting is the slow part); permuted targets reuse them: still patient-disjoint
+        cv = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(X, y, groups))
         probs = cross_val_predict(model, X, y, groups=groups, cv=cv, method="predict_proba")
-        rng = np.random.default_rng(seed)
-        null = np.array([balanced_accuracy_score(y_perm, cross_val_predict(model, X, y_perm, groups=groups, cv=cv))
-                         for y_perm in (permute_by_group(y, groups, rng) for _ in range(n_permutations))])
+        null = _null(model, X, y, groups, cv, n_permutations, np.random.default_rng(seed))
     yhat = probs.argmax(axis=1)
     auc = roc_auc_score(y, probs[:, 1]) if len(names) == 2 else roc_auc_score(y, probs, multi_class="ovr")
     balanced = balanced_accuracy_score(y, yhat)
