@@ -406,6 +406,11 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     return table
 
 
+def probe_lines(probe: pd.DataFrame) -> str:
+    """`source_probe`'s rows as Markdown bullets: score, CI, chance, permutation null and verdict."""
+    return "\n".join(_probe_line(r) for _, r in probe.iterrows())
+
+
 def _probe_line(r: pd.Series) -> str:
     subset = f" ({r['subset']})" if "subset" in r and r["subset"] != "all images" else ""
     ci = f" [95% CI {r['ci_low']:.2f}–{r['ci_high']:.2f}]" if pd.notna(r.get("ci_low", np.nan)) else ""
@@ -449,7 +454,7 @@ def conclusion(probe: pd.DataFrame, masked: pd.DataFrame | None = None) -> str:
     and beats the baseline; otherwise a flagged origin probe means the model *could* use the origin
     (said more strongly when it is flagged within one class), and no flag proves nothing either way.
     """
-    lines = [_probe_line(r) for _, r in probe.iterrows()]
+    lines = [probe_lines(probe)]
     is_label = probe["target"] == "covid label"
     within = probe["subset"].ne("all images") if "subset" in probe else pd.Series(False, index=probe.index)
     label_flag = bool(probe.loc[is_label, "flagged"].any())
