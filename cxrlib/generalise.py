@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .audit import MIN_SUBGROUP, origin, wilson
+from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wilson
+from .config import external_sets
+from .data import read_any
 from .errors import CXRError
 from .results import read_status
 
@@ -185,3 +187,20 @@ def arm_comparison(table: pd.DataFrame, population: str, metric: str = "covid_sp
     return pd.DataFrame([{"arm": r["arm"], "run": r["run"], population: fmt(r),
                           f"vs {reference}": "—" if r["arm"] == reference else compare(r, ref_row)}
                          for _, r in rows.iterrows()])  # fmt: skip
+
+
+def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band") -> pd.DataFrame:
+    """One external set of a run by subgroup (age band, sex, view, ...), formatted by `format_subgroups`.
+
+    The metadata comes from re-reading the set's folder or manifest (no image is decoded); the set
+    must still be where the run found it.
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "params.json").read_text())["config"]
+    where = external_sets(config.get("external", "")).get(name)
+    pred_file = run_dir / "external" / name / "predictions.csv"
+    if where is None or not pred_file.is_file():
+        raise CXRError(f"{run_dir}: no external set {name!r} (its external parameter: {config.get('external')!r})")
+    meta, _ = read_any(where)
+    pred = pd.read_csv(pred_file, dtype={"patient_id": str})
+    return format_subgroups(subgroup_metrics(pred, meta, by))

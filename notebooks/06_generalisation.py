@@ -91,6 +91,21 @@ else:
     display(Markdown("The paper set-up was not run: nothing to compare with."))
 
 # %% [markdown]
+# ## The cross-population test by age, sex and view
+#
+# The paper set-up's scores on each external set, by subgroup (Wilson intervals on images).
+
+# %%
+paper = arms[arms["arm"] == "paper set-up"]
+external = sorted(table.loc[(table["arm"] == "paper set-up") & table["population"].str.startswith("external: "),
+                            "population"].str.removeprefix("external: ").unique())
+if paper.empty or not external:
+    display(Markdown("No paper set-up run with an external set: not run."))
+for name in external:
+    for by in ("age_band", "sex", "view"):
+        display(Markdown(f"**{name}** by {by}"), generalise.external_subgroups(paper["run_dir"].iloc[0], name, by))
+
+# %% [markdown]
 # ## Which sources can be held out?
 #
 # COVID-19 images per ieee8023 country and web site. A source with enough images can be held out with

@@ -195,6 +195,10 @@ def test_chapter_06_measures_read_run_folders_and_mark_what_is_no_evidence(run_r
     assert "**held-out source**: not run." in text and "**remedy**: not run." in text
     assert "external: nih specificity too few to say (n=4) is no evidence" in text
     assert "0.000" not in text and "nan" not in text.lower()
+    by_sex = generalise.external_subgroups(run_root / "paper", "nih", "sex").set_index("sex")
+    assert set(by_sex.index) == {"F", "M"} and by_sex.loc["F", "covid_specificity"] == "too few to say (n=2)"
+    with pytest.raises(CXRError, match="no external set 'elsewhere'"):
+        generalise.external_subgroups(run_root / "paper", "elsewhere")
 
 
 def test_verdicts_compare_intervals():
