@@ -19,7 +19,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 LABELS = ("covid", "pneumonia", "normal")  # the 3-class label every reader writes in `label`
 
 
-PREPROCESS = ("none", "clahe", "lung_crop")  # images.preprocess_image
+PREPROCESS = ("none", "clahe", "lung_crop")  # images.PREPROCESSORS, applied by images.make_cache
 
 
 def external_sets(spec: str) -> dict[str, str]:

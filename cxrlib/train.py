@@ -616,7 +616,8 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
             table = table[unseen]
         elif rows == "test":
             table = data.split_table(table, meta["task"], seed=cfg.get("seed", 0), mode=cfg.get("split", "patient"),
-                                     val_frac=cfg.get("val_frac", 0.15), test_frac=cfg.get("test_frac", 0.15))
+                                     val_frac=cfg.get("val_frac", 0.15), test_frac=cfg.get("test_frac", 0.15),
+                                     hold_out=cfg.get("hold_out", ""))
             table = table[table["split"] == "test"]
         elif rows != "all":
             raise CXRError(f"rows={rows!r}: choose auto, all or test")
