@@ -11,8 +11,9 @@ A run's arm is read from its parameters: the paper set-up (CoronaHack + ieee8023
 - the ieee8023 adults without COVID-19 in its own test split (the same collection as the COVID images,
   so no source shortcut helps): adult specificity where NIH images are no evidence;
 - for a held-out source, COVID-19 sensitivity on that source's images (`params.json` lists them).
-Intervals: patient bootstrap where metrics.json has one, else Wilson on images; denominators below
-`audit.MIN_SUBGROUP` are "too few to say".
+Every number is at the run's operating point: COVID-19 called when p_covid reaches the threshold chosen
+on validation for 95% sensitivity (argmax when the run has none). Intervals: patient bootstrap where
+metrics.json has one, else Wilson on images; denominators below `audit.MIN_SUBGROUP` are "too few to say".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wil
 from .config import external_sets
 from .data import read_any
 from .errors import CXRError
+from .metrics import apply_threshold
 from .results import read_status
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
@@ -69,6 +71,8 @@ def _rate(k: int, n: int) -> dict[str, Any]:
 
 
 def _from_metrics(m: dict[str, Any], metric: str, n: int) -> dict[str, Any]:
+    """A metric at the run's operating point: the validation threshold (`at_threshold`) when it has one."""
+    m = m.get("at_threshold", m)
     low, high = m.get("ci", {}).get(metric) or (None, None)
     value = m.get(metric)
     return {"value": np.nan if value is None else value, "ci_low": np.nan if low is None else low,
@@ -100,6 +104,9 @@ def run_measures(run: pd.Series) -> pd.DataFrame:
         rows.append({**base, "population": f"external: {ext.parent.name}", "metric": "covid_specificity",
                      **_from_metrics(e, "covid_specificity", _negatives(e)), "evidence": not trained, "note": note})
     pred = pd.read_csv(run_dir / "predictions.csv", dtype={"patient_id": str})
+    threshold = m.get("threshold_selection", {}).get("threshold")
+    if threshold is not None:  # the same operating point as every other row
+        pred = apply_threshold(pred, threshold, m["classes"])
     adults = pred[(origin(pred) == "ieee8023") & (pred["true"] != "covid")]
     rows.append({**base, "population": "ieee8023 adults without COVID-19 (test split)", "metric": "covid_specificity",
                  **_rate(int((adults["pred"] != "covid").sum()), len(adults)), "evidence": True,
@@ -203,4 +210,7 @@ def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band") -> 
         raise CXRError(f"{run_dir}: no external set {name!r} (its external parameter: {config.get('external')!r})")
     meta, _ = read_any(where)
     pred = pd.read_csv(pred_file, dtype={"patient_id": str})
+    m = json.loads((pred_file.parent / "metrics.json").read_text())
+    if m.get("threshold_from_validation") is not None:
+        pred = apply_threshold(pred, m["threshold_from_validation"], m["classes"])
     return format_subgroups(subgroup_metrics(pred, meta, by))
