@@ -62,9 +62,10 @@ display(Markdown(f"{len(arms)} complete run(s) under `{run_root}`: " + (", ".joi
 # %% [markdown]
 # ## Every measurement
 #
-# Intervals: patient bootstrap (own test split, external sets) or Wilson on images (subsets of the test
-# split); fewer than the minimum number of images is "too few to say". `evidence` is False where the
-# run trained on images of the same source.
+# Every number is at the run's operating point: COVID-19 called when its probability reaches the
+# threshold chosen on validation for 95% sensitivity. Intervals: patient bootstrap (own test split,
+# external sets) or Wilson on images (subsets of the test split); fewer than the minimum number of
+# images is "too few to say". `evidence` is False where the run trained on images of the same source.
 
 # %%
 shown = table.assign(result=table.apply(generalise.fmt, axis=1)) if len(table) else table.assign(result=[])
