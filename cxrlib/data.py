@@ -239,7 +239,8 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
 def read_nih(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     """NIH ChestX-ray14 (all of it or a subset) as COVID-task rows: adults without COVID-19.
 
-    "No Finding" -> normal; any label list containing Pneumonia -> pneumonia (subtype: NIH's labels);
+    "No Finding" -> normal; any label list containing Pneumonia -> pneumonia (subtype "Pneumonia" alone or
+    "Pneumonia with other findings");
     other findings only (effusion, mass, ...) have no place in the task and go to `skipped`.
     Patient ids "nih:<Patient ID>", NIH's age, sex and view, source "nih"; published_split from the
     official lists, or "" without them (noted by the reader).
@@ -255,7 +256,8 @@ def read_nih(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     rows = pd.DataFrame({
         "path": nih["path"], "image_id": NIH_SOURCE + "/" + nih["image_id"].str.split("/").str[-1],
         "label": np.where(normal[nih.index], "normal", "pneumonia"),
-        "subtype": np.where(normal[nih.index], "normal", nih["finding_labels"]),
+        "subtype": np.where(normal[nih.index], "normal", np.where(nih["finding_labels"] == "Pneumonia", "Pneumonia",
+                                                                  "Pneumonia with other findings")),
         "patient_id": nih["patient_id"], "source": NIH_SOURCE, "published_split": nih["published_split"],
         "view": nih["view"], "sex": nih["sex"], "age": nih["age"], "location": "NIH Clinical Center, USA",
     })  # fmt: skip
