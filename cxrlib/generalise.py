@@ -32,6 +32,7 @@ from .errors import CXRError
 from .metrics import apply_threshold
 from .results import read_status
 
+OTHER_SOURCES = "test split, other sources"  # a held-out run's test images of the sources it trained on
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 MEASURE_COLUMNS = ["run", "arm", "population", "metric", "value", "ci_low", "ci_high", "n", "ci_unit",
                    "enough", "evidence", "note"]  # fmt: skip
@@ -113,10 +114,12 @@ def run_measures(run: pd.Series) -> pd.DataFrame:
                  "note": "same collection as the COVID images: no source shortcut helps"})  # fmt: skip
     if run["hold_out"]:
         held = set(json.loads((run_dir / "params.json").read_text())["data"].get("held_out_images", []))
-        covid = pred[pred["image_id"].isin(held) & (pred["true"] == "covid")]
-        rows.append({**base, "population": f"held-out source {run['hold_out']}", "metric": "covid_sensitivity",
-                     **_rate(int((covid["pred"] == "covid").sum()), len(covid)), "evidence": True,
-                     "note": "a source the model never trained on"})  # fmt: skip
+        covid = pred[pred["true"] == "covid"]
+        for inside, population, note in ((True, f"held-out source {run['hold_out']}", "a source the model never trained on"),
+                                         (False, OTHER_SOURCES, "the sources it trained on, for comparison")):
+            part = covid[covid["image_id"].isin(held) == inside]
+            rows.append({**base, "population": population, "metric": "covid_sensitivity",
+                         **_rate(int((part["pred"] == "covid").sum()), len(part)), "evidence": inside, "note": note})
     return pd.DataFrame(rows, columns=MEASURE_COLUMNS)
 
 
@@ -169,16 +172,16 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             continue
         own = rows[(rows["population"] == "own test split") & (rows["metric"] == "covid_specificity")].iloc[0]
         parts = [f"own test split specificity {fmt(own)}"]
-        for _, r in rows[rows["population"] != "own test split"].iterrows():
+        for _, r in rows[~rows["population"].isin(["own test split", OTHER_SOURCES])].iterrows():
             if not r["evidence"]:
                 parts.append(f"{r['population']} specificity {fmt(r)} is no evidence ({r['note']})")
             elif r["metric"] == "covid_specificity":
                 called = f", so it calls {1 - r['value']:.0%} of these adults COVID-19" if r["enough"] else ""
                 parts.append(f"{r['population']}: specificity {fmt(r)}{called} ({versus(r, own, 'its own test split')})")
             else:
-                inside = rows[(rows["population"] == "own test split") & (rows["metric"] == r["metric"])].iloc[0]
-                parts.append(f"{r['population']}: COVID-19 sensitivity {fmt(r)}, against {fmt(inside)} in its own "
-                             f"test split ({versus(r, inside, 'there')})")
+                inside = rows[(rows["population"] == OTHER_SOURCES) & (rows["metric"] == r["metric"])].iloc[0]
+                parts.append(f"{r['population']}: COVID-19 sensitivity {fmt(r)}, against {fmt(inside)} on the test "
+                             f"images of the sources it trained on ({versus(r, inside, 'there')})")
         out.append(f"- **{arm}** ({rows['run'].nunique()} run(s)): " + "; ".join(parts) + ".")
     return out
 

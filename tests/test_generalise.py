@@ -209,10 +209,12 @@ def test_verdicts_compare_intervals():
     table = pd.DataFrame([row("own test split", "covid_specificity", 0.97, 0.95, 0.99, evidence=False),
                           row("own test split", "covid_sensitivity", 0.9, 0.85, 0.95, evidence=False),
                           row("external: nih", "covid_specificity", 0.6, 0.55, 0.65),
-                          row("held-out source country=italy", "covid_sensitivity", 0.88, 0.8, 0.93)])
+                          row("held-out source country=italy", "covid_sensitivity", 0.88, 0.8, 0.93),
+                          row(generalise.OTHER_SOURCES, "covid_sensitivity", 0.9, 0.85, 0.95, evidence=False)])
     text = generalise.verdicts(table)[ARMS_INDEX]
     assert "external: nih: specificity 0.60 [0.55–0.65] (n=200), so it calls 40% of these adults COVID-19 (lower than" in text
-    assert "COVID-19 sensitivity 0.88 [0.80–0.93] (n=200), against 0.90 [0.85–0.95] (n=200)" in text
+    assert "COVID-19 sensitivity 0.88 [0.80–0.93] (n=200), against 0.90 [0.85–0.95] (n=200) on the test images" in text
+    assert "other sources" not in text
     assert "(no clear difference from there)" in text
     comparison = generalise.arm_comparison(pd.concat([table, table.assign(arm="paper set-up", value=0.2, ci_low=0.1,
                                                                           ci_high=0.3)]), "external: nih")
