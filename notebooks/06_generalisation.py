@@ -115,4 +115,5 @@ for name in external:
 # %%
 cohort, _ = data.load_table(coronahack_dir, extra_covid_dir)
 sizes = data.source_sizes(cohort, min_images=MIN_SUBGROUP)
-sizes.head(12)
+display(Markdown(f"{int(sizes['enough'].sum())} of {len(sizes)} sources have at least {MIN_SUBGROUP} COVID-19 images:"))
+sizes[sizes["enough"]]
