@@ -290,8 +290,8 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
     `target` (with `features`, e.g. `backbone_features`); border and corner statistics -> COVID label.
     Every `target` probe runs on all images and again within each class (`subset` "non-COVID only",
     "COVID only"): on all images origin and label coincide in CoronaHack, so only the within-class rows
-    measure origin itself. A subset with one origin, or one patient of one, is left out (`skipped`
-    column of `attrs`). `target` is a table column; "origin" comes from `origin()` when absent. Every
+    measure origin itself. A subset with one origin, or one patient of one, is left out and listed,
+    with the reason, in `result.attrs["skipped"]`. `target` is a table column; "origin" comes from `origin()` when absent. Every
     row carries its permutation null (`n_permutations`) and CI (`probe`).
     """
     if len(table) != len(images):
