@@ -317,7 +317,9 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
         rows_in = np.ones(len(y), bool) if keep is None else covid == keep
         values = pd.Series(groups[rows_in]).groupby(y[rows_in]).nunique()
         if len(values) < 2 or values.min() < 2:
-            skipped.append(f"{name} → {y_name} ({subset}): {dict(values)} patients per value, too few to probe")
+            counts = ", ".join(f"{value} {int(n)}" for value, n in values.items())
+            skipped.append(f"{name} → {y_name} ({subset}): patients per value {counts}; a probe needs two values "
+                           "with two patients each")  # fmt: skip
             continue
         result = probe(X[rows_in], y[rows_in], groups[rows_in], seed=seed, n_permutations=n_permutations)
         rows.append({"features": name, "target": y_name, "subset": subset, **result,
