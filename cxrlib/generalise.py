@@ -163,27 +163,31 @@ def versus(a: pd.Series, b: pd.Series, what: str) -> str:
 
 
 def verdicts(table: pd.DataFrame) -> list[str]:
-    """Markdown sentences, one per arm (in ARMS order), computed from `measures`; "not run" for a missing arm."""
+    """Markdown sentences, one per run (arms in ARMS order), computed from `measures`; "not run" for a missing arm."""
     out = []
     for arm in ARMS:
-        rows = table[table["arm"] == arm]
-        if rows.empty:
+        if not (table["arm"] == arm).any():
             out.append(f"- **{arm}**: not run.")
-            continue
-        own = rows[(rows["population"] == "own test split") & (rows["metric"] == "covid_specificity")].iloc[0]
-        parts = [f"own test split specificity {fmt(own)}"]
-        for _, r in rows[~rows["population"].isin(["own test split", OTHER_SOURCES])].iterrows():
-            if not r["evidence"]:
-                parts.append(f"{r['population']} specificity {fmt(r)} is no evidence ({r['note']})")
-            elif r["metric"] == "covid_specificity":
-                called = f", so it calls {1 - r['value']:.0%} of these adults COVID-19" if r["enough"] else ""
-                parts.append(f"{r['population']}: specificity {fmt(r)}{called} ({versus(r, own, 'its own test split')})")
-            else:
-                inside = rows[(rows["population"] == OTHER_SOURCES) & (rows["metric"] == r["metric"])].iloc[0]
-                parts.append(f"{r['population']}: COVID-19 sensitivity {fmt(r)}, against {fmt(inside)} on the test "
-                             f"images of the sources it trained on ({versus(r, inside, 'there')})")
-        out.append(f"- **{arm}** ({rows['run'].nunique()} run(s)): " + "; ".join(parts) + ".")
+        for run, rows in table[table["arm"] == arm].groupby("run", sort=True):
+            out.append(f"- **{arm}** (`{run}`): " + "; ".join(_run_sentences(rows)) + ".")
     return out
+
+
+def _run_sentences(rows: pd.DataFrame) -> list[str]:
+    """One run's measures as clauses: each population against the run's own test split."""
+    own = rows[(rows["population"] == "own test split") & (rows["metric"] == "covid_specificity")].iloc[0]
+    parts = [f"own test split specificity {fmt(own)}"]
+    for _, r in rows[~rows["population"].isin(["own test split", OTHER_SOURCES])].iterrows():
+        if not r["evidence"]:
+            parts.append(f"{r['population']} specificity {fmt(r)} is no evidence ({r['note']})")
+        elif r["metric"] == "covid_specificity":
+            called = f", so it calls {1 - r['value']:.0%} of these adults COVID-19" if r["enough"] else ""
+            parts.append(f"{r['population']}: specificity {fmt(r)}{called} ({versus(r, own, 'its own test split')})")
+        else:
+            inside = rows[(rows["population"] == OTHER_SOURCES) & (rows["metric"] == r["metric"])].iloc[0]
+            parts.append(f"{r['population']}: COVID-19 sensitivity {fmt(r)}, against {fmt(inside)} on the test "
+                         f"images of the sources it trained on ({versus(r, inside, 'there')})")
+    return parts
 
 
 def arm_comparison(table: pd.DataFrame, population: str, metric: str = "covid_specificity",
