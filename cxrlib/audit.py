@@ -13,13 +13,19 @@ reading the lungs (DeGrave et al. 2021; Roberts et al. 2021). The checks here:
    CoronaHack source also means age, so anatomy carries it too); a flagged border -> label probe says
    the label is readable outside the lungs, and then any classifier score is suspect. Accuracy is
    reported next to the majority rate but, with classes weighted, can fall below it: the rule uses
-   balanced accuracy.
+   balanced accuracy. On all images origin and label coincide, so every origin probe is repeated
+   within each class (among non-COVID, among COVID). Every verdict has a permutation null (targets
+   shuffled between patients; a probe the null does not reject at p < 0.05 says "none") and a
+   patient-bootstrap CI. A positive control (`positive_control`) plants a corner marker on half the
+   patients: a probe that cannot find it is blind, and its "none" verdicts mean nothing.
 2. Masking (`evaluate_masked`). The model's metrics on intact images, with the lung fields blanked,
    and with everything but the lung fields blanked (masks: explain.lung_masks). A model that keeps
    its score with the lungs removed is reading something other than the lungs. Both masked kinds are
    unlike any training image (a large flat patch), so a collapse, especially lungs-only, proves
-   little; a score that survives is the finding. `conclusion` states both in words for the book.
-3. External validation (`external_validation_summary`) and subgroups (`subgroup_metrics`).
+   little; a score that survives is the finding, judged against the majority-class baseline with
+   bootstrap CIs. Masks are the refined per-image estimate. `conclusion` states both in words.
+3. External validation (`external_validation_summary`) and subgroups (`subgroup_metrics`, Wilson
+   intervals, "too few to say" below MIN_SUBGROUP images: `format_subgroups`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import pandas as pd
 import pydicom
 import torch
 from PIL import Image
+from scipy.stats import binomtest
+from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -46,7 +54,7 @@ from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
 from .images import ImageCache, make_transform
-from .metrics import compute_metrics, predictions_table
+from .metrics import bootstrap_indices, compute_metrics, majority_baseline, predictions_table
 from .models import backbone_and_head
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -54,9 +62,15 @@ PARTS = ("whole", "border", "corners")
 SHORTCUT_BALANCED_ACCURACY = 0.80  # the verdict rule of the module docstring
 SHORTCUT_ABOVE_CHANCE = 0.30
 WEAK_ABOVE_CHANCE = 0.10
+ALPHA = 0.05  # a probe whose permutation p-value is not below this says nothing ("none")
+PROBE_COMPONENTS = 32  # wider features are reduced to this many principal components before the probe
+N_PERMUTATIONS = 100  # permutation-null size of source_probe (p-values down to 1/101)
 MASKED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "covid_sensitivity", "covid_specificity", "roc_auc")
+MASKED_CI = ("macro_f1", "covid_sensitivity", "covid_specificity")  # evaluate_masked's CI columns
 RETAINED_SHORTCUT = 0.80  # the masking rule of `conclusion`
 RETAINED_PARTIAL = 0.50
+MIN_SUBGROUP = 10  # images below which a subgroup metric is "too few to say"
+SUBGROUP_METRICS = ("accuracy", "covid_sensitivity", "covid_specificity")
 AGE_BANDS = (0, 18, 40, 60, 80, np.inf)
 AGE_LABELS = ("0-17", "18-39", "40-59", "60-79", "80+")
 
@@ -145,9 +159,12 @@ def backbone_features(model: torch.nn.Module, images: np.ndarray, batch_size: in
 # --- probes --------------------------------------------------------------------------------------
 
 
-def verdict(balanced_accuracy: float, n_classes: int) -> str:
-    """The probe rule of the module docstring: "shortcut", "weak" or "none"."""
+def verdict(balanced_accuracy: float, n_classes: int, p_value: float | None = None) -> str:
+    """The probe rule of the module docstring: "shortcut", "weak" or "none"; "none" whenever the
+    permutation null does not reject (`p_value` >= ALPHA), however high the score."""
     chance = 1.0 / n_classes
+    if p_value is not None and p_value >= ALPHA:
+        return "none"
     if balanced_accuracy >= SHORTCUT_BALANCED_ACCURACY or balanced_accuracy >= chance + SHORTCUT_ABOVE_CHANCE:
         return "shortcut"
     return "weak" if balanced_accuracy >= chance + WEAK_ABOVE_CHANCE else "none"
@@ -172,14 +189,55 @@ def _groups(table: pd.DataFrame) -> np.ndarray:
     return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
 
 
+def _probe_inputs(X: np.ndarray) -> np.ndarray:
+    """Features imputed, standardised and, when wider than PROBE_COMPONENTS, reduced by PCA: once, on all rows.
+
+    These steps never see the target, so fitting them outside the folds leaks nothing about it, and the
+    permutation null (many cross-validations) then only refits the logistic regression.
+    """
+    steps = [SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler()]
+    if X.shape[1] > PROBE_COMPONENTS:
+        steps.append(PCA(n_components=min(PROBE_COMPONENTS, len(X)), random_state=0))
+    return make_pipeline(*steps).fit_transform(X)
+
+
+def permute_by_group(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`y` shuffled between groups (patients): each patient takes another patient's target for all its images.
+
+    The null of "features say nothing about the target" for grouped data: shuffling single images would
+    split a patient's images between targets and make the null too easy to beat.
+    """
+    codes, uniques = pd.factorize(pd.Series(groups))
+    per_group = pd.Series(y).groupby(codes).first().to_numpy()
+    return per_group[rng.permutation(len(uniques))][codes]
+
+
+def _null(model, X: np.ndarray, y: np.ndarray, groups: np.ndarray, cv: list, n: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """Balanced accuracies of the same cross-validation on `n` between-patient permutations of `y`.
+
+    A permutation that leaves a training fold without some target is redrawn (rare targets only).
+    """
+    scores: list[float] = []
+    for _ in range(20 * n):  # bounded: a target too rare for the folds ends with fewer draws, not a hang
+        if len(scores) == n:
+            break
+        y_perm = permute_by_group(y, groups, rng)
+        if all(len(np.unique(y_perm[train])) == len(np.unique(y)) for train, _ in cv):
+            scores.append(balanced_accuracy_score(y_perm, cross_val_predict(model, X, y_perm, cv=cv)))
+    return np.array(scores)
+
+
 def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Sequence[Any],
-          n_splits: int = 5, seed: int = 0) -> dict[str, Any]:
+          n_splits: int = 5, seed: int = 0, n_permutations: int = 0, n_boot: int = 200) -> dict[str, Any]:
     """How well a logistic regression on `features` predicts `target`, cross-validated by group.
 
     Folds keep each patient on one side (StratifiedGroupKFold: grouped like GroupKFold, and every
     fold keeps both targets even when one is rare). Classes are weighted so a rare source counts.
-    Returns accuracy (chance: the majority rate), balanced accuracy (chance: 1/k), ROC AUC (chance
-    0.5; macro one-vs-rest for k > 2) and the `verdict`.
+    Returns accuracy (chance: the majority rate), balanced accuracy (chance: 1/k) with a patient-bootstrap
+    95% CI of the out-of-fold predictions, ROC AUC (chance 0.5; macro one-vs-rest for k > 2) and the
+    `verdict`. With `n_permutations`, the same cross-validation on targets permuted between patients
+    (`permute_by_group`) gives `null_mean`, `null_p95` and `p_value` = (1 + #null >= observed) / (1 + n).
     """
     X = np.asarray(features, dtype=np.float64)
     names, y = np.unique(np.asarray(target).astype(str), return_inverse=True)
@@ -193,30 +251,48 @@ def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Se
     if n_splits < 2:
         raise CXRError(f"probe: target {names[per_class.idxmin()]!r} has one patient only; cross-validation "
                        "needs at least two per value")
-    model = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
-                          LogisticRegression(max_iter=2000, class_weight="balanced"))
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    X, model = _probe_inputs(X), LogisticRegression(max_iter=2000, class_weight="balanced")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # StratifiedGroupKFold: a class with few groups
+        # the folds once (splitting is the slow part); permuted targets reuse them: still patient-disjoint
+        cv = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(X, y, groups))
         probs = cross_val_predict(model, X, y, groups=groups, cv=cv, method="predict_proba")
+        null = _null(model, X, y, groups, cv, n_permutations, np.random.default_rng(seed))
     yhat = probs.argmax(axis=1)
     auc = roc_auc_score(y, probs[:, 1]) if len(names) == 2 else roc_auc_score(y, probs, multi_class="ovr")
     balanced = balanced_accuracy_score(y, yhat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a resample without one of the targets
+        boot = [balanced_accuracy_score(y[i], yhat[i]) for i in bootstrap_indices(groups, n_boot, seed)]
+    p_value = float((1 + (null >= balanced).sum()) / (1 + len(null))) if len(null) else None
     return {
         "n": len(y), "n_groups": len(set(groups)), "n_splits": n_splits, "classes": names.tolist(),
         "accuracy": accuracy_score(y, yhat), "chance_accuracy": float(np.bincount(y).max() / len(y)),
         "balanced_accuracy": balanced, "chance_balanced_accuracy": 1.0 / len(names),
-        "auc": float(auc), "verdict": verdict(balanced, len(names)),
+        "ci_low": float(np.percentile(boot, 2.5)) if boot else np.nan,
+        "ci_high": float(np.percentile(boot, 97.5)) if boot else np.nan,
+        "null_mean": float(null.mean()) if len(null) else np.nan,
+        "null_p95": float(np.percentile(null, 95)) if len(null) else np.nan,
+        "p_value": p_value, "n_permutations": len(null),
+        "auc": float(auc), "verdict": verdict(balanced, len(names), p_value),
     }
 
 
+SUBSETS = {"all images": None, "non-COVID only": False, "COVID only": True}  # source_probe's origin subsets
+
+
 def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray | None = None,
-                 sizes: pd.DataFrame | None = None, target: str = "origin", seed: int = 0) -> pd.DataFrame:
+                 sizes: pd.DataFrame | None = None, target: str = "origin", seed: int = 0,
+                 n_permutations: int = N_PERMUTATIONS) -> pd.DataFrame:
     """The probes of the module docstring as one table (one row per probe), on rows of `table` and their images.
 
     Rows: image statistics -> `target`; + file sizes -> `target` (with `sizes`); learned features ->
     `target` (with `features`, e.g. `backbone_features`); border and corner statistics -> COVID label.
-    `target` is a table column; "origin" is computed by `origin()` when the table has no such column.
+    Every `target` probe runs on all images and again within each class (`subset` "non-COVID only",
+    "COVID only"): on all images origin and label coincide in CoronaHack, so only the within-class rows
+    measure origin itself. A subset with one origin, or one patient of one, is left out and listed,
+    with the reason, in `result.attrs["skipped"]`. `target` is a table column; "origin" comes from `origin()` when absent. Every
+    row carries its permutation null (`n_permutations`) and CI (`probe`).
     """
     if len(table) != len(images):
         raise CXRError(f"source_probe got {len(table)} table rows and {len(images)} images: "
@@ -225,28 +301,72 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
         table = table.assign(origin=origin(table))
     if target not in table.columns:
         raise CXRError(f"source_probe: the table has no column {target!r}")
-    groups, is_covid = _groups(table), np.where(table["label"] == "covid", "covid", "not_covid")
+    groups, covid = _groups(table), (table["label"] == "covid").to_numpy()
     stats = image_statistics(images)
-    runs = [("image statistics", stats, table[target], target)]
+    inputs = [("image statistics", stats)]
     if sizes is not None:
-        runs.append(("image statistics + file size", pd.concat([stats, sizes.reset_index(drop=True)], axis=1),
-                     table[target], target))
+        inputs.append(("image statistics + file size", pd.concat([stats, sizes.reset_index(drop=True)], axis=1)))
     if features is not None:
-        runs.append(("learned features", features, table[target], target))
-    runs.append(("border and corners", image_statistics(images, parts=("border", "corners")), is_covid, "covid label"))
+        inputs.append(("learned features", features))
+    runs = [(name, subset, np.asarray(X), table[target].to_numpy(), target, keep) for name, X in inputs
+            for subset, keep in SUBSETS.items()]
+    runs.append(("border and corners", "all images", image_statistics(images, parts=("border", "corners")).to_numpy(),
+                 np.where(covid, "covid", "not_covid"), "covid label", None))
+    rows, skipped = [], []
+    for name, subset, X, y, y_name, keep in runs:
+        rows_in = np.ones(len(y), bool) if keep is None else covid == keep
+        values = pd.Series(groups[rows_in]).groupby(y[rows_in]).nunique()
+        if len(values) < 2 or values.min() < 2:
+            counts = ", ".join(f"{value} {int(n)}" for value, n in values.items())
+            skipped.append(f"{name} → {y_name} ({subset}): patients per value {counts}; a probe needs two values "
+                           "with two patients each")  # fmt: skip
+            continue
+        result = probe(X[rows_in], y[rows_in], groups[rows_in], seed=seed, n_permutations=n_permutations)
+        rows.append({"features": name, "target": y_name, "subset": subset, **result,
+                     "flagged": result["verdict"] == "shortcut"})
+    out = pd.DataFrame(rows).drop(columns="classes")
+    out.attrs["skipped"] = skipped
+    return out
+
+
+def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.ndarray:
+    """Copies of `images` with a striped text-like block burned into the top-left corner of rows `where`:
+    the same marker the synthetic `shortcut=True` data puts on COVID images."""
+    out = np.array(images, copy=True)
+    size = out.shape[1]
+    rows, cols = slice(int(0.05 * size), max(int(0.11 * size), int(0.05 * size) + 2)), slice(int(0.05 * size), int(0.30 * size))
+    stripes = np.zeros(out.shape[1:], bool)
+    stripes[rows, cols] = (np.arange(out.shape[2]) // 2 % 2 == 0)[None, cols]
+    out[np.asarray(where, bool)[:, None, None] & stripes[None]] = value
+    return out
+
+
+def positive_control(images: np.ndarray, groups: Sequence[Any], featurize, seed: int = 0,
+                     n_permutations: int = N_PERMUTATIONS) -> pd.DataFrame:
+    """Can the probe find a shortcut that is certainly there? A marker is planted on half the patients.
+
+    `featurize(images)` -> features (e.g. `image_statistics` or a model's `backbone_features`). Row
+    "planted": the probe must flag the marker; row "not planted" (same halves, no marker): it must not.
+    A probe that misses the planted marker is blind, and its "none" verdicts elsewhere mean nothing.
+    """
+    groups = np.asarray(groups)
+    codes, uniques = pd.factorize(pd.Series(groups))
+    half = np.random.default_rng(seed).permutation(len(uniques)) < len(uniques) // 2
+    marked = half[codes]
+    target = np.where(marked, "marked", "unmarked")
     rows = []
-    for name, X, y, y_name in runs:
-        result = probe(X, y, groups, seed=seed)
-        rows.append({"features": name, "target": y_name, **result, "flagged": result["verdict"] == "shortcut"})
-    return pd.DataFrame(rows).drop(columns="classes")
+    for name, pixels in (("planted", plant_marker(images, marked)), ("not planted", images)):
+        result = probe(featurize(pixels), target, groups, seed=seed, n_permutations=n_permutations)
+        rows.append({"control": name, **result, "flagged": result["verdict"] == "shortcut"})
+    return pd.DataFrame(rows).drop(columns="classes").set_index("control")
 
 
 # --- masking -------------------------------------------------------------------------------------
 
 
 def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCache | int,
-                    modes: Sequence[str] = MASK_MODES, task: str | None = None, refine: bool = False,
-                    fill: str | int = "mean", batch_size: int = 32, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+                    modes: Sequence[str] = MASK_MODES, task: str | None = None, refine: bool = True,
+                    fill: str | int = "mean", batch_size: int = 32, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """The model's test metrics with the images intact, lungs removed and lungs only (one row per mode).
 
     `rows` are table rows (path, label, ids) or a predictions table (path, true, ids: a run's
@@ -254,7 +374,9 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     Masks come from `explain.lung_masks(images, refine)` and are painted before normalisation
     (`explain.mask_images`). `task` defaults to the one matching the model's output width.
     `f1_retained` = macro-F1 / intact macro-F1: near 1 with the lungs removed means the model does
-    not need the lungs for its score (a shortcut).
+    not need the lungs for its score (a shortcut). Each mode has patient-bootstrap 95% CIs
+    (`<metric>_ci_low/high`, `n_boot` resamples) and `baseline_macro_f1`, the macro-F1 of always
+    answering the rows' majority class: a masked score at or below it is no score at all.
     """
     cache = cache if isinstance(cache, ImageCache) else ImageCache(int(cache))
     images, skipped = cache.load(rows["path"].tolist())
@@ -276,46 +398,90 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
         logits = _apply(model, mask_images(images, masks, mode, fill), model.input_spec, batch_size)
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
         m = compute_metrics(predictions_table(rows, probs, classes, y), classes, n_boot=n_boot, seed=seed)
-        out.append({"mode": mode, "n": m["n"], **{k: m.get(k) for k in MASKED_METRICS}})
-    table = pd.DataFrame(out).set_index("mode").astype({k: float for k in MASKED_METRICS})
+        cis = {f"{k}_ci_{side}": (m["ci"].get(k) or (None, None))[i] for k in MASKED_CI for i, side in enumerate(("low", "high"))}
+        out.append({"mode": mode, "n": m["n"], **{k: m.get(k) for k in MASKED_METRICS}, **cis,
+                    "baseline_macro_f1": majority_baseline(y, y, classes)["macro_f1"]})
+    table = pd.DataFrame(out).set_index("mode")
+    table = table.astype({k: float for k in table.columns if k != "n"})
     if "intact" in table.index:
         table["f1_retained"] = table["macro_f1"] / table.loc["intact", "macro_f1"]
     return table
+
+
+def probe_lines(probe: pd.DataFrame) -> str:
+    """`source_probe`'s rows as Markdown bullets: score, CI, chance, permutation null and verdict."""
+    return "\n".join(_probe_line(r) for _, r in probe.iterrows())
+
+
+def _probe_line(r: pd.Series) -> str:
+    subset = f" ({r['subset']})" if "subset" in r and r["subset"] != "all images" else ""
+    ci = f" [95% CI {r['ci_low']:.2f}–{r['ci_high']:.2f}]" if pd.notna(r.get("ci_low", np.nan)) else ""
+    null = (f"; permuted targets reach {r['null_p95']:.2f} (95th pct), p = {r['p_value']:.3f}"
+            if pd.notna(r.get("p_value", np.nan)) else "")
+    return (f"- {r['features']} → {r['target']}{subset}: balanced accuracy {r['balanced_accuracy']:.2f}{ci} "
+            f"(chance {r['chance_balanced_accuracy']:.2f}{null}), AUC {r['auc']:.2f}: **{r['verdict']}**.")
+
+
+def _masked_reading(masked: pd.DataFrame) -> tuple[float, bool, str]:
+    """(share of the score kept without the lungs, whether it beats the majority baseline, the sentence).
+
+    With `baseline_macro_f1`, the share is of the score above the baseline: (removed - base) / (intact - base),
+    and "beats" asks the lungs-removed CI (when there is one) to lie above the baseline.
+    """
+    intact, removed = masked.loc["intact"], masked.loc["lungs_removed"]
+    base = removed.get("baseline_macro_f1", np.nan)
+    if pd.isna(base):
+        kept, beats, ref = removed["macro_f1"] / intact["macro_f1"], True, ""
+    else:
+        lowest = removed.get("macro_f1_ci_low", np.nan)
+        beats = bool((lowest if pd.notna(lowest) else removed["macro_f1"]) > base)
+        kept = (removed["macro_f1"] - base) / (intact["macro_f1"] - base) if intact["macro_f1"] > base else 0.0
+        ref = (f" against {base:.2f} for always answering the majority class ("
+               + ("above it" if beats else "no better") + ")")
+    ci = (f" [95% CI {removed['macro_f1_ci_low']:.2f}–{removed['macro_f1_ci_high']:.2f}]"
+          if pd.notna(removed.get("macro_f1_ci_low", np.nan)) else "")
+    share = "of its score above the baseline" if ref else "retained"
+    text = (f"- With the lung fields blanked, macro-F1 goes from {intact['macro_f1']:.2f} to {removed['macro_f1']:.2f}"
+            f"{ci}{ref}; {max(kept, 0.0):.0%} {share}. COVID-19 sensitivity goes from {intact['covid_sensitivity']:.2f} "
+            f"to {removed['covid_sensitivity']:.2f} at specificity {removed['covid_specificity']:.2f}.")
+    return float(kept), beats, text
 
 
 def conclusion(probe: pd.DataFrame, masked: pd.DataFrame | None = None) -> str:
     """What `source_probe` and `evaluate_masked` say, as Markdown computed from their numbers (never typed).
 
     Verdict: "suspect" when border/corner statistics predict COVID, or with the lungs removed the model
-    keeps >= 80% of its macro-F1 or still finds COVID (sensitivity >= 0.5 at specificity >= 0.8);
-    "partly outside the lungs" when it keeps >= 50%; otherwise a flagged source probe means the model
-    *could* use the source, and no flag proves nothing either way.
+    keeps >= 80% of its macro-F1 (of the part above the majority baseline, when known) or still finds
+    COVID (sensitivity >= 0.5 at specificity >= 0.8); "partly outside the lungs" when it keeps >= 50%
+    and beats the baseline; otherwise a flagged origin probe means the model *could* use the origin
+    (said more strongly when it is flagged within one class), and no flag proves nothing either way.
     """
-    lines = [f"- {r.features} → {r.target}: balanced accuracy {r.balanced_accuracy:.2f} (chance "
-             f"{r.chance_balanced_accuracy:.2f}), AUC {r.auc:.2f}: **{r.verdict}**." for r in probe.itertuples()]
-    label_flag = bool(probe.loc[probe["target"] == "covid label", "flagged"].any())
-    source_flag = bool(probe.loc[probe["target"] != "covid label", "flagged"].any())
-    kept, reasons = None, ["border and corner statistics alone predict it"] if label_flag else []
+    lines = [probe_lines(probe)]
+    is_label = probe["target"] == "covid label"
+    within = probe["subset"].ne("all images") if "subset" in probe else pd.Series(False, index=probe.index)
+    label_flag = bool(probe.loc[is_label, "flagged"].any())
+    source_flag = bool(probe.loc[~is_label, "flagged"].any())
+    within_flag = bool(probe.loc[~is_label & within, "flagged"].any())
+    kept, beats, reasons = None, True, ["border and corner statistics alone predict it"] if label_flag else []
     if masked is not None and {"intact", "lungs_removed"} <= set(masked.index):
-        intact, removed = masked.loc["intact"], masked.loc["lungs_removed"]
-        kept = removed["macro_f1"] / intact["macro_f1"]
-        if kept >= RETAINED_SHORTCUT:
+        removed = masked.loc["lungs_removed"]
+        kept, beats, text = _masked_reading(masked)
+        if kept >= RETAINED_SHORTCUT and beats:
             reasons.append(f"the model keeps {kept:.0%} of its macro-F1 with the lungs removed")
         if removed["covid_sensitivity"] >= 0.5 and removed["covid_specificity"] >= 0.8:
             reasons.append(f"with the lungs removed it still finds {removed['covid_sensitivity']:.0%} of COVID-19 "
                            f"images at specificity {removed['covid_specificity']:.2f}")
-        lines.append(f"- With the lung fields blanked, macro-F1 goes from {intact['macro_f1']:.2f} to "
-                     f"{removed['macro_f1']:.2f} ({kept:.0%} retained); COVID-19 sensitivity from "
-                     f"{intact['covid_sensitivity']:.2f} to {removed['covid_sensitivity']:.2f} at specificity "
-                     f"{removed['covid_specificity']:.2f}.")
+        lines.append(text)
     if reasons:
         verdict = (f"**The COVID-19 score is suspect**: the label can be read without the lungs "
                    f"({'; '.join(reasons)}). Do not read these scores as evidence of lung findings.")
-    elif kept is not None and kept >= RETAINED_PARTIAL:
+    elif kept is not None and kept >= RETAINED_PARTIAL and beats:
         verdict = ("**Part of what the model uses lies outside the lungs**: much of its score survives with the "
                    "lung fields removed.")
     elif source_flag:
-        verdict = ("The source is easy to predict from the pixels, so the model *could* use it"
+        where = ("even among images of one class, so it is not just the label in disguise" if within_flag else
+                 "across classes, where origin and label coincide")
+        verdict = (f"The origin is easy to predict from the pixels ({where}), so the model *could* use it"
                    + ("; with the lungs removed it loses most of its score, which points to the lungs" if kept
                       is not None else "") + ". Only external validation on another hospital's images settles it.")
     else:
@@ -352,17 +518,31 @@ def external_validation_summary(metrics: dict[str, Any] | str | Path) -> pd.Data
     return pd.DataFrame(rows).set_index("metric").astype({"value": float, "ci_low": float, "ci_high": float})
 
 
-def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence[str]) -> pd.DataFrame:
-    """Accuracy and COVID sensitivity/specificity per subgroup of `by` (table columns, or "age_band").
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of k successes in n trials (NaN, NaN for n = 0)."""
+    if n == 0:
+        return np.nan, np.nan
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
-    `pred` is a predictions table, `table` the data table holding the metadata (matched on image_id).
-    View, sex and age are known for ieee8023 rows only; missing values form the group "unknown".
-    Undefined metrics (no COVID image in a group for sensitivity) are NaN.
+
+def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence[str],
+                     min_n: int = MIN_SUBGROUP) -> pd.DataFrame:
+    """Accuracy and COVID sensitivity/specificity per subgroup of `by`, with Wilson 95% intervals.
+
+    `by`: table columns, "age_band" or "country" (from `location`). `pred` is a predictions table,
+    `table` the data table holding the metadata (matched on image_id); missing values form the group
+    "unknown" (view, sex and age are known for ieee8023 and NIH rows only). Intervals count images, which
+    are not independent when a patient has several: read them as a lower bound on the uncertainty.
+    A metric whose denominator is below `min_n` gets `<metric>_enough` False: `format_subgroups` then
+    says "too few to say" instead of a number (undefined metrics are NaN here, never 0).
     """
     by = [by] if isinstance(by, str) else list(by)
     meta = table.copy()
     if "age_band" in by:
         meta["age_band"] = pd.cut(meta["age"], AGE_BANDS, right=False, labels=AGE_LABELS).astype(object)
+    if "country" in by and "country" not in meta.columns and "location" in meta.columns:
+        meta["country"] = meta["location"].astype(str).str.split(",").str[-1].str.strip()
     missing = [c for c in by if c not in meta.columns]
     if missing:
         raise CXRError(f"subgroup_metrics: no column(s) {missing} in the table; available: {', '.join(meta.columns)}")
@@ -373,11 +553,31 @@ def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence
     rows = []
     for key, group in frame.groupby(by, sort=True):
         pos, called = group["true"] == "covid", group["pred"] == "covid"
-        rows.append({
-            **dict(zip(by, key if isinstance(key, tuple) else (key,))),
-            "n": len(group), "n_patients": group["patient_id"].nunique(), "n_covid": int(pos.sum()),
-            "accuracy": float((group["true"] == group["pred"]).mean()),
-            "covid_sensitivity": float(called[pos].mean()) if pos.any() else np.nan,
-            "covid_specificity": float((~called[~pos]).mean()) if (~pos).any() else np.nan,
-        })
+        row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "n": len(group),
+               "n_patients": group["patient_id"].nunique(), "n_covid": int(pos.sum())}
+        counts = {"accuracy": (int((group["true"] == group["pred"]).sum()), len(group)),
+                  "covid_sensitivity": (int(called[pos].sum()), int(pos.sum())),
+                  "covid_specificity": (int((~called[~pos]).sum()), int((~pos).sum()))}
+        for name, (k, n) in counts.items():
+            row[name] = k / n if n else np.nan
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = wilson(k, n)
+            row[f"{name}_n"], row[f"{name}_enough"] = n, n >= min_n
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def format_subgroups(frame: pd.DataFrame, metrics: Sequence[str] = SUBGROUP_METRICS) -> pd.DataFrame:
+    """`subgroup_metrics` for reading: "0.83 [0.70–0.91] (n=40)", or "too few to say (n=3)", or "none (n=0)"."""
+    keys = [c for c in frame.columns if c not in {"n_patients", "n_covid"} and not c.startswith(tuple(SUBGROUP_METRICS))]
+    out = frame[keys].copy()
+    for name in metrics:
+        def cell(r: pd.Series, name: str = name) -> str:
+            n = int(r[f"{name}_n"])
+            if n == 0:
+                return "none (n=0)"
+            if not r[f"{name}_enough"]:
+                return f"too few to say (n={n})"
+            return f"{r[name]:.2f} [{r[f'{name}_ci_low']:.2f}–{r[f'{name}_ci_high']:.2f}] (n={n})"
+
+        out[name] = frame.apply(cell, axis=1)
+    return out

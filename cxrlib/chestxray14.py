@@ -63,7 +63,8 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
     """The NIH download as a table: one row per image that has metadata, an image and an official list.
 
     Columns: `COLUMNS` (path, image_id "chestxray14/<file>", patient_id "nih:<Patient ID>", source,
-    published_split "train" (train_val_list.txt) or "test" (test_list.txt), view, sex, age, follow_up,
+    published_split "train" (train_val_list.txt), "test" (test_list.txt) or "" when the folder has no
+    official lists (noted in `report.notes`), view, sex, age, follow_up,
     finding_labels as written, then one 0/1 column per finding in FINDINGS order; "No Finding" is all 0).
     Rows that cannot be used are reported, never dropped silently: no image file -> `report.missing`;
     an unknown finding label, an image in neither or both list files, a repeated image name ->
@@ -79,13 +80,7 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
     meta = data._read_csv(csv_path, ["Image Index", "Finding Labels", "Patient ID"], hint=DOWNLOAD)
     sex_column = next((c for c in ("Patient Gender", "Patient Sex") if c in meta.columns), None)
 
-    listed: dict[str, set[str]] = {}
-    for split, name in LISTS.items():
-        path = root / name
-        if not path.is_file():
-            raise CXRError(f"{path} not found: the official split ships with the data; put {name} next to "
-                           f"{csv_path.name} (from {DOWNLOAD})")  # fmt: skip
-        listed[split] = set(path.read_text().split())
+    listed = _official_lists(root, csv_path, report)
     files: dict[str, Path] = {}
     for pattern in IMAGE_GLOBS:
         for path in sorted(root.glob(pattern)):
@@ -107,7 +102,7 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
             why = (f"{name}: unknown finding label(s) {unknown} in 'Finding Labels' (line {line}); expected "
                    f"'{NO_FINDING}' or names from {', '.join(FINDINGS)}" if unknown else
                    f"{name}: '{NO_FINDING}' together with findings ({rec['Finding Labels']}, line {line})")  # fmt: skip
-        elif (name in listed["train"]) == (name in listed["test"]):
+        elif listed and (name in listed["train"]) == (name in listed["test"]):
             where = "both" if name in listed["train"] else "neither"
             why = f"{name}: listed in {where} of {LISTS['train']} and {LISTS['test']}"
         if why:
@@ -123,7 +118,7 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
         rows.append({
             "path": str(files[name].resolve()), "image_id": f"{SOURCE}/{name}",
             "patient_id": f"nih:{int(pid)}" if pid.isdigit() else f"nih:{pid}", "source": SOURCE,
-            "published_split": "train" if name in listed["train"] else "test",
+            "published_split": "" if not listed else "train" if name in listed["train"] else "test",
             "view": rec.get("View Position", ""), "sex": rec.get(sex_column, "") if sex_column else "",
             "age": age if age <= MAX_AGE else np.nan, "follow_up": rec.get("Follow-up #", ""),
             "finding_labels": rec["Finding Labels"], **{f: int(f in labels) for f in FINDINGS},
@@ -144,6 +139,22 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
     return table, report
 
 
+def _official_lists(root: Path, csv_path: Path, report: data.ReadReport) -> dict[str, set[str]]:
+    """The official train/test lists, or {} (noted) when neither file is there: subsets such as the
+    910-image NIH sample ship without them. One list without the other is an incomplete download."""
+    paths = {split: root / name for split, name in LISTS.items()}
+    present = [p for p in paths.values() if p.is_file()]
+    if not present:
+        report.notes.append(f"{root}: no official split lists ({', '.join(LISTS.values())}); published_split "
+                            "is empty and any split is a seeded patient-disjoint one")  # fmt: skip
+        return {}
+    if len(present) < len(paths):
+        lost = next(p for p in paths.values() if not p.is_file())
+        raise CXRError(f"{lost} not found: the official split ships as two lists; put {lost.name} next to "
+                       f"{csv_path.name} (from {DOWNLOAD}) or remove both lists")  # fmt: skip
+    return {split: set(path.read_text().split()) for split, path in paths.items()}
+
+
 def _age(text: str) -> float:
     """'58', or '058Y' as in NIH's first release -> 58.0; '' -> NaN."""
     match = re.match(r"\s*(\d+)", str(text))
@@ -153,6 +164,9 @@ def _age(text: str) -> float:
 def split_chestxray14(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.1) -> pd.DataFrame:
     """Add `split`: test = the official test list; val = a seeded `val_frac` of the other patients; train = the rest.
 
+    Without official lists (published_split all ""), test is first carved out as a seeded quarter of the
+    patients (about the official lists' share), recorded in `attrs["notes"]`.
+
     The official lists are patient-disjoint, and so is val from train; data.check_no_leakage checks it
     (by patient: NIH file names are unique, and hashing 45 GB of PNGs again would cost minutes).
     """
@@ -160,6 +174,13 @@ def split_chestxray14(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.1)
         raise CXRError(f"val_frac={val_frac}: must be in (0, 1)")
     out = table.reset_index(drop=True).copy()
     out["split"] = "test"
+    out.attrs["notes"] = []
+    if (out["published_split"] == "").all():
+        everyone = np.arange(len(out))
+        keep, _ = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=seed)
+                       .split(everyone, groups=out["patient_id"]))  # fmt: skip
+        out.loc[keep, "published_split"] = "train"
+        out.attrs["notes"].append("no official split lists: test = a seeded 25% of the patients")
     pool = np.flatnonzero(out["published_split"] == "train")
     if out.loc[pool, "patient_id"].nunique() < 2:
         raise CXRError("ChestX-ray14: fewer than 2 patients in train_val_list.txt; cannot carve out a validation set")

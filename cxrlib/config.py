@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,21 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "multiclass": ("covid", "pneumonia", "normal"),
 }
 LABELS = ("covid", "pneumonia", "normal")  # the 3-class label every reader writes in `label`
+
+
+PREPROCESS = ("none", "clahe", "lung_crop")  # images.PREPROCESSORS, applied by images.make_cache
+
+
+def external_sets(spec: str) -> dict[str, str]:
+    """The `external` parameter "name=path[,name=path]" as {name: path}; CXRError names a malformed part."""
+    sets: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, path = (x.strip() for x in part.partition("="))
+        if not name or not path or not name.replace("-", "").replace("_", "").isalnum() or name in sets:
+            raise CXRError(f"parameter external={spec!r}: part {part!r} is not NAME=PATH with a new, "
+                           "alphanumeric NAME")  # fmt: skip
+        sets[name] = path
+    return sets
 
 
 def classes(task: str) -> tuple[str, ...]:
@@ -42,6 +58,10 @@ class RunConfig:
     coronahack_dir: str = ""  # empty -> the synthetic default
     extra_covid_dir: str = ""
     manifest: str = ""
+    extra_negatives: str = ""  # ChestX-ray14-layout folder or manifest CSV of non-COVID images (e.g. NIH adults) to train and test on
+    external: str = ""  # NAME=DIR_OR_CSV[,NAME=...]: sets scored at the end of the run, unseen images only
+    hold_out: str = ""  # COLUMN=VALUE (e.g. country=Italy, site=sirm.org): those patients go to test only
+    preprocess: str = "none"  # none | clahe | lung_crop: applied to every image in training and evaluation
     task: str = "multiclass"  # binary | multiclass
     loss: str = "ce"  # ce | weighted_ce | focal
     gamma: float = 2.0
@@ -79,6 +99,7 @@ class RunConfig:
             "scheduler": (self.scheduler, ("cosine", "step", "none")),
             "split": (self.split, ("patient", "published")),
             "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
+            "preprocess": (self.preprocess, PREPROCESS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -87,6 +108,9 @@ class RunConfig:
             self.freeze.startswith("stage") and self.freeze[5:].isdigit()
         ):
             raise CXRError(f"parameter freeze={self.freeze!r}: use none, backbone or stageN (N=1..4)")
+        external_sets(self.external)
+        if self.hold_out and not all(self.hold_out.partition("=")[::2]):
+            raise CXRError(f"parameter hold_out={self.hold_out!r}: use COLUMN=VALUE, e.g. country=Italy")
         if isinstance(self.alpha, str):  # papermill / CLI give "0.25,0.5,0.25"
             self.alpha = [float(a) for a in self.alpha.split(",")] if self.alpha.strip() else None
         if self.alpha is not None and len(self.alpha) != len(classes(self.task)):
@@ -115,7 +139,10 @@ class RunConfig:
             weights += "-" + (path.parent.name if path.stem == "model" else path.stem)
         elif self.weights.startswith("torchxrayvision:"):
             weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
-        return f"{self.task}-{self.loss}-{self.backbone}-{weights}-s{self.seed}" + (
+        arms = ["negs" if self.extra_negatives else "",  # the generalisation arms (chapter 06) get their own folders
+                f"holdout-{re.sub(r'[^A-Za-z0-9.]+', '_', self.hold_out)}" if self.hold_out else "",
+                self.preprocess if self.preprocess != "none" else ""]
+        return "-".join([self.task, self.loss, self.backbone, weights, *filter(None, arms), f"s{self.seed}"]) + (
             "" if self.extra_covid_train else "-noextra")
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,9 +221,12 @@ def data_banner(record: dict[str, Any]) -> str:
         return ("**Data: synthetic.** No data was configured, so this chapter ran on cxrlib's synthetic chest "
                 "X-rays (CoronaHack and ieee8023 layouts). Its numbers show that the code works; they say "
                 "nothing about COVID-19. Set `coronahack_dir` and `extra_covid_dir` to run it on the real data.")
-    parts = ", ".join(f"{SOURCE_NAMES[k]} `{v}`" for k, v in record["sources"].items())
+    parts = ", ".join(f"{SOURCE_NAMES[k]} (folder `{Path(v).name}`)" for k, v in record["sources"].items())
+    negs = record.get("extra_negatives")
+    extra = (f" Runs marked *debiased* also trained on {negs['n_images']} extra non-COVID images (folder "
+             f"`{negs['folder']}`, fingerprint `{negs['fingerprint']}`)." if negs else "")
     return (f"**Data: {parts}** ({record['n_images']} images after de-duplication, data fingerprint "
-            f"`{record['fingerprint']}`). Research use only; not a diagnostic device.")
+            f"`{record['fingerprint']}`).{extra} Research use only; not a diagnostic device.")
 
 
 def banner_from_record(path: str | Path) -> str:
@@ -208,7 +238,8 @@ def banner_from_record(path: str | Path) -> str:
     records = [r for r in records if "record" in r.get("data", {}) and "task" in r.get("config", {})]
     if not records:
         raise CXRError(f"no run folder with a data record in {path}: run `python -m cxrlib.runs` (or train) first")
-    data = {r["data"]["record"]["fingerprint"]: r["data"]["record"] for r in records}
+    data = {r["data"]["record"]["fingerprint"]: r["data"]["record"]  # a debiased run's record names its extra data
+            for r in sorted(records, key=lambda r: "extra_negatives" in r["data"]["record"])}
     if len(data) > 1:
         raise CXRError(f"{path} mixes runs of different data ({', '.join(d['tag'] for d in data.values())}); "
                        "give one data set's run root")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -23,11 +25,12 @@ from .images import ImageCache, file_digest
 from .synthetic import CORONAHACK_IMAGES, ensure_synthetic
 
 COLUMNS = ["path", "image_id", "label", "subtype", "patient_id", "source", "published_split",
-           "view", "sex", "age", "location"]  # fmt: skip
+           "view", "sex", "age", "location", "site"]  # fmt: skip
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 SPLITS = ("train", "val", "test")
 DEDUP_SIZE = 64  # duplicates = same pixels after decoding and resizing to this size
-SOURCE_ORDER = {"coronahack": 0, "ieee8023": 1}  # which copy of a duplicate is kept (others after)
+SOURCE_ORDER = {"coronahack": 0, "ieee8023": 1, "nih": 2}  # which copy of a duplicate is kept (others after)
+NIH_SOURCE = "nih"
 LABEL_PRIORITY = ("covid", "pneumonia", "normal")  # a patient's stratum is its rarest label
 # ieee8023 findings that are pneumonias but not COVID-19 (June 2020 names and the newer
 # "Pneumonia/<Viral|Bacterial|Fungal>/<agent>" parts); anything containing "pneumonia" also counts.
@@ -158,7 +161,8 @@ def read_ieee8023(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     """ieee8023 covid-chestxray-dataset: metadata.csv + images/, frontal X-rays (PA, AP, AP Supine) only.
 
     Lateral views and CT rows are filtered (counted in `notes`); findings `map_finding` cannot place
-    go to `skipped`. Keeps patientid ("ieee8023:<id>"), sex, age and location.
+    go to `skipped`. Keeps patientid ("ieee8023:<id>"), sex, age, location and
+    site (the web site of its `url`: radiopaedia.org, sirm.org, a journal).
     """
     root = Path(root)
     csv = root / "metadata.csv"
@@ -180,12 +184,18 @@ def read_ieee8023(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
         rows.append({"path": str(path.resolve()), "image_id": f"ieee8023/{name}", "label": mapped[0],
                      "subtype": mapped[1], "patient_id": f"ieee8023:{r['patientid']}", "source": "ieee8023",
                      "view": r["view"], "sex": r.get("sex", "") if r.get("sex") in ("M", "F") else "",
-                     "age": r.get("age", ""), "location": r.get("location", "")})  # fmt: skip
+                     "age": r.get("age", ""), "location": r.get("location", ""), "site": _site(r.get("url", ""))})  # fmt: skip
     report.notes.append(
         f"ieee8023: kept {len(rows)} frontal X-rays of {len(meta)} rows; filtered out "
         f"{int(not_xray.sum())} non-X-ray (CT) and {int(not_frontal.sum())} non-frontal (lateral) rows"
     )
     return _frame(rows), report
+
+
+def _site(url: str) -> str:
+    """The web site an ieee8023 image was taken from ("radiopaedia.org", "sirm.org", a journal): its source."""
+    host = urlparse(url).netloc.lower()
+    return host[4:] if host.startswith("www.") else host
 
 
 def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
@@ -224,6 +234,63 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     if report.missing:
         report.notes.append(f"{csv}: {len(report.missing)} listed image(s) not found")
     return _frame(rows), report
+
+
+def read_nih(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
+    """NIH ChestX-ray14 (all of it or a subset) as COVID-task rows: adults without COVID-19.
+
+    "No Finding" -> normal; any label list containing Pneumonia -> pneumonia (subtype "Pneumonia" alone or
+    "Pneumonia with other findings");
+    other findings only (effusion, mass, ...) have no place in the task and go to `skipped`.
+    Patient ids "nih:<Patient ID>", NIH's age, sex and view, source "nih"; published_split from the
+    official lists, or "" without them (noted by the reader).
+    """
+    from .chestxray14 import NO_FINDING, read_chestxray14  # chestxray14 imports this module
+
+    nih, report = read_chestxray14(root)
+    normal, pneumonia = nih["finding_labels"] == NO_FINDING, nih["Pneumonia"] == 1
+    for name, labels in nih.loc[~(normal | pneumonia), ["image_id", "finding_labels"]].itertuples(index=False):
+        report.skipped.append(f"{name}: findings {labels!r} are neither {NO_FINDING!r} nor Pneumonia "
+                              "(no class of the COVID task)")  # fmt: skip
+    nih = nih[normal | pneumonia]
+    rows = pd.DataFrame({
+        "path": nih["path"], "image_id": NIH_SOURCE + "/" + nih["image_id"].str.split("/").str[-1],
+        "label": np.where(normal[nih.index], "normal", "pneumonia"),
+        "subtype": np.where(normal[nih.index], "normal", np.where(nih["finding_labels"] == "Pneumonia", "Pneumonia",
+                                                                  "Pneumonia with other findings")),
+        "patient_id": nih["patient_id"], "source": NIH_SOURCE, "published_split": nih["published_split"],
+        "view": nih["view"], "sex": nih["sex"], "age": nih["age"], "location": "NIH Clinical Center, USA",
+    })  # fmt: skip
+    return _frame(rows.to_dict("records")), report
+
+
+def read_any(where: str | Path) -> tuple[pd.DataFrame, ReadReport]:
+    """A CSV (manifest) or a folder in any layout a reader knows: ChestX-ray14, CoronaHack or ieee8023."""
+    from .chestxray14 import CSV_NAMES
+
+    path = Path(where)
+    if path.is_file():
+        return read_manifest(path)
+    if not path.is_dir():
+        raise CXRError(f"{path} not found: give a folder (ChestX-ray14, CoronaHack or ieee8023 layout) or a "
+                       "manifest CSV")  # fmt: skip
+    layouts = ((CSV_NAMES, read_nih), (("Chest_xray_Corona_Metadata.csv",), read_coronahack),
+               (("metadata.csv",), read_ieee8023))  # fmt: skip
+    for names, reader in layouts:
+        if any((path / name).is_file() for name in names):
+            return reader(path)
+    raise CXRError(f"{path}: no Data_Entry_2017.csv, Chest_xray_Corona_Metadata.csv or metadata.csv; "
+                   "cannot tell its layout (a manifest CSV works for any images)")  # fmt: skip
+
+
+def read_extra_negatives(where: str | Path) -> tuple[pd.DataFrame, ReadReport]:
+    """`read_any` for images that must not be COVID-19 (e.g. NIH adults): a COVID row is an error."""
+    table, report = read_any(where)
+    covid = table["label"] == "covid"
+    if covid.any():
+        raise CXRError(f"extra_negatives {where}: {int(covid.sum())} row(s) labelled covid (e.g. "
+                       f"{table.loc[covid, 'image_id'].iloc[0]}); extra negatives must be pneumonia or normal")  # fmt: skip
+    return table, report
 
 
 def _dedup(table: pd.DataFrame, report: ReadReport, cache: ImageCache) -> pd.DataFrame:
@@ -265,7 +332,7 @@ def _dedup(table: pd.DataFrame, report: ReadReport, cache: ImageCache) -> pd.Dat
         for other in ids - {canonical}:
             table.loc[table["patient_id"] == other, "patient_id"] = canonical
             merged += 1
-        for column in ("sex", "view", "location"):
+        for column in ("sex", "view", "location", "site"):
             if not table.at[kept, column]:
                 table.at[kept, column] = table.at[removed, column]
         if pd.isna(table.at[kept, "age"]):
@@ -281,11 +348,13 @@ def _dedup(table: pd.DataFrame, report: ReadReport, cache: ImageCache) -> pd.Dat
 
 
 def load_table(
-    coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "", cache: ImageCache | None = None
+    coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "", cache: ImageCache | None = None,
+    extra_negatives: str = "",
 ) -> tuple[pd.DataFrame, ReadReport]:
     """Read every given source, merge, drop unreadable images and duplicates (all reported).
 
-    With no source at all, the synthetic default (`cxrlib.synthetic.ensure_synthetic()`).
+    With no CoronaHack, ieee8023 or manifest source, the synthetic default (`ensure_synthetic()`).
+    `extra_negatives` (`read_extra_negatives`: e.g. the NIH adults) joins with its own patients.
     Decodes each image once into the DEDUP_SIZE cache; later calls only look the files up.
     """
     report = ReadReport()
@@ -293,16 +362,36 @@ def load_table(
         coronahack_dir, extra_covid_dir = map(str, ensure_synthetic())
         report.notes.append(f"no data given: using the synthetic default in {Path(coronahack_dir).parent}")
     parts = []
-    for reader, where in ((read_coronahack, coronahack_dir), (read_ieee8023, extra_covid_dir), (read_manifest, manifest)):
+    for reader, where in ((read_coronahack, coronahack_dir), (read_ieee8023, extra_covid_dir), (read_manifest, manifest),
+                          (read_extra_negatives, extra_negatives)):  # fmt: skip
         if where:
             part, part_report = reader(where)
-            parts.append(part)
+            parts.append(part.assign(extra_negative=reader is read_extra_negatives))
             report.extend(part_report)
     table = pd.concat(parts, ignore_index=True) if parts else _frame([])
     if table.empty:
-        raise CXRError("no usable images in " + ", ".join(p for p in (coronahack_dir, extra_covid_dir, manifest) if p))
+        raise CXRError("no usable images in " + ", ".join(p for p in (coronahack_dir, extra_covid_dir, manifest,
+                                                                      extra_negatives) if p))
     table = _dedup(table, report, cache or ImageCache(DEDUP_SIZE))
     return table, report
+
+
+def extra_negative_rows(table: pd.DataFrame) -> pd.Series:
+    """Rows that joined as `extra_negatives` (split on their own, so the other rows keep their split)."""
+    if "extra_negative" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["extra_negative"].fillna(False).astype(bool)
+
+
+def load_external(where: str, cache: ImageCache | None = None) -> tuple[pd.DataFrame, ReadReport]:
+    """An external set (`read_any`: any layout or a manifest) with `image_hash`, copies within it removed.
+
+    The hash is what `train.evaluate` matches against the images a model trained or validated on.
+    """
+    table, report = read_any(where)
+    if table.empty:
+        raise CXRError(f"{where}: no usable image (missing: {len(report.missing)}, skipped: {len(report.skipped)})")
+    return _dedup(table, report, cache or ImageCache(DEDUP_SIZE)), report
 
 
 def encode_labels(table: pd.DataFrame, task: str) -> np.ndarray:
@@ -343,8 +432,54 @@ def _units(table: pd.DataFrame) -> pd.DataFrame:
     return units
 
 
+HOLD_OUT_COLUMNS = ("country", "location", "site", "source", "view", "sex")
+
+
+def _column(table: pd.DataFrame, column: str) -> pd.Series:
+    """A table column as lower-case text; "country" is the last comma-separated part of `location`."""
+    if column == "country":
+        return table["location"].astype(str).str.split(",").str[-1].str.strip().str.lower()
+    return table[column].astype(str).str.strip().str.lower()
+
+
+def held_out(table: pd.DataFrame, spec: str) -> pd.Series:
+    """Rows of every patient with a row matching `spec` ("column=value", e.g. "country=Italy",
+    "site=sirm.org"; case-insensitive, whole value), as a boolean Series; "" holds nothing out."""
+    if not spec:
+        return pd.Series(False, index=table.index)
+    column, _, value = spec.partition("=")
+    column, value = column.strip(), value.strip().lower()
+    if column not in HOLD_OUT_COLUMNS or not value:
+        raise CXRError(f"parameter hold_out={spec!r}: use column=value with column one of "
+                       f"{', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
+    match = _column(table, column) == value
+    if not match.any():
+        raise CXRError(f"parameter hold_out={spec!r}: no image has {column} {value!r} (see data.source_sizes)")
+    return table["patient_id"].isin(table.loc[match, "patient_id"])
+
+
+def source_sizes(table: pd.DataFrame, columns: Sequence[str] = ("country", "site"), label: str = "covid",
+                 min_images: int = 20) -> pd.DataFrame:
+    """Images and patients of `label` per value of each column: which sources can be held out.
+
+    One row per (column, value) with `images`, `patients` and `enough` (>= `min_images`), largest first;
+    the `hold_out` parameter takes "<column>=<value>". Empty values are left out.
+    """
+    rows = table[table["label"] == label]
+    out = []
+    for column in columns:
+        values = _column(rows, column)
+        for value, group in rows[values != ""].groupby(values[values != ""]):
+            out.append({"column": column, "value": value, "images": len(group),
+                        "patients": group["patient_id"].nunique(), "hold_out": f"{column}={value}"})
+    frame = pd.DataFrame(out, columns=["column", "value", "images", "patients", "hold_out"])
+    frame["enough"] = frame["images"] >= min_images
+    return frame.sort_values(["column", "images"], ascending=[True, False], ignore_index=True)
+
+
 def split_table(
-    table: pd.DataFrame, task: str, seed: int = 0, mode: str = "patient", val_frac: float = 0.15, test_frac: float = 0.15
+    table: pd.DataFrame, task: str, seed: int = 0, mode: str = "patient", val_frac: float = 0.15,
+    test_frac: float = 0.15, hold_out: str = "",
 ) -> pd.DataFrame:
     """Add `split` (train/val/test): patient-disjoint, stratified by label and source, from `seed`.
 
@@ -352,7 +487,8 @@ def split_table(
     mode "published": CoronaHack's TRAIN/TEST kept; val carved out of TRAIN by patient; rows with no
     published split (ieee8023, manifests without split) split 3-way by patient; a patient on both
     sides of the published split (170 Kermany person numbers) is moved to train, noted in
-    `result.attrs["notes"]`. Every split must hold every class of `task`; then `check_no_leakage`.
+    `result.attrs["notes"]`. `hold_out` (`held_out`) sends every patient of one source to test only,
+    before the split of the rest. Every split must hold every class of `task`; then `check_no_leakage`.
     """
     names = classes(task)
     if mode not in ("patient", "published"):
@@ -367,12 +503,17 @@ def split_table(
                            f"or use another task")  # fmt: skip
     rng = np.random.default_rng(seed)
     fracs = {"train": 1 - val_frac - test_frac, "val": val_frac, "test": test_frac}
-    units = _units(table)
+    held = held_out(table, hold_out)
+    extra = extra_negative_rows(table)
+    units = _units(table[~held & ~extra])
     notes: list[str] = []
+    if held.any():
+        notes.append(f"hold_out {hold_out}: {int(held.sum())} image(s) of {table.loc[held, 'patient_id'].nunique()} "
+                     "patient(s) are in test only; the rest is split as usual")  # fmt: skip
     if mode == "patient":
         assignment = _allocate(units, fracs, rng)
     else:
-        sides = table[table["published_split"] != ""].groupby("patient_id")["published_split"].agg(set)
+        sides = table[~held & (table["published_split"] != "")].groupby("patient_id")["published_split"].agg(set)
         crossing = sides[sides.map(lambda s: {"train", "test"} <= s)].index
         if len(crossing):
             moved = table["patient_id"].isin(crossing) & (table["published_split"] == "test")
@@ -384,8 +525,10 @@ def split_table(
         assignment = {**pinned[pinned != "train"].to_dict(),
                       **_allocate(units[units["patient_id"].isin(pinned[pinned == "train"].index)], inner, rng),
                       **(_allocate(free, fracs, rng) if len(free) else {})}  # fmt: skip
+    if extra.any():  # own generator: the other rows' split is that of the run without extra negatives
+        assignment.update(_allocate(_units(table[extra & ~held]), fracs, np.random.default_rng([seed, 1])))
     out = table.copy()
-    out["split"] = out["patient_id"].map(assignment)
+    out["split"] = out["patient_id"].map(assignment).where(~held, "test")
     for split in SPLITS:
         if not (out["split"] == split).any():
             raise CXRError(f"split {split!r} is empty: {out['patient_id'].nunique()} patients are too few for "

@@ -467,3 +467,90 @@ class CXRDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor, int]:
         label = self.labels[i]
         return self.transform(self.images[i]), int(label) if label.ndim == 0 else torch.from_numpy(label), int(i)
+
+
+# --- image-level remedies for source shortcuts (RunConfig.preprocess) -----------------------------
+
+CLAHE_TILES = 8  # tiles per side
+CLAHE_CLIP = 0.01  # histogram cap per tile, as a share of the tile's pixels (excess spread evenly)
+LUNG_CROP_SIZE = 128  # the lung field is estimated at this size
+LUNG_CROP_MARGIN = 0.05  # of the side, around the lung fields' bounding box
+
+
+def clahe(img: np.ndarray, tiles: int = CLAHE_TILES, clip: float = CLAHE_CLIP) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a uint8 (H, W) image (Zuiderveld 1994).
+
+    Each tile's clipped histogram gives an intensity map; each pixel blends the maps of its four nearest
+    tile centres (bilinear). Equalising every image this way removes much of what differs between
+    scanners and their processing (brightness, contrast, gamma) while keeping local structure.
+    """
+    img = np.asarray(img, np.uint8)
+    h, w = img.shape
+    ys, xs = (np.linspace(0, n, tiles + 1).round().astype(int) for n in (h, w))
+    maps = np.empty((tiles, tiles, 256))
+    for i in range(tiles):
+        for j in range(tiles):
+            hist = np.bincount(img[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].ravel(), minlength=256).astype(float)
+            cap = max(1.0, clip * hist.sum())
+            hist = np.minimum(hist, cap) + (hist - np.minimum(hist, cap)).sum() / 256
+            maps[i, j] = 255 * np.cumsum(hist) / max(hist.sum(), 1)
+    fy = np.interp(np.arange(h) + 0.5, (ys[:-1] + ys[1:]) / 2, np.arange(tiles))
+    fx = np.interp(np.arange(w) + 0.5, (xs[:-1] + xs[1:]) / 2, np.arange(tiles))
+    y0, x0 = np.floor(fy).astype(int), np.floor(fx).astype(int)
+    y1, x1 = np.minimum(y0 + 1, tiles - 1), np.minimum(x0 + 1, tiles - 1)
+    wy, wx = (fy - y0)[:, None], (fx - x0)[None, :]
+    yy, xx, v = y0[:, None], x0[None, :], img
+    out = ((1 - wy) * (1 - wx) * maps[yy, xx, v] + (1 - wy) * wx * maps[yy, x1[None, :], v]
+           + wy * (1 - wx) * maps[y1[:, None], xx, v] + wy * wx * maps[y1[:, None], x1[None, :], v])
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+def lung_crop(img: np.ndarray) -> np.ndarray:
+    """The image cropped to its estimated lung fields (explain.lung_masks, refined) plus a small margin.
+
+    Cuts away borders, corners, neck and abdomen, where markers, text and collimation edges sit.
+    """
+    from .explain import lung_masks  # explain imports the model code; only this remedy needs it
+
+    img = np.asarray(img, np.uint8)
+    h, w = img.shape
+    mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    pad = LUNG_CROP_MARGIN * LUNG_CROP_SIZE
+    top, bottom = max(0.0, rows[0] - pad), min(LUNG_CROP_SIZE, rows[-1] + 1 + pad)
+    left, right = max(0.0, cols[0] - pad), min(LUNG_CROP_SIZE, cols[-1] + 1 + pad)
+    sy, sx = h / LUNG_CROP_SIZE, w / LUNG_CROP_SIZE
+    return img[int(top * sy):max(int(top * sy) + 1, round(bottom * sy)),
+               int(left * sx):max(int(left * sx) + 1, round(right * sx))]  # fmt: skip
+
+
+PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"clahe": clahe, "lung_crop": lung_crop}
+
+
+class PreprocessedCache(ImageCache):
+    """An ImageCache of images passed through one remedy before resizing, in a store of its own.
+
+    Training, evaluation and prediction build it from the run's `preprocess` (`make_cache`), so the
+    remedy is applied identically everywhere and decoded once per (setting, size).
+    """
+
+    def __init__(self, size: int, method: str, root: str | Path | None = None, workers: int | None = None):
+        if method not in PREPROCESSORS:
+            raise CXRError(f"preprocess={method!r}: choose none or one of {', '.join(PREPROCESSORS)}")
+        self.method = method
+        base = Path(root or os.environ.get("CXRLIB_CACHE") or Path.home() / ".cache" / "cxrlib" / "images")
+        super().__init__(size, base / f"preprocess-{method}", workers)
+
+    def _decode_one(self, data: bytes, path: str) -> np.ndarray:
+        return resize_square(PREPROCESSORS[self.method](_decode_bytes(data, path)), self.size)
+
+
+def make_cache(size: int, preprocess: str = "none") -> ImageCache:
+    """The image cache for a run's `image_size` and `preprocess` setting."""
+    return ImageCache(size) if preprocess == "none" else PreprocessedCache(size, preprocess)
+
+
+def load_preprocessed(path: str | Path, size: int, preprocess: str = "none") -> np.ndarray:
+    """One file decoded, preprocessed and resized exactly as `make_cache(size, preprocess)` stores it."""
+    img = decode_image(path)
+    return resize_square(img if preprocess == "none" else PREPROCESSORS[preprocess](img), size)

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from . import data, distributed, images, losses, metrics, models
-from .config import RunConfig, classes as task_classes, data_record
+from .config import RunConfig, classes as task_classes, data_record, external_sets
 from .errors import CXRError
 from .results import read_status
 
@@ -51,7 +51,9 @@ BEST = "model.pt"
 # What a fresh (not resumed) run removes from an unfinished folder; never the papermill notebook.
 OUTPUTS = (BEST, LAST, "history.csv", "predictions.csv", "metrics.json")
 # Parameters that may differ between a complete run folder and a request for it (they do not change results).
-NOT_IDENTITY = ("run_dir", "device", "num_workers", "profile")
+# Data folders are not identity either: the data fingerprint is (the same data may sit elsewhere on another machine).
+NOT_IDENTITY = ("run_dir", "device", "num_workers", "profile", "coronahack_dir", "extra_covid_dir", "manifest",
+                "extra_negatives", "external")
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -83,9 +85,14 @@ class LoadedData:
 
 def load_data(cfg: RunConfig) -> LoadedData:
     """Read the run's data once: its fingerprint is part of the run's identity (folder reuse, data tag)."""
-    table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest)
-    record = data_record(data.data_fingerprint(table), len(table), cfg.coronahack_dir, cfg.extra_covid_dir,
-                         cfg.manifest)
+    table, report = data.load_table(cfg.coronahack_dir, cfg.extra_covid_dir, cfg.manifest,
+                                    extra_negatives=cfg.extra_negatives)
+    extra = data.extra_negative_rows(table)
+    record = data_record(data.data_fingerprint(table[~extra]), int((~extra).sum()), cfg.coronahack_dir,
+                         cfg.extra_covid_dir, cfg.manifest)
+    if extra.any():  # a run parameter of the debiasing arm, not another data set: the data tag stays the base's
+        record["extra_negatives"] = {"folder": Path(cfg.extra_negatives).name, "n_images": int(extra.sum()),
+                                     "fingerprint": data.data_fingerprint(table[extra])}
     return LoadedData(table, report, record)
 
 
@@ -147,9 +154,13 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
     diff = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in wanted
             if k not in NOT_IDENTITY and k in saved and saved[k] != wanted[k]]
     if data_record is not None:
-        had = params.get("data", {}).get("record", {}).get("fingerprint")
-        if had != data_record["fingerprint"]:
-            diff.append(f"data fingerprint: {had!r} there, {data_record['fingerprint']!r} ({data_record['tag']}) asked")
+        had = params.get("data", {}).get("record", {})
+        if had.get("fingerprint") != data_record["fingerprint"]:
+            diff.append(f"data fingerprint: {had.get('fingerprint')!r} there, {data_record['fingerprint']!r} "
+                        f"({data_record['tag']}) asked")
+        negs = [(r.get("extra_negatives") or {}).get("fingerprint") for r in (had, data_record)]
+        if negs[0] != negs[1]:
+            diff.append(f"extra negatives fingerprint: {negs[0]!r} there, {negs[1]!r} asked")
     if diff:
         raise CXRError(f"{run_dir} is a complete run with other parameters ({'; '.join(diff)}); "
                        "choose another run_dir or delete that folder to retrain")
@@ -162,12 +173,12 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
         seed_everything(cfg.seed)
         loaded = loaded or load_data(cfg)
         report = loaded.report
-        table = data.split_table(loaded.table, cfg.task, seed=cfg.seed, mode=cfg.split,
-                                 val_frac=cfg.val_frac, test_frac=cfg.test_frac)
+        table = data.split_table(loaded.table, cfg.task, seed=cfg.seed, mode=cfg.split, val_frac=cfg.val_frac,
+                                 test_frac=cfg.test_frac, hold_out=cfg.hold_out)
         if not cfg.extra_covid_train:  # after the split: the test split stays that of the run with them
             table = table[~(table["source"].eq("ieee8023") & table["split"].isin(["train", "val"]))]
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
-        cache = images.ImageCache(cfg.image_size)
+        cache = images.make_cache(cfg.image_size, cfg.preprocess)
         eval_tf = images.make_transform(model.input_spec, train=False)
         sets = {s: images.CXRDataset(table[table["split"] == s], cfg.task, cache, eval_tf) for s in SPLITS}
     for s, ds in sets.items():
@@ -194,7 +205,8 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
             "run_dir": str(run_dir),
             "data": {"fingerprint": fingerprint, "record": loaded.record, "summary": data.summarize(table, report),
                      "unreadable": {s: [f"{p}: {why}" for p, why in ds.skipped] for s, ds in sets.items()},
-                     "train_class_counts": dict(zip(classes, counts.tolist()))},
+                     "train_class_counts": dict(zip(classes, counts.tolist())),
+                     "held_out_images": table.loc[data.held_out(table, cfg.hold_out), "image_id"].tolist()},
             "model": {"weights_source": load_report.source, "init_quality": init_quality(cfg.weights),
                       "loaded_tensors": len(load_report.loaded),
                       "reinitialised": load_report.reinitialised[:20], "notes": load_report.notes,
@@ -227,8 +239,17 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
 
     scored = {s: predict_dataset(trained, sets[s], batch_size=opts.eval_batch_size, device=device, amp=opts.amp)[0]
               for s in ("val", "test")}
-    if not info.is_main:
-        return
+    if info.is_main:
+        _save_results(cfg, run_dir, sets, scored, result, fingerprint, prov)
+    distributed.barrier()  # model.pt holds the validation threshold now
+    for name, where in external_sets(cfg.external).items():  # scored now: a bundle without weights keeps them
+        evaluate(run_dir / BEST, {"external": where}, run_dir / "external" / name, device=str(device), progress=False)
+
+
+def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], scored: dict[str, np.ndarray],
+                  result: "FitResult", fingerprint: str, prov: dict[str, Any]) -> None:
+    """predictions.csv, metrics.json and the threshold in model.pt, from the val and test scores (rank 0)."""
+    classes = list(cfg.classes)
     labels = {s: ds.labels for s, ds in sets.items()}
     pred = {s: metrics.predictions_table(sets[s].table, scored[s], classes, labels[s]) for s in ("val", "test")}
     threshold, why = _choose_threshold(pred["val"])
@@ -676,8 +697,9 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
              progress: bool | None = None) -> dict[str, Any]:
     """Score a saved model on any data the data layer reads; writes out_dir/metrics.json and predictions.csv.
 
-    `data_source` is a table (all its rows are scored) or load_table's arguments
-    ({"coronahack_dir", "extra_covid_dir", "manifest"}). rows="auto" scores every image the model did
+    `data_source` is a table (all its rows are scored), load_table's arguments ({"coronahack_dir",
+    "extra_covid_dir", "manifest", "extra_negatives"}) or {"external": folder or CSV in any layout
+    (`data.load_external`)}. rows="auto" scores every image the model did
     not see in training or validation (model.pt lists their pixel hashes): all of another hospital's
     manifest (external validation), exactly the run's test split on its own data, and only the unseen
     part of data that overlaps it. rows="all" scores everything; rows="test" re-splits with the
@@ -691,8 +713,9 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         table, chosen = data_source, "given"
     else:
         args = {k: str(v or "") for k, v in data_source.items()}
-        table, _ = data.load_table(args.get("coronahack_dir", ""), args.get("extra_covid_dir", ""),
-                                   args.get("manifest", ""))
+        table, _ = (data.load_external(args["external"]) if args.get("external") else
+                    data.load_table(args.get("coronahack_dir", ""), args.get("extra_covid_dir", ""),
+                                    args.get("manifest", ""), extra_negatives=args.get("extra_negatives", "")))
         chosen = rows
         if rows == "auto":
             seen = set(meta.get("seen_image_hashes", []))
@@ -702,7 +725,8 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
             table = table[unseen]
         elif rows == "test":
             table = data.split_table(table, meta["task"], seed=cfg.get("seed", 0), mode=cfg.get("split", "patient"),
-                                     val_frac=cfg.get("val_frac", 0.15), test_frac=cfg.get("test_frac", 0.15))
+                                     val_frac=cfg.get("val_frac", 0.15), test_frac=cfg.get("test_frac", 0.15),
+                                     hold_out=cfg.get("hold_out", ""))
             table = table[table["split"] == "test"]
         elif rows != "all":
             raise CXRError(f"rows={rows!r}: choose auto, all or test")
@@ -710,7 +734,7 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         table = table.assign(split="test")  # every scored row is this evaluation's test set
     if len(table) == 0:
         raise CXRError(f"no images to evaluate: {note or 'the data source has no rows'}")
-    dataset = images.CXRDataset(table, meta["task"], images.ImageCache(meta["image_size"]),
+    dataset = images.CXRDataset(table, meta["task"], images.make_cache(meta["image_size"], cfg.get("preprocess", "none")),
                                 images.make_transform(meta["input_spec"], train=False))
     dev = distributed.resolve_device(device)
     probs, _, _ = predict_dataset(model, dataset, batch_size=batch_size, device=dev, progress=progress)
@@ -718,6 +742,8 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
     pred = metrics.predictions_table(dataset.table, probs, classes, dataset.labels)
     threshold = meta.get("threshold")
     results = metrics.compute_metrics(pred, classes, n_boot=n_boot, seed=cfg.get("seed", 0), threshold=threshold)
+    if not distributed.current().is_main:  # under torchrun every rank scored a shard; rank 0 writes
+        return results
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(pred, out_dir / "predictions.csv")
@@ -741,7 +767,8 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], *, batch_
         raise CXRError("predict: give at least one image path")
     transform = images.make_transform(meta["input_spec"], train=False)
     size = meta["image_size"]
-    batch = torch.stack([transform(images.resize_square(images.decode_image(p), size)) for p in image_paths])
+    preprocess = meta.get("config", {}).get("preprocess", "none")
+    batch = torch.stack([transform(images.load_preprocessed(p, size, preprocess)) for p in image_paths])
     labels = torch.zeros(len(batch), dtype=torch.long)
     probs, _, _ = predict_dataset(model, TensorDataset(batch, labels), batch_size=batch_size,
                                   device=distributed.resolve_device(device))

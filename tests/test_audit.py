@@ -3,6 +3,8 @@ external-validation summary and subgroup metrics."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -40,7 +42,8 @@ def test_border_probe_flags_the_planted_shortcut_only(synthetic_sets):
     """
     verdicts, adults = {}, {}
     for shortcut, (table, images) in synthetic_sets.items():
-        result = audit.source_probe(table, images).set_index("features")
+        result = audit.source_probe(table, images, n_permutations=0)
+        result = result[result["subset"] == "all images"].set_index("features")
         verdicts[shortcut] = result.loc["border and corners"]
         assert result.loc["border and corners", "target"] == "covid label"
         # Among adults only (no age confound left), the borders know nothing of COVID without the plant.
@@ -57,8 +60,13 @@ def test_source_probe_reports_chance_and_origin(synthetic_sets):
     table, images = synthetic_sets[False]
     sizes = audit.original_sizes(table["path"])
     assert (sizes[["width", "height"]] > 0).all().all()
-    result = audit.source_probe(table, images, sizes=sizes).set_index("features")
-    assert list(result.index) == ["image statistics", "image statistics + file size", "border and corners"]
+    result = audit.source_probe(table, images, sizes=sizes, n_permutations=0)
+    assert (result.groupby("features", sort=False)["subset"].agg(list).to_dict() ==
+            {"image statistics": ["all images", "non-COVID only"], "image statistics + file size":
+             ["all images", "non-COVID only"], "border and corners": ["all images"]})
+    # every COVID image is an adult: no origin to tell apart within COVID, and the table says so
+    assert any("COVID only" in why for why in result.attrs["skipped"])
+    result = result[result["subset"] == "all images"].set_index("features")
     row = result.loc["image statistics"]
     assert row["target"] == "origin" and row["n"] == len(table)
     origin = audit.origin(table)
@@ -173,3 +181,93 @@ def test_conclusion_states_the_findings():
     assert "loses most of its score" in audit.conclusion(source_only, masked)
     assert "could* use it. Only external" in audit.conclusion(source_only)
     assert "No shortcut was flagged" in audit.conclusion(source_only.assign(flagged=False, verdict="none"))
+
+
+def test_permutation_null_rejects_a_signal_and_not_noise():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(60), 2)
+    y = np.repeat(rng.integers(0, 2, 60), 2)
+    noise = audit.probe(rng.normal(size=(120, 4)), y, groups, n_permutations=30)
+    signal = audit.probe(np.c_[y + rng.normal(0, 0.5, 120), rng.normal(size=120)], y, groups, n_permutations=30)
+    assert signal["p_value"] == pytest.approx(1 / 31) and signal["null_p95"] < signal["ci_low"]
+    assert noise["p_value"] > 0.05 and noise["verdict"] == "none" and noise["n_permutations"] == 30
+    assert noise["ci_low"] <= noise["balanced_accuracy"] <= noise["ci_high"]
+    # a score the null reaches as easily is "none", however high
+    assert audit.verdict(0.95, 2, p_value=0.2) == "none" and audit.verdict(0.95, 2, p_value=0.01) == "shortcut"
+    permuted = audit.permute_by_group(y, groups, np.random.default_rng(0))
+    assert (pd.Series(permuted).groupby(groups).nunique() == 1).all()  # a patient keeps one target
+    assert sorted(permuted) == sorted(y)
+
+
+def test_origin_probe_within_a_class_measures_origin_not_the_label():
+    """Features that carry only the label: flagged on all images (origin = label there), not within a class."""
+    rng = np.random.default_rng(0)
+    n = 80
+    label = np.array(["covid"] * 20 + ["pneumonia"] * 30 + ["normal"] * 30)
+    origin = np.where(label == "covid", "ieee8023", np.where(np.arange(n) % 3 == 0, "ieee8023", "guangzhou"))
+    origin[label == "covid"] = "ieee8023"
+    table = pd.DataFrame({"label": label, "origin": origin, "patient_id": [f"p{i}" for i in range(n)]})
+    features = np.c_[(label == "covid") * 3.0 + rng.normal(0, 0.3, n), rng.normal(size=n)]
+    images = rng.integers(0, 255, (n, 16, 16)).astype(np.uint8)
+    result = audit.source_probe(table, images, features=features, n_permutations=20).set_index(["features", "subset"])
+    assert result.loc[("learned features", "non-COVID only"), "verdict"] == "none"
+    assert result.loc[("learned features", "all images"), "balanced_accuracy"] > 0.6
+    text = audit.conclusion(result.reset_index())
+    assert "learned features → origin (non-COVID only)" in text and "p = " in text
+
+
+def test_positive_control_finds_the_planted_marker_and_nothing_without_it(synthetic_sets):
+    table, images = synthetic_sets[False]
+    keep = (table["label"] != "covid").to_numpy()  # one class: the marker is the only difference
+    stats = functools.partial(audit.image_statistics, parts=("border", "corners"))
+    control = audit.positive_control(images[keep], table["patient_id"][keep], stats, n_permutations=20)
+    assert control.loc["planted", "flagged"] and control.loc["planted", "p_value"] < 0.05
+    assert not control.loc["not planted", "flagged"] and control.loc["not planted", "verdict"] != "shortcut"
+    marked = audit.plant_marker(images[:2], np.array([True, False]))
+    assert (marked[1] == images[1]).all() and (marked[0] != images[0]).any()
+
+
+def test_masked_evaluation_has_cis_and_the_majority_baseline():
+    masked = pd.DataFrame({"macro_f1": [0.8, 0.3], "macro_f1_ci_low": [0.7, 0.2], "macro_f1_ci_high": [0.9, 0.4],
+                           "baseline_macro_f1": [0.31, 0.31], "covid_sensitivity": [0.9, 0.2],
+                           "covid_specificity": [0.98, 0.9]}, index=pd.Index(["intact", "lungs_removed"], name="mode"))
+    probe = pd.DataFrame({"features": ["image statistics"], "target": ["origin"], "balanced_accuracy": [0.6],
+                          "chance_balanced_accuracy": [0.5], "auc": [0.6], "verdict": ["none"], "flagged": [False]})
+    text = audit.conclusion(probe, masked)
+    assert "no better" in text and "0.31 for always answering the majority class" in text
+    assert "much of its score survives" not in text and "[95% CI 0.20–0.40]" in text
+    # 0.62 keeps 60% of the old ratio, but only (0.62-0.5)/(0.8-0.5) = 40% above a 0.5 baseline
+    above = masked.assign(macro_f1=[0.8, 0.62], macro_f1_ci_low=[0.7, 0.55], baseline_macro_f1=[0.5, 0.5])
+    assert "40% of its score above the baseline" in audit.conclusion(probe, above)
+    assert "much of its score survives" not in audit.conclusion(probe, above)
+    assert "much of its score survives" in audit.conclusion(probe, above.assign(macro_f1=[0.8, 0.7]))
+
+
+def test_evaluate_masked_reports_cis_and_baseline(synthetic_sets):
+    table, _ = synthetic_sets[False]
+    rows = table.groupby("label").head(4)
+    torch.manual_seed(0)
+    model, _ = build_model("resnet50", "none", num_classes=3)
+    result = audit.evaluate_masked(model, rows, ImageCache(32), batch_size=12, n_boot=20)
+    assert {"macro_f1_ci_low", "macro_f1_ci_high", "baseline_macro_f1"} <= set(result.columns)
+    assert (result["macro_f1_ci_low"] <= result["macro_f1"] + 1e-9).all()
+    assert result["baseline_macro_f1"].iloc[0] == pytest.approx(1 / 6)  # one of three classes right, F1 0.5
+
+
+def test_subgroups_get_wilson_intervals_and_small_groups_say_too_few():
+    n = 30
+    table = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "sex": ["M"] * 25 + ["F"] * 5,
+                          "age": np.nan, "location": ["Milan, Italy"] * 30})
+    pred = pd.DataFrame({"image_id": table["image_id"], "patient_id": table["image_id"],
+                         "true": ["covid"] * 20 + ["normal"] * 10, "pred": ["covid"] * 15 + ["normal"] * 15})
+    groups = audit.subgroup_metrics(pred, table, "sex").set_index("sex")
+    m = groups.loc["M"]
+    assert m["covid_sensitivity"] == 15 / 20 and m["covid_sensitivity_enough"]
+    assert m["covid_sensitivity_ci_low"] < 0.75 < m["covid_sensitivity_ci_high"]
+    assert audit.wilson(0, 10)[0] == 0 and audit.wilson(0, 10)[1] > 0.2  # 0/10 is not "exactly 0"
+    shown = audit.format_subgroups(groups.reset_index()).set_index("sex")
+    assert shown.loc["F", "covid_sensitivity"] == "none (n=0)"
+    assert shown.loc["F", "covid_specificity"] == "too few to say (n=5)"
+    assert shown.loc["M", "covid_sensitivity"].startswith("0.75 [") and "(n=20)" in shown.loc["M", "covid_sensitivity"]
+    assert "0.000" not in shown.to_string() and "nan" not in shown.to_string().lower()
+    assert audit.subgroup_metrics(pred, table, "country")["country"].tolist() == ["Italy"]

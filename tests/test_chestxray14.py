@@ -149,6 +149,17 @@ def test_split_keeps_the_official_test_list_and_is_patient_disjoint(nih):
         split_chestxray14(leaked, seed=0)
 
 
+def test_reader_and_split_work_without_the_official_lists(nih_copy):
+    for name in ("train_val_list.txt", "test_list.txt"):
+        (nih_copy / name).unlink()
+    table, report = read_chestxray14(nih_copy)
+    assert set(table["published_split"]) == {""} and not report.skipped
+    assert any("no official split lists" in note for note in report.notes)
+    split = split_chestxray14(table, seed=0, val_frac=0.2)
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    assert 0.15 < (split["split"] == "test").mean() < 0.35 and "no official split lists" in split.attrs["notes"][0]
+
+
 def test_multilabel_auroc_per_finding_and_mean():
     rng = np.random.default_rng(0)
     y = (rng.random((200, len(FINDINGS))) < 0.3).astype(int)
