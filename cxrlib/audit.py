@@ -54,7 +54,7 @@ from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
 from .images import ImageCache, make_transform
-from .metrics import bootstrap_indices, compute_metrics, majority_baseline, predictions_table
+from .metrics import bootstrap_counts, compute_metrics, majority_baseline, predictions_table
 from .models import backbone_and_head
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -263,7 +263,7 @@ def probe(features: np.ndarray | pd.DataFrame, target: Sequence[Any], groups: Se
     balanced = balanced_accuracy_score(y, yhat)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a resample without one of the targets
-        boot = [balanced_accuracy_score(y[i], yhat[i]) for i in bootstrap_indices(groups, n_boot, seed)]
+        boot = [balanced_accuracy_score(y, yhat, sample_weight=w) for w in bootstrap_counts(groups, n_boot, seed)]
     p_value = float((1 + (null >= balanced).sum()) / (1 + len(null))) if len(null) else None
     return {
         "n": len(y), "n_groups": len(set(groups)), "n_splits": n_splits, "classes": names.tolist(),

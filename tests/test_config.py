@@ -79,7 +79,7 @@ def test_banner_comes_from_the_run_record_not_the_caller(tmp_path):
     real = data_record("0123456789abcdef", 5901, coronahack_dir="/data/coronahack")
     run = write_run(tmp_path / "r" / "a", real, task="binary", image_size=224, epochs=30, profile="paper")
     text = banner_from_record(run)
-    assert "CoronaHack `/data/coronahack`" in text and "synthetic" not in text and "5901 images" in text
+    assert "CoronaHack (folder `coronahack`)" in text and "/data/" not in text and "synthetic" not in text and "5901 images" in text
     assert "profile `paper`, 224 px, 30 epoch(s)" in text
     assert real["tag"] == "coronahack-01234567" and data_record("x" * 16, 3)["tag"] == "synthetic"
     assert "**Data: synthetic.**" in data_banner(data_record("f" * 16, 10))

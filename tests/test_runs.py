@@ -63,8 +63,8 @@ def test_a_complete_run_of_other_data_is_not_reused(tmp_path, one_thread):
 def test_matrix_axes_seeds_and_extra_covid(tmp_path):
     data = {"coronahack_dir": "C", "extra_covid_dir": "E"}
     configs = runs.matrix("paper", tmp_path, data, ["none"], ["binary"], ["ce"], extra_covid_train=(True, False))
-    assert [(c.seed, c.extra_covid_train) for c in configs] == [(s, e) for e in (True, False) for s in range(3)]
-    assert configs[3].run_name().endswith("-s0-noextra") and configs[0].run_name().endswith("-s0")
+    assert [(c.seed, c.extra_covid_train) for c in configs] == [(s, e) for s in range(3) for e in (True, False)]
+    assert configs[1].run_name().endswith("-s0-noextra") and configs[0].run_name().endswith("-s0")
     assert len(runs.matrix("quick", tmp_path, data, ["none"], ["binary"], ["ce"], seeds=2)) == 2
 
 
