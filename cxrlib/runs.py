@@ -194,23 +194,58 @@ def resolve_arms(args: argparse.Namespace, root: Path, synthetic: bool, override
 
 
 def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str], tasks=TASKS, losses=LOSSES,
-           seeds: int | None = None, extra_covid_train: tuple[bool, ...] = (True,), **overrides) -> list[RunConfig]:
-    """One RunConfig per seed x extra-COVID value x task x loss x init, each with its run_dir in run_root.
+           seeds: int | None = None, extra_covid_train: tuple[bool, ...] = (True,),
+           variants: list[dict[str, Any]] = (), variant_losses: tuple[str, ...] | None = None,
+           **overrides) -> list[RunConfig]:
+    """One RunConfig per seed x extra-COVID value x task x loss x init, each with its run_dir in run_root; then,
+    per seed, the generalisation `variants` (`parse_variants`) of the first init, with the extra COVID images,
+    for each task and each of `variant_losses` (default: `losses`).
 
     Seeds come outermost, so a matrix cut short by its time budget still holds complete comparisons.
     """
     n_seeds = seeds or MATRIX_PROFILES[profile]["seeds"]
     configs = []
+
+    def add(**values: Any) -> None:
+        cfg = profile_config(profile, **{**overrides, **data}, **values)
+        cfg.run_dir = str(Path(run_root) / cfg.run_name())
+        configs.append(cfg)
+
     for seed in range(n_seeds):
         for extra in extra_covid_train:
             for task in tasks:
                 for loss in losses:
                     for weights in inits:
-                        cfg = profile_config(profile, **{**overrides, **data}, task=task, loss=loss, weights=weights,
-                                             seed=seed, extra_covid_train=extra)
-                        cfg.run_dir = str(Path(run_root) / cfg.run_name())
-                        configs.append(cfg)
+                        add(task=task, loss=loss, weights=weights, seed=seed, extra_covid_train=extra)
+        for variant in variants:
+            for task in tasks:
+                for loss in variant_losses or losses:
+                    add(task=task, loss=loss, weights=inits[0], seed=seed, extra_covid_train=True, **variant)
     return configs
+
+
+def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]:
+    """`--variants`: comma-separated arms of chapter 06, each `+`-joined from negs (train with the extra adult
+    negatives), clahe / lung_crop (preprocess) and holdout:COLUMN=VALUE (a source kept out of training)."""
+    from .config import PREPROCESS
+
+    variants = []
+    for arm in filter(None, (a.strip() for a in spec.split(","))):
+        values: dict[str, Any] = {}
+        for part in arm.split("+"):
+            if part == "negs":
+                if not extra_negatives:
+                    raise CXRError(f"--variants {arm}: 'negs' needs --extra-negatives DIR")
+                values["extra_negatives"] = extra_negatives
+            elif part in PREPROCESS and part != "none":
+                values["preprocess"] = part
+            elif part.startswith("holdout:") and "=" in part:
+                values["hold_out"] = part.split(":", 1)[1]
+            else:
+                raise CXRError(f"--variants: unknown part {part!r} of {arm!r}; use negs, "
+                               f"{', '.join(p for p in PREPROCESS if p != 'none')} or holdout:COLUMN=VALUE")
+        variants.append(values)
+    return variants
 
 
 def execute_notebook(name: str, output: Path, parameters: dict) -> None:
@@ -394,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                    help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
                         "same-named pretraining settings follow it")
+    p.add_argument("--extra-negatives", default="",
+                   help="adult non-COVID images (ChestX-ray14 layout or manifest) for the 'negs' variant")
+    p.add_argument("--variants", default="", help="chapter 06 arms, e.g. negs,negs+clahe,holdout:country=italy "
+                   "(each with the extra COVID images and the first init)")
+    p.add_argument("--variant-losses", default="", help="losses of the variants (default: --losses)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no run after this many seconds (those are listed as not run in matrix.json)")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
@@ -418,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         axis = args.extra_covid_axis or ("both" if args.extra_covid_dir else "with")
         executor = args.executor or default_executor()
         configs = matrix(args.profile, root, data, list(arms.run.values()), args.tasks.split(","),
-                         args.losses.split(","), args.seeds, EXTRA_AXIS[axis], **overrides)
+                         args.losses.split(","), args.seeds, EXTRA_AXIS[axis],
+                         parse_variants(args.variants, args.extra_negatives),
+                         tuple(args.variant_losses.split(",")) if args.variant_losses else None, **overrides)
         print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
         record = {
             "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
@@ -427,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                      "not_run": arms.not_run},
             "axes": {"tasks": args.tasks.split(","), "losses": args.losses.split(","),
                      "seeds": sorted({c.seed for c in configs}), "extra_covid_train": list(EXTRA_AXIS[axis])},
-            "settings": overrides,
+            "settings": overrides, "variants": args.variants, "variant_losses": args.variant_losses,
             "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
             "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
         }
