@@ -5,7 +5,8 @@
 #   (no weights) and the featured run's weights as fp16 chunks (chapters 03/04 need them, the bundle does not).
 # Usage: bash bench/paper_bundle.sh OUT DATA [TIME_BUDGET_SECONDS]
 #   DATA holds coronahack/, covid-chestxray-dataset/, nih-chestxray14-subset/ (e.g. a `python -m cxrlib.transport` copy)
-#   Environment: PROFILE (paper), CONCURRENT (8), SETTINGS (extra `--set NAME=VALUE` flags), PYTHON, RUN_ROOT
+#   Environment: PROFILE (paper), CONCURRENT (8), SETTINGS (extra flags), VARIANTS, PYTHON, RUN_ROOT,
+#   CODE_COMMIT (recorded in bundle.json where the machine has no git checkout)
 set -uo pipefail
 out=$1
 data=$2
@@ -32,6 +33,7 @@ tagged=$(ls -d "$root"/*/ | head -1)
 echo "matrix wall: $(( $(date +%s) - started )) s so far" | tee -a "$out/log.txt"
 
 "$py" -m cxrlib.bundle pack "$tagged" "$out/bundle" --bench "$out"/speed_*.json --data "$data" \
+    --commit "${CODE_COMMIT:-}" \
     --note "made by bench/paper_bundle.sh (profile ${PROFILE:-paper}, time budget ${budget} s)" | tee -a "$out/log.txt"
 "$py" - "$tagged" "$out/w" <<'EOF' 2>&1 | tee -a "$out/log.txt"
 import sys

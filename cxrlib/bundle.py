@@ -35,7 +35,8 @@ MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
 
 
 def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
-         bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "") -> dict[str, Any]:
+         bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "",
+         commit: str = "") -> dict[str, Any]:
     """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`."""
     run_root, out = Path(run_root), Path(out)
     if not run_root.is_dir():
@@ -66,7 +67,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     record = {
         "name": out.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_commit": _git_commit(runs),
+        "code_commit": commit or _git_commit(runs),  # given where the run machine has no git checkout
         "hardware": sorted({r["device"] for r in runs if r.get("device")}),
         "data_fingerprints": sorted({r["data_fingerprint"] for r in runs if r.get("data_fingerprint")}),
         "data": [_data_record(Path(d)) for d in data_dirs],
@@ -184,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", nargs="*", default=[], help="benchmark JSON files to include")
     p.add_argument("--data", nargs="*", default=[], help="data folders used (their TRANSPORT.json is recorded)")
     p.add_argument("--note", default="", help="free text kept in bundle.json")
+    p.add_argument("--commit", default="", help="code commit, where the run folder's machine has no git checkout")
     r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/")
     r.add_argument("bundle", help="bundle folder, e.g. results/paper-h200")
     args = parser.parse_args(argv)
     try:
         if args.command == "pack":
             record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
-                          data_dirs=args.data, note=args.note)
+                          data_dirs=args.data, note=args.note, commit=args.commit)
             print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
                   + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
         else:

@@ -201,7 +201,8 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
     per seed, the generalisation `variants` (`parse_variants`) of the first init, with the extra COVID images,
     for each task and each of `variant_losses` (default: `losses`).
 
-    Seeds come outermost, so a matrix cut short by its time budget still holds complete comparisons.
+    The paper's runs come first and seeds outermost in each part, so a matrix cut short by its time budget
+    still holds complete comparisons of the paper's claims.
     """
     n_seeds = seeds or MATRIX_PROFILES[profile]["seeds"]
     configs = []
@@ -217,6 +218,7 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
                 for loss in losses:
                     for weights in inits:
                         add(task=task, loss=loss, weights=weights, seed=seed, extra_covid_train=extra)
+    for seed in range(n_seeds):
         for variant in variants:
             for task in tasks:
                 for loss in variant_losses or losses:
@@ -437,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no run after this many seconds (those are listed as not run in matrix.json)")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
+    p.add_argument("--where", action="store_true", help="print this data set's run folder (RUN_ROOT/<data tag>)")
     return p
 
 
@@ -450,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_settings(args.settings)
         loaded = load_data(RunConfig(**data))
         root = data_root(Path(args.run_root or ROOT / "runs" / args.profile).resolve(), loaded.record)
+        if args.where:
+            print(root)
+            return 0
         if args.book:
             build_book_notebooks(root, data, args.profile)
             return 0
