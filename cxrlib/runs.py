@@ -360,7 +360,8 @@ def featured_run(run_root: Path) -> Path | None:
     runs = load_runs(run_root)
     if runs.empty:
         return None
-    done = runs[(runs.status == "complete") & ~runs.run.str.endswith("-noextra")]
+    variant = runs.run.str.contains(r"-(?:negs|holdout-[^-]+|clahe|lung_crop)-s\d+$")  # chapter 06's arms
+    done = runs[(runs.status == "complete") & ~runs.run.str.endswith("-noextra") & ~variant]
     for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
                    lambda r: r.weights == "none"):
         pick = done[(done.task == "multiclass") & (done.loss == "focal") & prefer(done)]
