@@ -201,8 +201,8 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
     per seed, the generalisation `variants` (`parse_variants`) of the first init, with the extra COVID images,
     for each task and each of `variant_losses` (default: `losses`).
 
-    The paper's runs come first and seeds outermost in each part, so a matrix cut short by its time budget
-    still holds complete comparisons of the paper's claims.
+    Seeds come outermost, so a matrix cut short by its time budget (or run with --concurrent equal to the
+    runs of one seed) still holds complete comparisons, the variants' included.
     """
     n_seeds = seeds or MATRIX_PROFILES[profile]["seeds"]
     configs = []
@@ -218,7 +218,6 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
                 for loss in losses:
                     for weights in inits:
                         add(task=task, loss=loss, weights=weights, seed=seed, extra_covid_train=extra)
-    for seed in range(n_seeds):
         for variant in variants:
             for task in tasks:
                 for loss in variant_losses or losses:
