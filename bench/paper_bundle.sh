@@ -6,7 +6,7 @@
 # Usage: bash bench/paper_bundle.sh OUT DATA [TIME_BUDGET_SECONDS]
 #   DATA holds coronahack/, covid-chestxray-dataset/, nih-chestxray14-subset/ (e.g. a `python -m cxrlib.transport` copy)
 #   Environment: PROFILE (paper), CONCURRENT (8), SETTINGS (extra flags), VARIANTS, PYTHON, RUN_ROOT,
-#   CODE_COMMIT (recorded in bundle.json where the machine has no git checkout)
+#   CODE_COMMIT (recorded in bundle.json where the machine has no git checkout), MATRIX_TIMEOUT (seconds)
 set -uo pipefail
 out=$1
 data=$2
@@ -23,7 +23,7 @@ timeout 120 "$py" bench/bench_speed.py --device "$device" --only ae --out "$out/
     ${BENCH_ARGS:-} 2>&1 | tail -5 | tee -a "$out/log.txt"
 
 # shellcheck disable=SC2086  # SETTINGS is a list of flags
-timeout $((budget + 240)) "$py" -m cxrlib.runs --profile "${PROFILE:-paper}" --executor inline \
+timeout "${MATRIX_TIMEOUT:-$((budget + 240))}" "$py" -m cxrlib.runs --profile "${PROFILE:-paper}" --executor inline \
     --concurrent "${CONCURRENT:-8}" --run-root "$root" \
     --coronahack-dir "$data/coronahack" --extra-covid-dir "$data/covid-chestxray-dataset" \
     --extra-negatives "$data/nih-chestxray14-subset" --variants "${VARIANTS:-negs,negs+clahe,holdout:country=italy}" \
