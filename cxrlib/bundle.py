@@ -102,7 +102,58 @@ def render(bundle: str | Path, generated: str | Path = GENERATED) -> list[Path]:
     generated.mkdir(parents=True)
     for nb in chapters:
         shutil.copyfile(nb, generated / nb.name)
+    (generated / "verdict.md").write_text(verdict_markdown(bundle))
+    (generated / "speed.md").write_text(speed_markdown(bundle))
     return [generated / nb.name for nb in chapters]
+
+
+def verdict_markdown(bundle: str | Path) -> str:
+    """The intro's verdict paragraph: each of the paper's claims with its computed verdict, from the bundle."""
+    from . import results
+
+    bundle = Path(bundle)
+    record = load(bundle)
+    runs = results.load_runs(bundle / "runs")
+    if runs.empty:
+        return "*This bundle holds no run, so no claim could be tested.*\n"
+    claims = results.claims_table(runs, results.read_not_run(bundle))
+    done = runs[runs.status == "complete"]
+    lines = [f"*Computed from the results bundle `{record.get('name', bundle.name)}` "
+             f"({len(done)} complete run(s) of {len(runs)}, seeds {sorted(set(done.seed.dropna().astype(int)))}, "
+             f"{', '.join(record.get('hardware') or ['unknown hardware'])}, code {str(record.get('code_commit'))[:10]}).*",
+             ""]
+    for claim, rows in claims.groupby("claim", sort=False):
+        said = "; ".join(f"{r.task}: **{_short(r.verdict)}**" + (f" ({r.result})" if r.result not in ("–", "") else "")
+                         for r in rows.itertuples())
+        lines.append(f"- {claim} — {said}")
+    return "\n".join(lines) + "\n"
+
+
+def _short(verdict: str) -> str:
+    """A verdict with its long reason left to the results chapter."""
+    return verdict if len(verdict) < 120 else verdict.split(" (", 1)[0] + " (why: chapter 5)"
+
+
+def speed_markdown(bundle: str | Path) -> str:
+    """The Reproducing chapter's speed table, from the bundle's benchmark JSON (with the hardware of each)."""
+    rows = []
+    for path in sorted((Path(bundle) / "bench").glob("*.json")):
+        bench = json.loads(path.read_text())
+        hardware = bench.get("hardware", {})
+        where = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device") or path.stem
+        for key, fig in sorted((bench.get("figures") or {}).items()):
+            if not isinstance(fig, dict) or fig.get("ratio") is None:
+                continue
+            met = {True: "met", False: "not met", None: "n/a"}.get(fig.get("met"), "n/a")
+            rows.append(f"| ({key}) {fig.get('what', '')} | {fig['ratio']:.3g} | {fig.get('goal', '–')} | {met} | {where} |")
+    record = load(bundle)
+    if record.get("wall_seconds"):
+        done = sum(r.get("status") == "complete" for r in record.get("runs", []))
+        rows.append(f"| (b) run matrix wall time: {done} complete run(s) | {record['wall_seconds']:.0f} s | "
+                    f"≤ 600 s for 24 runs | see text | {', '.join(record.get('hardware') or [])} |")
+    if not rows:
+        return "*This bundle holds no benchmark results.*\n"
+    return "\n".join(["| figure | measured | goal | | hardware |", "|---|---|---|---|---|", *rows]) + "\n"
 
 
 def split_weights(checkpoint: str | Path, out: str | Path, chunk_mib: float = 15) -> list[Path]:

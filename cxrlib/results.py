@@ -10,6 +10,7 @@ interval of the difference contains 0, whatever the means.
 from __future__ import annotations
 
 import json
+import re
 import math
 import numbers
 from collections.abc import Sequence
@@ -88,7 +89,15 @@ def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
         entries = json.loads(path.read_text()).get("not_run", [])
     except json.JSONDecodeError as err:
         raise CXRError(f"{path} is not valid JSON ({err}): rerun the run matrix") from err
-    return [{"arm": str(e.get("arm", "?")), "reason": str(e.get("reason", "no reason recorded"))} for e in entries]
+    return [{"arm": str(e.get("arm", "?")), "reason": public_text(str(e.get("reason", "no reason recorded"))),
+             **({"command": public_text(str(e["command"]))} if e.get("command") else {})} for e in entries]
+
+
+def public_text(text: str) -> str:
+    """A recorded message fit for the published book: home folders as `~`, temporary folders as `…/<last two
+    parts>` (the machine that ran the matrix is not the reader's)."""
+    text = re.sub(r"(?<![\w.~])/(?:root|home/[^/\s]+)(?=/)", "~", text)
+    return re.sub(r"(?<![\w.~])/tmp(?:/[^/\s'\")]+)*?((?:/[^/\s'\")]+){1,2})(?=[\s'\")]|$)", r"…\1", text)
 
 
 def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
@@ -260,6 +269,8 @@ def claims_table(
     the opposite direction; "no evidence of a difference" when it contains 0; "not testable here (why)" when
     the runs it needs are missing (with matrix.json's reason where it gives one).
     """
+    if "paper_arm" in runs:  # the paper's claims are about its set-up, not chapter 06's debiasing arms
+        runs = runs[runs.paper_arm.astype(bool)]
     tasks = sorted(runs.task.dropna().unique()) if not runs.empty else []
     rows = []
     for task in tasks:
@@ -286,6 +297,8 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     weights = params.get("weights", "none")
     row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs",
                                       "weighted_sampler", "extra_negatives")}
+    row["paper_arm"] = not (params.get("extra_negatives") or params.get("hold_out")
+                            or params.get("preprocess", "none") != "none")  # chapter 06's arms are not the paper's
     row["extra_covid_train"] = params.get("extra_covid_train", True)  # before the axis existed: always True
     row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=init_name(weights),
                init_family=init_family(weights), debiased=bool(params.get("extra_negatives")))
