@@ -408,6 +408,20 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     return table
 
 
+def probe_table(probe: pd.DataFrame) -> pd.DataFrame:
+    """`source_probe`'s rows narrow enough for a page: balanced accuracy with its CI, chance, p and verdict."""
+    from .results import fmt_ci
+
+    subset = probe["subset"] if "subset" in probe else pd.Series("all images", index=probe.index)
+    return pd.DataFrame({
+        "features": probe["features"], "target": probe["target"], "subset": subset,
+        "balanced accuracy (95% CI)": [fmt_ci(r.balanced_accuracy, (r.ci_low, r.ci_high)) for r in probe.itertuples()],
+        "chance": probe["chance_balanced_accuracy"].map("{:.3f}".format),
+        "p (permutation)": probe["p_value"].map(lambda p: "–" if pd.isna(p) else f"{p:.3f}"),
+        "verdict": probe["verdict"],
+    }).reset_index(drop=True)
+
+
 def probe_lines(probe: pd.DataFrame) -> str:
     """`source_probe`'s rows as Markdown bullets: score, CI, chance, permutation null and verdict."""
     return "\n".join(_probe_line(r) for _, r in probe.iterrows())

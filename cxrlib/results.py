@@ -80,7 +80,8 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
 
 
 def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
-    """The arms the run matrix asked for but did not run, with its reason (matrix.json "not_run"; [] if absent)."""
+    """The arms the run matrix asked for but did not run, with its reason and the command that would run them
+    (matrix.json "not_run"; [] if absent; command "" when none was recorded)."""
     path = Path(run_root) / "matrix.json"
     if not path.is_file():
         return []
@@ -88,7 +89,8 @@ def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
         entries = json.loads(path.read_text()).get("not_run", [])
     except json.JSONDecodeError as err:
         raise CXRError(f"{path} is not valid JSON ({err}): rerun the run matrix") from err
-    return [{"arm": str(e.get("arm", "?")), "reason": str(e.get("reason", "no reason recorded"))} for e in entries]
+    return [{"arm": str(e.get("arm", "?")), "reason": str(e.get("reason", "no reason recorded")),
+             "command": str(e.get("command", ""))} for e in entries]
 
 
 def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:

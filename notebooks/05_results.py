@@ -41,15 +41,15 @@ coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
 
-# %%
+# %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
-from cxrlib import plots, results
+from cxrlib import book, plots, results
 from cxrlib.config import banner_from_record
 from cxrlib.runs import default_run_root
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
-display(Markdown(banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
+display(book.banner(banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
 runs = results.load_runs(run_root)
 assert not runs.empty, f"no runs in {run_root}: run `python -m cxrlib.runs --profile {profile}` first"
 complete = runs[runs.status == "complete"]
@@ -107,7 +107,7 @@ results.paper_table(runs, "multiclass")
 # %%
 results.class_table(runs, "multiclass")
 
-# %%
+# %% mystnb={"figure": {"caption": "Test macro-F1 of every complete run of the matrix (dot) with its patient-level 95% interval (bar), one panel per task; the black tick is the mean over seeds.", "name": "fig-run-comparison"}}
 plots.run_comparison(runs);
 
 # %% [markdown]

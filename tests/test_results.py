@@ -162,3 +162,13 @@ def test_debiasing_arm_pairs_on_extra_negatives(tmp_path):
     assert list(zip(pairs.run_dir_a, pairs.run_dir_b)) == [(str(debiased), str(plain))]
     same_loss = results.matched_pairs(runs, "loss", "ce", "ce")  # the negatives are part of what a run is
     assert (same_loss.run_dir_a == same_loss.run_dir_b).all()
+
+
+def test_read_not_run_keeps_reason_and_command(tmp_path):
+    assert results.read_not_run(tmp_path) == []
+    (tmp_path / "matrix.json").write_text(json.dumps({"not_run": [
+        {"arm": "chest_xray", "reason": "no ChestX-ray14", "command": "python -m cxrlib.runs --chestxray14-dir X"},
+        {"arm": "imagenet"}]}))
+    assert results.read_not_run(tmp_path) == [
+        {"arm": "chest_xray", "reason": "no ChestX-ray14", "command": "python -m cxrlib.runs --chestxray14-dir X"},
+        {"arm": "imagenet", "reason": "no reason recorded", "command": ""}]
