@@ -105,6 +105,23 @@ def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
     return text
 
 
+def narrow(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """`frame` without the index levels and columns that hold one value in every row, and a sentence naming
+    those values once: a table of many runs then fits the page without hiding anything."""
+    if len(frame) < 2:
+        return frame, ""
+    same: dict[str, Any] = {}
+    if isinstance(frame.index, pd.MultiIndex):
+        levels = [n for n in frame.index.names if frame.index.get_level_values(n).nunique(dropna=False) == 1]
+        levels = levels[: frame.index.nlevels - 1]  # one level stays
+        same.update({str(n): frame.index.get_level_values(n)[0] for n in levels})
+        frame = frame.droplevel(levels) if levels else frame
+    columns = [c for c in frame.columns if frame[c].astype(str).nunique() == 1][: len(frame.columns) - 1]
+    same.update({str(c): frame[c].iloc[0] for c in columns})
+    text = ("Same in every row: " + "; ".join(f"{k} = {v}" for k, v in same.items()) + ".") if same else ""
+    return frame.drop(columns=columns), text
+
+
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it)."""
     columns = [c for c in (*SHOWN, "status") if c in runs and (c != "debiased" or runs[c].any())]

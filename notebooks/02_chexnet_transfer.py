@@ -59,10 +59,10 @@ run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir
 display(book.banner(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
 try:
     pretrained = chest_pretraining(run_root)
-except CXRError as err:  # the matrix did not run the chest-X-ray arm: say why and how to run it
+except CXRError:  # the matrix did not run the chest-X-ray arm: say why (as matrix.json records it) and how to run it
     pretrained = None
     why = next((e for e in results.read_not_run(run_root) if e["arm"] == "chest_xray"),
-               {"reason": str(err), "command": ""})
+               {"reason": "the run matrix recorded no cxrlib ChestX-ray14 pretraining behind it", "command": ""})
     display(book.banner(f"**The chest-X-ray arm did not run.** Why: {why['reason']}."
                         + (f" The command that would run it: `{why['command']}`" if why["command"] else "")
                         + " Stages 1 and 2 below are skipped; the comparison shows the initialisations that ran.",
@@ -146,10 +146,14 @@ ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
 # %% tags=["hide-input"]
 NAMES = {"chest_xray": "chest-X-ray", "imagenet": "ImageNet", "random": "random"}
 families = set(done.init_family)
-arm = "chest_xray" if "chest_xray" in families else "imagenet"
-baseline = "imagenet" if arm == "chest_xray" and "imagenet" in families else "random"
-if (arm, baseline) != ("chest_xray", "imagenet"):
-    display(Markdown(f"Not every initialisation ran (complete: {', '.join(NAMES.get(f, f) for f in sorted(families))}), "
-                     f"so the {NAMES[arm]} initialisation is compared with {NAMES[baseline]} initialisation."))
-pairs = results.paired(runs, "init_family", arm, baseline)
-display(Markdown(results.describe(pairs, f"{NAMES[arm]} initialisation", f"{NAMES[baseline]} initialisation")))
+pair = next((p for p in (("chest_xray", "imagenet"), ("chest_xray", "random"), ("imagenet", "random"))
+             if set(p) <= families), None)
+ran = ", ".join(NAMES.get(f, f) for f in sorted(families))
+if pair is None:
+    display(Markdown(f"Only one initialisation has complete runs ({ran}): there is nothing to compare."))
+else:
+    if pair != ("chest_xray", "imagenet"):
+        display(Markdown(f"Initialisations with complete runs: {ran}; so the {NAMES[pair[0]]} initialisation is "
+                         f"compared with the {NAMES[pair[1]]} one."))
+    pairs = results.paired(runs, "init_family", *pair)
+    display(Markdown(results.describe(pairs, f"{NAMES[pair[0]]} initialisation", f"{NAMES[pair[1]]} initialisation")))

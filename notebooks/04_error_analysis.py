@@ -154,7 +154,7 @@ audit.probe_table(probe)
 # %%
 control = audit.positive_control(all_pixels, table.patient_id, audit.image_statistics, seed=seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
-control[["balanced_accuracy", "ci_low", "ci_high", "p_value", "verdict"]].round(3)
+audit.probe_table(control)
 
 # %% [markdown]
 # ### 2. The model with the lungs removed, and with only the lungs
@@ -166,7 +166,7 @@ control[["balanced_accuracy", "ci_low", "ci_high", "p_value", "verdict"]].round(
 # %% tags=["hide-input"]
 masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
-masked.round(3)
+audit.masked_table(masked)
 
 # %% tags=["hide-input"]
 display(Markdown(audit.conclusion(probe, masked)))

@@ -66,7 +66,8 @@ not_run = results.read_not_run(run_root)
 results.arms_table(runs, not_run)
 
 # %% tags=["nbval-check-output"]
-results.run_table(runs)
+shown, same = results.narrow(results.run_table(runs))
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ## The paper's claims
@@ -88,24 +89,28 @@ claims[["claim", "task", "verdict"]]
 #
 # One row per run. Accuracy, macro-F1 and ROC AUC with patient-level bootstrap 95% intervals; per
 # class, precision, recall (sensitivity) and specificity with Wilson 95% intervals. Failed runs are
-# listed with their status, not dropped.
+# listed with their status, not dropped. What is the same for every run is said once above each table.
 #
 # ### Binary task: COVID-19 vs. the rest
 
 # %%
-results.paper_table(runs, "binary")
+shown, same = results.narrow(results.paper_table(runs, "binary"))
+display(Markdown(same), shown)
 
 # %%
-results.class_table(runs, "binary")
+shown, same = results.narrow(results.class_table(runs, "binary"))
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ### Three classes: COVID-19 / pneumonia / normal
 
 # %%
-results.paper_table(runs, "multiclass")
+shown, same = results.narrow(results.paper_table(runs, "multiclass"))
+display(Markdown(same), shown)
 
 # %%
-results.class_table(runs, "multiclass")
+shown, same = results.narrow(results.class_table(runs, "multiclass"))
+display(Markdown(same), shown)
 
 # %% mystnb={"figure": {"caption": "Test macro-F1 of every complete run of the matrix (dot) with its patient-level 95% interval (bar), one panel per task; the black tick is the mean over seeds.", "name": "fig-run-comparison"}}
 plots.run_comparison(runs);

@@ -45,7 +45,7 @@ run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder fo
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
-from cxrlib import book, data, generalise
+from cxrlib import book, data, generalise, results
 from cxrlib.audit import MIN_SUBGROUP
 from cxrlib.config import banner_from_record
 from cxrlib.runs import default_run_root
@@ -67,7 +67,8 @@ display(Markdown(f"{len(arms)} complete run(s) under `{run_root}`: " + (", ".joi
 
 # %%
 shown = table.assign(result=table.apply(generalise.fmt, axis=1)) if len(table) else table.assign(result=[])
-shown[["arm", "run", "population", "metric", "result", "ci_unit", "evidence", "note"]]
+shown, same = results.narrow(shown[["arm", "run", "population", "metric", "result", "ci_unit", "evidence", "note"]])
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ## What the numbers say

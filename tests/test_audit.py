@@ -285,3 +285,13 @@ def test_probe_table_is_narrow_with_intervals():
                                       "p (permutation)", "verdict"]
     assert shown.iloc[0].tolist()[3:] == ["0.923 (0.810–0.970)", "0.500", "0.001", "shortcut"]
     assert shown.iloc[1].tolist()[3:6] == ["0.500", "0.500", "–"]
+
+
+def test_masked_table_puts_intervals_beside_the_scores():
+    masked = pd.DataFrame({"n": [56, 56], "macro_f1": [0.182, 0.133], "macro_f1_ci_low": [0.085, 0.057],
+                           "macro_f1_ci_high": [0.289, 0.2], "roc_auc": [0.602, 0.392],
+                           "baseline_macro_f1": [0.222, 0.222], "f1_retained": [1.0, 0.731]},
+                          index=pd.Index(["intact", "lungs_removed"], name="mode"))
+    shown = audit.masked_table(masked)
+    assert shown.columns.tolist() == ["n", "macro-F1", "ROC AUC", "majority macro-F1", "macro-F1 retained"]
+    assert shown.loc["lungs_removed"].tolist() == [56, "0.133 (0.057–0.200)", "0.392", "0.222", "0.731"]

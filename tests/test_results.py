@@ -172,3 +172,16 @@ def test_read_not_run_keeps_reason_and_command(tmp_path):
     assert results.read_not_run(tmp_path) == [
         {"arm": "chest_xray", "reason": "no ChestX-ray14", "command": "python -m cxrlib.runs --chestxray14-dir X"},
         {"arm": "imagenet", "reason": "no reason recorded", "command": ""}]
+
+
+def test_narrow_says_the_constant_levels_and_columns_once():
+    index = pd.MultiIndex.from_tuples([("ce", "random", "yes", 0), ("focal", "random", "yes", 0)],
+                                      names=["loss", "init", "extra COVID", "seed"])
+    frame = pd.DataFrame({"status": ["complete", "complete"], "accuracy": ["0.5", "0.6"]}, index=index)
+    shown, same = results.narrow(frame)
+    assert shown.index.names == ["loss"] and shown.columns.tolist() == ["accuracy"]
+    assert same == "Same in every row: init = random; extra COVID = yes; seed = 0; status = complete."
+    one, text = results.narrow(frame.iloc[:1])
+    assert one.equals(frame.iloc[:1]) and text == ""
+    alike = frame.assign(accuracy="0.5")
+    assert results.narrow(alike)[0].shape[1] == 1  # one column always stays
