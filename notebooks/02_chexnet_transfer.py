@@ -64,7 +64,7 @@ except CXRError:  # the matrix did not run the chest-X-ray arm: say why (as matr
     why = next((e for e in results.read_not_run(run_root) if e["arm"] == "chest_xray"),
                {"reason": "the run matrix recorded no cxrlib ChestX-ray14 pretraining behind it", "command": ""})
     display(book.banner(f"**The chest-X-ray arm did not run.** Why: {why['reason']}."
-                        + (f" The command that would run it: `{why['command']}`" if why["command"] else "")
+                        + (f" The command that would run it: `{why['command']}`." if why["command"] else "")
                         + " Stages 1 and 2 below are skipped; the comparison shows the initialisations that ran.",
                         kind="warning"))
 not_run = Markdown("*Skipped: the chest-X-ray arm did not run (see the box above).*")

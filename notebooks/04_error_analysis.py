@@ -112,7 +112,7 @@ else:
 # class) inside the lung fields, next to the lung fields' share of the image: a map spread evenly
 # over the image would score exactly that area share.
 
-# %%
+# %% tags=["hide-input"]
 sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam // len(classes)))
 pixels, _ = cache.load(sample.path.tolist())
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
@@ -151,7 +151,7 @@ audit.probe_table(probe)
 # images of half the patients; the image-statistics probe must flag it, and must not flag the same
 # halves without the marker. A probe that misses it is blind, and its "none" verdicts above mean nothing.
 
-# %%
+# %% tags=["hide-input"]
 control = audit.positive_control(all_pixels, table.patient_id, audit.image_statistics, seed=seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
 audit.probe_table(control)

@@ -76,7 +76,7 @@ display(Markdown(same), shown)
 # the other) with its 95% interval, and the verdict that interval gives. "High accuracy" has no
 # figure in the abstract, so it is read here as "above always predicting the majority class".
 
-# %%
+# %% tags=["hide-input"]
 claims = results.claims_table(runs, not_run)
 assert claims.verdict.str.match(r"supported|not supported|no evidence of a difference|not testable here \(").all()
 claims

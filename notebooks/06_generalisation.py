@@ -54,7 +54,7 @@ run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir
 display(book.banner(banner_from_record(run_root)))  # the runs' data, adult negatives included, as recorded
 arms = generalise.load_arms(run_root)
 table = generalise.measures(arms)
-display(Markdown(f"{len(arms)} complete run(s) under `{run_root}`: " + (", ".join(
+display(Markdown(f"{len(arms)} complete run(s) in the run matrix's folder: " + (", ".join(
     f"{arm} ({n})" for arm, n in arms["arm"].value_counts().items()) if len(arms) else "none yet.")))
 
 # %% [markdown]
