@@ -408,6 +408,38 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     return table
 
 
+def probe_table(probe: pd.DataFrame) -> pd.DataFrame:
+    """`source_probe`'s (or `positive_control`'s) rows narrow enough for a page: what was probed, balanced
+    accuracy with its CI, chance, the permutation p-value and the verdict."""
+    from .results import fmt_ci
+
+    keys = probe[[c for c in ("features", "target", "subset") if c in probe]]
+    return keys.assign(**{
+        "balanced accuracy (95% CI)": [fmt_ci(r.balanced_accuracy, (r.ci_low, r.ci_high)) for r in probe.itertuples()],
+        "chance": probe["chance_balanced_accuracy"].map("{:.3f}".format),
+        "p (permutation)": probe["p_value"].map(lambda p: "–" if pd.isna(p) else f"{p:.3f}"),
+        "verdict": probe["verdict"],
+    })
+
+
+def masked_table(masked: pd.DataFrame) -> pd.DataFrame:
+    """`evaluate_masked` narrow enough for a page: one row per mode, scores with their CIs, the majority
+    baseline and the share of macro-F1 retained."""
+    from .results import fmt_ci
+
+    out = masked[["n"]].copy()
+    for name, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("covid_sensitivity", "COVID sensitivity"),
+                        ("covid_specificity", "COVID specificity"), ("roc_auc", "ROC AUC")):
+        if name in masked:
+            cis = (zip(masked[f"{name}_ci_low"], masked[f"{name}_ci_high"]) if f"{name}_ci_low" in masked
+                   else [None] * len(masked))
+            out[label] = [fmt_ci(value, ci) for value, ci in zip(masked[name], cis)]
+    for name, label in (("baseline_macro_f1", "majority macro-F1"), ("f1_retained", "macro-F1 retained")):
+        if name in masked:
+            out[label] = masked[name].map(fmt_ci)
+    return out
+
+
 def probe_lines(probe: pd.DataFrame) -> str:
     """`source_probe`'s rows as Markdown bullets: score, CI, chance, permutation null and verdict."""
     return "\n".join(_probe_line(r) for _, r in probe.iterrows())

@@ -25,7 +25,7 @@ from .images import ImageCache, file_digest
 from .synthetic import CORONAHACK_IMAGES, ensure_synthetic
 
 COLUMNS = ["path", "image_id", "label", "subtype", "patient_id", "source", "published_split",
-           "view", "sex", "age", "location", "site"]  # fmt: skip
+           "view", "sex", "age", "location", "site", "license"]  # fmt: skip
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 SPLITS = ("train", "val", "test")
 DEDUP_SIZE = 64  # duplicates = same pixels after decoding and resizing to this size
@@ -184,7 +184,8 @@ def read_ieee8023(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
         rows.append({"path": str(path.resolve()), "image_id": f"ieee8023/{name}", "label": mapped[0],
                      "subtype": mapped[1], "patient_id": f"ieee8023:{r['patientid']}", "source": "ieee8023",
                      "view": r["view"], "sex": r.get("sex", "") if r.get("sex") in ("M", "F") else "",
-                     "age": r.get("age", ""), "location": r.get("location", ""), "site": _site(r.get("url", ""))})  # fmt: skip
+                     "age": r.get("age", ""), "location": r.get("location", ""), "site": _site(r.get("url", "")),
+                     "license": r.get("license", "")})  # fmt: skip
     report.notes.append(
         f"ieee8023: kept {len(rows)} frontal X-rays of {len(meta)} rows; filtered out "
         f"{int(not_xray.sum())} non-X-ray (CT) and {int(not_frontal.sum())} non-frontal (lateral) rows"
@@ -298,8 +299,9 @@ def _dedup(table: pd.DataFrame, report: ReadReport, cache: ImageCache) -> pd.Dat
 
     The kept copy is CoronaHack's, then ieee8023's, then others'. All patient ids of one duplicate
     group are merged into one (the ieee8023 id when there is one, so CoronaHack's copies of ieee8023
-    images join their real patient), and the kept row fills empty sex/age/view/location from the
-    removed ones. Unreadable images are skipped and reported here, before any split.
+    images join their real patient), and the kept row fills empty sex/age/view/location/site/license from the
+    removed ones (so CoronaHack's COVID copies carry their ieee8023 row's licence). Unreadable images are
+    skipped and reported here, before any split.
     """
     images, skipped = cache.load(table["path"].tolist())
     bad = {p for p, _ in skipped}
@@ -332,7 +334,7 @@ def _dedup(table: pd.DataFrame, report: ReadReport, cache: ImageCache) -> pd.Dat
         for other in ids - {canonical}:
             table.loc[table["patient_id"] == other, "patient_id"] = canonical
             merged += 1
-        for column in ("sex", "view", "location", "site"):
+        for column in ("sex", "view", "location", "site", "license"):
             if not table.at[kept, column]:
                 table.at[kept, column] = table.at[removed, column]
         if pd.isna(table.at[kept, "age"]):

@@ -81,7 +81,8 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
 
 
 def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
-    """The arms the run matrix asked for but did not run, with its reason (matrix.json "not_run"; [] if absent)."""
+    """The arms the run matrix asked for but did not run, with its reason and the command that would run them
+    (matrix.json "not_run"; [] if absent; command "" when none was recorded)."""
     path = Path(run_root) / "matrix.json"
     if not path.is_file():
         return []
@@ -90,7 +91,7 @@ def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
     except json.JSONDecodeError as err:
         raise CXRError(f"{path} is not valid JSON ({err}): rerun the run matrix") from err
     return [{"arm": str(e.get("arm", "?")), "reason": public_text(str(e.get("reason", "no reason recorded"))),
-             **({"command": public_text(str(e["command"]))} if e.get("command") else {})} for e in entries]
+             "command": public_text(str(e.get("command", "")))} for e in entries]
 
 
 def public_text(text: str) -> str:
@@ -110,6 +111,23 @@ def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
         low, high = (f"{v:{spec}}".replace("-", "−") for v in ci)
         text += f" ({low} to {high})" if signed else f" ({low}–{high})"
     return text
+
+
+def narrow(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """`frame` without the index levels and columns that hold one value in every row, and a sentence naming
+    those values once: a table of many runs then fits the page without hiding anything."""
+    if len(frame) < 2:
+        return frame, ""
+    same: dict[str, Any] = {}
+    if isinstance(frame.index, pd.MultiIndex):
+        levels = [n for n in frame.index.names if frame.index.get_level_values(n).nunique(dropna=False) == 1]
+        levels = levels[: frame.index.nlevels - 1]  # one level stays
+        same.update({str(n): frame.index.get_level_values(n)[0] for n in levels})
+        frame = frame.droplevel(levels) if levels else frame
+    columns = [c for c in frame.columns if frame[c].astype(str).nunique() == 1][: len(frame.columns) - 1]
+    same.update({str(c): frame[c].iloc[0] for c in columns})
+    text = ("Same in every row: " + "; ".join(f"{k} = {v}" for k, v in same.items()) + ".") if same else ""
+    return frame.drop(columns=columns), text
 
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:

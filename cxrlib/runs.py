@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 GENERATED = ROOT / "book" / "generated"
 FINETUNE = "03_finetune"
-CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results")
+CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results", "06_generalisation")
 TASKS = ("binary", "multiclass")
 LOSSES = ("ce", "focal")
 ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper compares
@@ -250,14 +250,20 @@ def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]
 
 
 def execute_notebook(name: str, output: Path, parameters: dict) -> None:
-    """Run one chapter with papermill, from the notebooks folder so relative paths behave as in Jupyter."""
+    """Run one chapter with papermill, from the notebooks folder so relative paths behave as in Jupyter, with
+    only the parameters it declares (papermill warns of any other), then tidy it for the book."""
     import papermill
 
+    from .book import tidy_notebook
+
+    source = str(NOTEBOOKS / f"{name}.ipynb")
+    declared = papermill.inspect_notebook(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
-        str(NOTEBOOKS / f"{name}.ipynb"), str(output), parameters=parameters,
+        source, str(output), parameters={k: v for k, v in parameters.items() if k in declared},
         cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, log_output=False,
     )
+    tidy_notebook(output)
 
 
 def notebook_parameters(cfg: RunConfig) -> dict:

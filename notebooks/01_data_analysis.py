@@ -40,7 +40,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from cxrlib import RunConfig, audit, data, plots
+from cxrlib import RunConfig, audit, book, data, licences, plots
 from cxrlib.config import classes, data_banner, data_record
 from cxrlib.images import ImageCache
 
@@ -48,7 +48,8 @@ cfg = RunConfig.from_parameters(globals())
 coronahack_dir, extra_covid_dir, task, seed, image_size = (cfg.coronahack_dir, cfg.extra_covid_dir, cfg.task,
                                                            cfg.seed, cfg.image_size)
 table, report = data.load_table(coronahack_dir, extra_covid_dir)
-display(Markdown(data_banner(data_record(data.data_fingerprint(table), len(table), coronahack_dir, extra_covid_dir))))
+record = data_record(data.data_fingerprint(table), len(table), coronahack_dir, extra_covid_dir)
+display(book.banner(data_banner(record)))
 table = data.split_table(table, task, seed=seed)
 summary = data.summarize(table, report)
 assert not summary["leakage"]
@@ -67,7 +68,7 @@ for note in summary["notes"]:
     print("note:", note.split(" in /")[0])
 
 # %%
-pd.crosstab([table.source, table.label], table.subtype, margins=True)
+table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame()
 
 # %% [markdown]
 # ## The imbalance
@@ -133,14 +134,18 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # %% [markdown]
 # ## A sample per class
 #
-# (On the synthetic default these are generated images; with real data they are drawn from the
-# user's own files when the book is built, and are never committed.)
+# Only images whose licence allows publishing them are drawn (`cxrlib.licences`: on real data,
+# Kermany's CC BY 4.0 images and openly licensed ieee8023 rows; never NC, ND or unknown licences).
+# A class with fewer such images shows fewer.
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Four images per class, drawn with the chapter's seed; each caption gives the class and the source.", "name": "fig-data-samples"}}
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}}
 rng = np.random.default_rng(seed)
+shareable = licences.redistributable(table, synthetic=record["synthetic"]).to_numpy()
 picks = [i for label in ("covid", "pneumonia", "normal")
-         for i in rng.choice(np.flatnonzero(table.label.to_numpy() == label), 4, replace=False)]
-plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · {table.source.iloc[i]}" for i in picks], ncols=6);
+         for rows in [np.flatnonzero((table.label.to_numpy() == label) & shareable)]
+         for i in rng.choice(rows, min(4, len(rows)), replace=False)]
+plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
+                 f"{licences.caption(table.iloc[i], synthetic=record['synthetic'])}" for i in picks], ncols=6);
 
 # %% [markdown]
 # ## The confound, measured
@@ -152,9 +157,7 @@ plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · {table.
 
 # %%
 probe = audit.source_probe(table.reset_index(drop=True), pixels, sizes=sizes.reset_index(drop=True), seed=seed)
-probe
+audit.probe_table(probe)
 
 # %% tags=["hide-input"]
-display(Markdown("\n".join(
-    f"- {r.features} → {r.target}: balanced accuracy {r.balanced_accuracy:.2f} (chance {r.chance_balanced_accuracy:.2f}): **{r.verdict}**"
-    for r in probe.itertuples())))
+display(Markdown(audit.probe_lines(probe)))

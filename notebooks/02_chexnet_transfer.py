@@ -49,20 +49,32 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from cxrlib import plots, results
-from cxrlib.models import build_model, count_parameters, transfer_check
+from cxrlib import book, plots, results
 from cxrlib.config import banner_from_record
+from cxrlib.errors import CXRError
+from cxrlib.models import build_model, count_parameters, transfer_check
 from cxrlib.runs import chest_pretraining, default_run_root
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
-display(Markdown(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
-pretrained = chest_pretraining(run_root)
-params = json.loads((pretrained / "params.json").read_text())
-pre_metrics = json.loads((pretrained / "metrics.json").read_text())
-display(Markdown(
-    f"**Pretraining: {'synthetic ChestX-ray14 pretraining (NIH layout)' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
-    f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
-    f"initialised from `{params['config']['weights']}`."))
+display(book.banner(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
+try:
+    pretrained = chest_pretraining(run_root)
+except CXRError:  # the matrix did not run the chest-X-ray arm: say why (as matrix.json records it) and how to run it
+    pretrained = None
+    why = next((e for e in results.read_not_run(run_root) if e["arm"] == "chest_xray"),
+               {"reason": "the run matrix recorded no cxrlib ChestX-ray14 pretraining behind it", "command": ""})
+    display(book.banner(f"**The chest-X-ray arm did not run.** Why: {why['reason']}."
+                        + (f" The command that would run it: `{why['command']}`." if why["command"] else "")
+                        + " Stages 1 and 2 below are skipped; the comparison shows the initialisations that ran.",
+                        kind="warning"))
+not_run = Markdown("*Skipped: the chest-X-ray arm did not run (see the box above).*")
+if pretrained is not None:
+    params = json.loads((pretrained / "params.json").read_text())
+    pre_metrics = json.loads((pretrained / "metrics.json").read_text())
+    display(Markdown(
+        f"**Pretraining: {'synthetic ChestX-ray14 pretraining (NIH layout)' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
+        f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
+        f"initialised from `{params['config']['weights']}`."))
 
 # %% [markdown]
 # ## Stage 1: ChestX-ray14 pretraining
@@ -71,15 +83,16 @@ display(Markdown(
 # AUROC; AUROC per finding on the official test list (patient-disjoint from training).
 
 # %%
-auroc = pd.Series(pre_metrics["per_finding_auroc"], name="test AUROC").to_frame()
-auroc.loc["mean"] = pre_metrics["mean_auroc"]
-auroc.round(3)
+if pretrained is None:
+    display(not_run)
+else:
+    auroc = pd.Series(pre_metrics["per_finding_auroc"], name="test AUROC").to_frame()
+    auroc.loc["mean"] = pre_metrics["mean_auroc"]
+    display(auroc.round(3))
 
-# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) per epoch.", "name": "fig-pretrain-loss"}}
-history = pd.read_csv(pretrained / "history.csv")
-ax = sns.lineplot(history.melt("epoch", [c for c in ("train_loss", "val_loss") if c in history]), x="epoch",
-                  y="value", hue="variable", marker="o")
-ax.set(title="pretraining loss", ylabel="BCE");
+# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) and validation scores per epoch.", "name": "fig-pretrain-loss"}}
+if pretrained is not None:
+    plots.training_curves(pd.read_csv(pretrained / "history.csv"));
 
 # %% [markdown]
 # ## Stage 2: the transferred backbone in a 3-class model
@@ -89,29 +102,34 @@ ax.set(title="pretraining loss", ylabel="BCE");
 # checkpoint (difference 0: copied) and with a fresh random initialisation (difference > 0: not random).
 
 # %%
-weights = f"file:{pretrained / 'model.pt'}"
-model, report = build_model(backbone, weights, num_classes=3)
-total, trainable = count_parameters(model)
-print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
-print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
-print(f"parameters: {total:,}")
+if pretrained is None:
+    display(not_run)
+else:
+    weights = f"file:{pretrained / 'model.pt'}"
+    model, report = build_model(backbone, weights, num_classes=3)
+    total, trainable = count_parameters(model)
+    print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
+    print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
+    print(f"parameters: {total:,}")
 
 # %% tags=["hide-input"]
-check = transfer_check(model, weights)
-assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"
-assert (check.mean_abs_diff_to_random_init > 0).all(), "a backbone tensor equals a random init"
-pd.DataFrame({
-    "backbone tensors compared": [len(check)],
-    "identical to the checkpoint": [int((check.max_abs_diff_to_file == 0).sum())],
-    "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
-})
+if pretrained is not None:
+    check = transfer_check(model, weights)
+    assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"
+    assert (check.mean_abs_diff_to_random_init > 0).all(), "a backbone tensor equals a random init"
+    display(pd.DataFrame({
+        "backbone tensors compared": [len(check)],
+        "identical to the checkpoint": [int((check.max_abs_diff_to_file == 0).sum())],
+        "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
+    }))
 
 # %% mystnb={"figure": {"caption": "Mean absolute difference between each transferred backbone tensor and the same tensor freshly initialised at random (log scale).", "name": "fig-transfer-vs-random"}}
-ax = sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30)
-ax.set(title="every transferred tensor differs from a random init", xlabel="mean |transferred − random init|");
+if pretrained is not None:
+    ax = sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30)
+    ax.set(title="every transferred tensor differs from a random init", xlabel="mean |transferred − random init|");
 
 # %% [markdown]
-# ## ImageNet vs. chest-X-ray initialisation on the task
+# ## The initialisations compared on the task
 #
 # From the run matrix: the same task, loss and schedule, differing only in the initialisation.
 
@@ -126,10 +144,16 @@ ax = sns.pointplot(done, x="macro_f1", y="init", hue="task", linestyle="none", d
 ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
 
 # %% tags=["hide-input"]
+NAMES = {"chest_xray": "chest-X-ray", "imagenet": "ImageNet", "random": "random"}
 families = set(done.init_family)
-baseline = "imagenet" if "imagenet" in families else "random"
-if baseline == "random":
-    display(Markdown("ImageNet weights are not in this machine's torchvision cache, so the chest-X-ray "
-                     "initialisation is compared with random initialisation."))
-pairs = results.paired(runs, "init_family", "chest_xray", baseline)
-display(Markdown(results.describe(pairs, "chest-X-ray initialisation", f"{baseline} initialisation")))
+pair = next((p for p in (("chest_xray", "imagenet"), ("chest_xray", "random"), ("imagenet", "random"))
+             if set(p) <= families), None)
+ran = ", ".join(NAMES.get(f, f) for f in sorted(families))
+if pair is None:
+    display(Markdown(f"Only one initialisation has complete runs ({ran}): there is nothing to compare."))
+else:
+    if pair != ("chest_xray", "imagenet"):
+        display(Markdown(f"Initialisations with complete runs: {ran}; so the {NAMES[pair[0]]} initialisation is "
+                         f"compared with the {NAMES[pair[1]]} one."))
+    pairs = results.paired(runs, "init_family", *pair)
+    display(Markdown(results.describe(pairs, f"{NAMES[pair[0]]} initialisation", f"{NAMES[pair[1]]} initialisation")))

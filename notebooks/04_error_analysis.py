@@ -54,23 +54,25 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cxrlib import audit, data, explain, plots
+from cxrlib import audit, book, data, explain, licences, plots
 from cxrlib.config import banner_from_record
 from cxrlib.images import ImageCache, to_batch
-from cxrlib.results import load_runs
-from cxrlib.runs import default_run_root
+from cxrlib.runs import default_run_root, featured_run
 from cxrlib.train import evaluate, load_model
 
-if not run_dir:  # default: the 3-class focal-loss run of the run folder
-    runs = load_runs(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
-    run_dir = runs[(runs.status == "complete") & (runs.task == "multiclass")].sort_values("loss").run_dir.iloc[-1]
-run_dir = Path(run_dir)
+root = Path(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
+run_dir = Path(run_dir or featured_run(root) or "")  # default: the run of the fine-tuning chapter
+assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `python -m cxrlib.runs` first"
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
-predictions = pd.read_csv(run_dir / "predictions.csv")
-display(Markdown(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
+display(book.banner(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
+synthetic = json.loads((run_dir / "params.json").read_text())["data"]["record"]["synthetic"]
 coronahack_dir, extra_covid_dir = meta["config"]["coronahack_dir"], meta["config"]["extra_covid_dir"]  # the run's data
-print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images)")
+table, report = data.load_table(coronahack_dir, extra_covid_dir)
+predictions = pd.read_csv(run_dir / "predictions.csv")
+predictions["license"] = predictions.image_id.map(table.set_index("image_id").license).fillna("")
+shareable = licences.redistributable(predictions, synthetic=synthetic)  # images the book may show
+print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images, {int(shareable.sum())} of them publishable)")
 
 # %% [markdown]
 # ## False positives and false negatives
@@ -85,19 +87,23 @@ errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) el
 # %% [markdown]
 # ## The most confident errors, with Grad-CAM
 #
-# (Committed outputs show synthetic images only; on real data these are drawn from the user's own
-# files when the book is built.)
-
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "The test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class.", "name": "fig-confident-errors"}}
-cache = ImageCache(meta["image_size"])
-worst = explain.most_confident_errors(predictions, n=8)
-if len(worst):
-    worst_pixels, _ = cache.load(worst.path.tolist())
-    worst_cams = explain.grad_cam(model, to_batch(worst_pixels, meta["input_spec"]))
-    explain.error_gallery(worst, worst_pixels, worst_cams)
+# The table lists the eight errors the model was surest of; the figure shows those of them whose
+# licence allows publishing the image (`cxrlib.licences`; never NC, ND or unknown licences).
 
 # %%
-worst[["image_id", "source", "true", "pred", "confidence"]]
+worst = explain.most_confident_errors(predictions, n=8)
+worst[["image_id", "source", "true", "pred", "confidence"]].round(3)
+
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class; each caption reads true → predicted (confidence), then the image's source and licence.", "name": "fig-confident-errors"}}
+cache = ImageCache(meta["image_size"])
+shown = worst[licences.redistributable(worst, synthetic=synthetic)]
+if len(shown):
+    shown_pixels, _ = cache.load(shown.path.tolist())
+    shown_cams = explain.grad_cam(model, to_batch(shown_pixels, meta["input_spec"]))
+    plots.image_grid(list(shown_pixels), [f"{r.true} → {r.pred} ({r.confidence:.2f}) · {licences.caption(r, synthetic=synthetic)}"
+                                          for _, r in shown.iterrows()], ncols=4, overlays=list(shown_cams));
+else:
+    display(Markdown("None of these errors has an image whose licence allows publishing it."))
 
 # %% [markdown]
 # ## Where the model looks: Grad-CAM mass in the lung fields
@@ -106,7 +112,7 @@ worst[["image_id", "source", "true", "pred", "confidence"]]
 # class) inside the lung fields, next to the lung fields' share of the image: a map spread evenly
 # over the image would score exactly that area share.
 
-# %%
+# %% tags=["hide-input"]
 sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam // len(classes)))
 pixels, _ = cache.load(sample.path.tolist())
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
@@ -115,8 +121,11 @@ assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
 sample.groupby("true")[["cam_lung_share", "lung_area_share"]].mean().round(3)
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps of the predicted class for a sample of test images per true class; each caption reads true → predicted class.", "name": "fig-gradcam-sample"}}
-plots.image_grid(list(pixels), [f"{t} → {p}" for t, p in zip(sample.true, sample.pred)], ncols=6, overlays=list(cams));
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps of the predicted class for the publishable images of the sample; each caption reads true → predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}}
+keep = shareable.loc[sample.index].to_numpy()
+plots.image_grid([pixels[i] for i in np.flatnonzero(keep)],
+                 [f"{r.true} → {r.pred} · {licences.caption(r, synthetic=synthetic)}" for _, r in sample[keep].iterrows()],
+                 ncols=6, overlays=[cams[i] for i in np.flatnonzero(keep)]) if keep.any() else None;
 
 # %% [markdown]
 # ## The shortcut audit
@@ -130,13 +139,22 @@ plots.image_grid(list(pixels), [f"{t} → {p}" for t, p in zip(sample.true, samp
 # Rule: balanced accuracy ≥ 0.80 (or ≥ chance + 0.30) flags a shortcut.
 
 # %%
-table, report = data.load_table(coronahack_dir, extra_covid_dir)
 all_pixels, skipped = cache.load(table.path.tolist())
 table = table[~table.path.isin({p for p, _ in skipped})].reset_index(drop=True)
 features = audit.backbone_features(model, all_pixels)
 sizes = audit.original_sizes(table.path)
 probe = audit.source_probe(table, all_pixels, features=features, sizes=sizes, seed=seed)
-probe[["features", "target", "n", "balanced_accuracy", "chance_balanced_accuracy", "auc", "verdict"]].round(3)
+audit.probe_table(probe)
+
+# %% [markdown]
+# **Positive control.** Is the probe able to see a shortcut at all? A small marker is planted on the
+# images of half the patients; the image-statistics probe must flag it, and must not flag the same
+# halves without the marker. A probe that misses it is blind, and its "none" verdicts above mean nothing.
+
+# %% tags=["hide-input"]
+control = audit.positive_control(all_pixels, table.patient_id, audit.image_statistics, seed=seed)
+assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
+audit.probe_table(control)
 
 # %% [markdown]
 # ### 2. The model with the lungs removed, and with only the lungs
@@ -148,7 +166,7 @@ probe[["features", "target", "n", "balanced_accuracy", "chance_balanced_accuracy
 # %% tags=["hide-input"]
 masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
-masked.round(3)
+audit.masked_table(masked)
 
 # %% tags=["hide-input"]
 display(Markdown(audit.conclusion(probe, masked)))
@@ -160,12 +178,13 @@ display(Markdown(audit.conclusion(probe, masked)))
 # and age band (metadata the Kermany images do not have).
 
 # %%
-audit.subgroup_metrics(predictions, table, "source").round(3)
+audit.format_subgroups(audit.subgroup_metrics(predictions, table, "source"))
 
 # %%
 adults = table[audit.origin(table) == "ieee8023"]
-pd.concat({by: audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)], adults, by)
-           .rename(columns={by: "group"}) for by in ("view", "sex", "age_band")}).round(3) if len(adults) else None
+pd.concat({by: audit.format_subgroups(audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)],
+                                                            adults, by).rename(columns={by: "group"}))
+           for by in ("view", "sex", "age_band")}) if len(adults) else None
 
 # %% [markdown]
 # ### 4. External validation

@@ -41,15 +41,15 @@ coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
 
-# %%
+# %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
-from cxrlib import plots, results
+from cxrlib import book, plots, results
 from cxrlib.config import banner_from_record
 from cxrlib.runs import default_run_root
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
-display(Markdown(banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
+display(book.banner(banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
 runs = results.load_runs(run_root)
 assert not runs.empty, f"no runs in {run_root}: run `python -m cxrlib.runs --profile {profile}` first"
 complete = runs[runs.status == "complete"]
@@ -66,7 +66,8 @@ not_run = results.read_not_run(run_root)
 results.arms_table(runs, not_run)
 
 # %% tags=["nbval-check-output"]
-results.run_table(runs)
+shown, same = results.narrow(results.run_table(runs))
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ## The paper's claims
@@ -75,7 +76,7 @@ results.run_table(runs)
 # the other) with its 95% interval, and the verdict that interval gives. "High accuracy" has no
 # figure in the abstract, so it is read here as "above always predicting the majority class".
 
-# %%
+# %% tags=["hide-input"]
 claims = results.claims_table(runs, not_run)
 assert claims.verdict.str.match(r"supported|not supported|no evidence of a difference|not testable here \(").all()
 claims
@@ -88,26 +89,30 @@ claims[["claim", "task", "verdict"]]
 #
 # One row per run. Accuracy, macro-F1 and ROC AUC with patient-level bootstrap 95% intervals; per
 # class, precision, recall (sensitivity) and specificity with Wilson 95% intervals. Failed runs are
-# listed with their status, not dropped.
+# listed with their status, not dropped. What is the same for every run is said once above each table.
 #
 # ### Binary task: COVID-19 vs. the rest
 
 # %%
-results.paper_table(runs, "binary")
+shown, same = results.narrow(results.paper_table(runs, "binary"))
+display(Markdown(same), shown)
 
 # %%
-results.class_table(runs, "binary")
+shown, same = results.narrow(results.class_table(runs, "binary"))
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ### Three classes: COVID-19 / pneumonia / normal
 
 # %%
-results.paper_table(runs, "multiclass")
+shown, same = results.narrow(results.paper_table(runs, "multiclass"))
+display(Markdown(same), shown)
 
 # %%
-results.class_table(runs, "multiclass")
+shown, same = results.narrow(results.class_table(runs, "multiclass"))
+display(Markdown(same), shown)
 
-# %%
+# %% mystnb={"figure": {"caption": "Test macro-F1 of every complete run of the matrix (dot) with its patient-level 95% interval (bar), one panel per task; the black tick is the mean over seeds.", "name": "fig-run-comparison"}}
 plots.run_comparison(runs);
 
 # %% [markdown]

@@ -37,26 +37,24 @@
 # says "not run". Research code, not a diagnostic device.
 
 # %% tags=["parameters"]
-run_root = "../runs/quick"
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-extra_negatives_dir = ""
+run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
 
-# %%
+# %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
-from cxrlib import data, generalise
+from cxrlib import book, data, generalise, results
 from cxrlib.audit import MIN_SUBGROUP
-from cxrlib.config import data_banner
+from cxrlib.config import banner_from_record
+from cxrlib.runs import default_run_root
 
-banner = data_banner(coronahack_dir, extra_covid_dir)
-if extra_negatives_dir:
-    banner += f" Adult negatives: `{extra_negatives_dir}`."
-display(Markdown(banner))
+run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+display(book.banner(banner_from_record(run_root)))  # the runs' data, adult negatives included, as recorded
 arms = generalise.load_arms(run_root)
 table = generalise.measures(arms)
-display(Markdown(f"{len(arms)} complete run(s) under `{run_root}`: " + (", ".join(
+display(Markdown(f"{len(arms)} complete run(s) in the run matrix's folder: " + (", ".join(
     f"{arm} ({n})" for arm, n in arms["arm"].value_counts().items()) if len(arms) else "none yet.")))
 
 # %% [markdown]
@@ -69,7 +67,8 @@ display(Markdown(f"{len(arms)} complete run(s) under `{run_root}`: " + (", ".joi
 
 # %%
 shown = table.assign(result=table.apply(generalise.fmt, axis=1)) if len(table) else table.assign(result=[])
-shown[["arm", "run", "population", "metric", "result", "ci_unit", "evidence", "note"]]
+shown, same = results.narrow(shown[["arm", "run", "population", "metric", "result", "ci_unit", "evidence", "note"]])
+display(Markdown(same), shown)
 
 # %% [markdown]
 # ## What the numbers say

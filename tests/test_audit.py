@@ -271,3 +271,27 @@ def test_subgroups_get_wilson_intervals_and_small_groups_say_too_few():
     assert shown.loc["M", "covid_sensitivity"].startswith("0.75 [") and "(n=20)" in shown.loc["M", "covid_sensitivity"]
     assert "0.000" not in shown.to_string() and "nan" not in shown.to_string().lower()
     assert audit.subgroup_metrics(pred, table, "country")["country"].tolist() == ["Italy"]
+
+
+def test_probe_table_is_narrow_with_intervals():
+    probe = pd.DataFrame({
+        "features": ["image statistics", "border and corners"], "target": ["origin", "covid label"],
+        "subset": ["all images", "all images"], "n": [40, 40], "balanced_accuracy": [0.923, 0.5],
+        "ci_low": [0.81, float("nan")], "ci_high": [0.97, float("nan")], "chance_balanced_accuracy": [0.5, 0.5],
+        "null_p95": [0.6, 0.6], "p_value": [0.001, float("nan")], "auc": [0.97, 0.5], "verdict": ["shortcut", "none"],
+    })  # fmt: skip
+    shown = audit.probe_table(probe)
+    assert shown.columns.tolist() == ["features", "target", "subset", "balanced accuracy (95% CI)", "chance",
+                                      "p (permutation)", "verdict"]
+    assert shown.iloc[0].tolist()[3:] == ["0.923 (0.810–0.970)", "0.500", "0.001", "shortcut"]
+    assert shown.iloc[1].tolist()[3:6] == ["0.500", "0.500", "–"]
+
+
+def test_masked_table_puts_intervals_beside_the_scores():
+    masked = pd.DataFrame({"n": [56, 56], "macro_f1": [0.182, 0.133], "macro_f1_ci_low": [0.085, 0.057],
+                           "macro_f1_ci_high": [0.289, 0.2], "roc_auc": [0.602, 0.392],
+                           "baseline_macro_f1": [0.222, 0.222], "f1_retained": [1.0, 0.731]},
+                          index=pd.Index(["intact", "lungs_removed"], name="mode"))
+    shown = audit.masked_table(masked)
+    assert shown.columns.tolist() == ["n", "macro-F1", "ROC AUC", "majority macro-F1", "macro-F1 retained"]
+    assert shown.loc["lungs_removed"].tolist() == [56, "0.133 (0.057–0.200)", "0.392", "0.222", "0.731"]

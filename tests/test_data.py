@@ -115,7 +115,8 @@ def test_read_coronahack_bad_inputs_name_row_and_column(tmp_path):
 
 
 IEEE_ROWS = [
-    {"patientid": "5", "finding": "COVID-19", "view": "PA", "modality": "X-ray", "filename": "c1.jpg", "sex": "M", "age": "60"},
+    {"patientid": "5", "finding": "COVID-19", "view": "PA", "modality": "X-ray", "filename": "c1.jpg", "sex": "M", "age": "60",
+     "license": "CC BY-NC-SA 4.0"},
     {"patientid": "5", "finding": "COVID-19", "view": "L", "modality": "X-ray", "filename": "c1-lateral.jpg"},
     {"patientid": "6", "finding": "Pneumonia/Viral/COVID-19", "view": "AP Supine", "modality": "X-ray", "filename": "c2.png"},
     {"patientid": "7", "finding": "COVID-19", "view": "Axial", "modality": "CT", "filename": "ct.png"},
@@ -206,6 +207,7 @@ def test_merge_removes_copies_and_gives_ieee_patient_ids(tmp_path):
     assert len(table) == 6 and table["image_id"].is_unique and table["image_hash"].is_unique
     kept = table.set_index("image_id").loc["coronahack/c1.jpg"]
     assert kept["patient_id"] == "ieee8023:5" and kept["sex"] == "M" and kept["age"] == 60.0 and kept["view"] == "PA"
+    assert kept["license"] == "CC BY-NC-SA 4.0"  # the ieee8023 row's licence, so the copy is never published
 
 
 def test_load_table_skips_unreadable_images_with_a_report(tmp_path):

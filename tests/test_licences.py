@@ -66,7 +66,8 @@ def test_real_ieee8023_licences(real_data):
     root = real_data / "covid-chestxray-dataset"
     table, _ = data.read_ieee8023(root)
     meta = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
-    table["license"] = table.image_id.str.removeprefix("ieee8023/").map(dict(zip(meta.filename, meta.license.str.strip())))
+    licence = table.image_id.str.removeprefix("ieee8023/").map(dict(zip(meta.filename, meta.license.str.strip())))
+    assert table.license.tolist() == licence.tolist()  # the reader keeps the collection's own column
     ok = licences.redistributable(table)
     assert 0 < ok.sum() <= 8
     assert set(table.license[ok]) <= {"CC BY", "CC BY 4.0"}

@@ -162,3 +162,26 @@ def test_debiasing_arm_pairs_on_extra_negatives(tmp_path):
     assert list(zip(pairs.run_dir_a, pairs.run_dir_b)) == [(str(debiased), str(plain))]
     same_loss = results.matched_pairs(runs, "loss", "ce", "ce")  # the negatives are part of what a run is
     assert (same_loss.run_dir_a == same_loss.run_dir_b).all()
+
+
+def test_read_not_run_keeps_reason_and_command(tmp_path):
+    assert results.read_not_run(tmp_path) == []
+    (tmp_path / "matrix.json").write_text(json.dumps({"not_run": [
+        {"arm": "chest_xray", "reason": "no ChestX-ray14", "command": "python -m cxrlib.runs --chestxray14-dir X"},
+        {"arm": "imagenet"}]}))
+    assert results.read_not_run(tmp_path) == [
+        {"arm": "chest_xray", "reason": "no ChestX-ray14", "command": "python -m cxrlib.runs --chestxray14-dir X"},
+        {"arm": "imagenet", "reason": "no reason recorded", "command": ""}]
+
+
+def test_narrow_says_the_constant_levels_and_columns_once():
+    index = pd.MultiIndex.from_tuples([("ce", "random", "yes", 0), ("focal", "random", "yes", 0)],
+                                      names=["loss", "init", "extra COVID", "seed"])
+    frame = pd.DataFrame({"status": ["complete", "complete"], "accuracy": ["0.5", "0.6"]}, index=index)
+    shown, same = results.narrow(frame)
+    assert shown.index.names == ["loss"] and shown.columns.tolist() == ["accuracy"]
+    assert same == "Same in every row: init = random; extra COVID = yes; seed = 0; status = complete."
+    one, text = results.narrow(frame.iloc[:1])
+    assert one.equals(frame.iloc[:1]) and text == ""
+    alike = frame.assign(accuracy="0.5")
+    assert results.narrow(alike)[0].shape[1] == 1  # one column always stays

@@ -186,3 +186,28 @@ def test_variants_follow_the_core_runs_of_each_seed(tmp_path):
         runs.parse_variants("negs")
     with pytest.raises(CXRError, match="unknown part 'flip'"):
         runs.parse_variants("flip")
+
+
+def test_every_chapter_is_executed_and_in_the_toc():
+    names = sorted(p.stem for p in runs.NOTEBOOKS.glob("*.py"))
+    assert sorted((*runs.CHAPTERS, runs.FINETUNE)) == names
+    toc = (runs.ROOT / "_toc.yml").read_text()
+    assert all(f"book/generated/{name}\n" in toc for name in names)
+
+
+def test_execute_notebook_passes_only_declared_parameters_and_tidies(tmp_path, monkeypatch):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("a = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print(a)")]
+    monkeypatch.setattr(runs, "NOTEBOOKS", tmp_path)
+    nbformat.write(nb, tmp_path / "chapter.ipynb")
+    out = tmp_path / "out" / "chapter.ipynb"
+    runs.execute_notebook("chapter", out, {"a": 2, "run_root": "/elsewhere"})
+    done = nbformat.read(out, as_version=4)
+    injected = [c for c in done.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "a = 2" in injected[0].source and "run_root" not in injected[0].source
+    assert done.cells[-1].outputs[0]["text"] == "2\n"
+    assert all("remove-cell" in c.metadata.tags for c in done.cells if "parameters" in c.metadata.get("tags", []))
