@@ -113,8 +113,8 @@ def verdict_markdown(bundle: str | Path) -> str:
 
     bundle = Path(bundle)
     record = load(bundle)
-    runs = results.load_runs(bundle / "runs")
-    if runs.empty:
+    runs = results.load_runs(bundle / "runs") if (bundle / "runs").is_dir() else None
+    if runs is None or runs.empty:
         return "*This bundle holds no run, so no claim could be tested.*\n"
     claims = results.claims_table(runs, results.read_not_run(bundle))
     done = runs[runs.status == "complete"]

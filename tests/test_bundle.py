@@ -96,3 +96,18 @@ def test_transport_copy_names_an_unreadable_image(tmp_path):
     (tmp_path / "src" / "broken.jpeg").write_bytes(b"not an image")
     with pytest.raises(CXRError, match="broken.jpeg"):
         transport.transport_copy(tmp_path / "src", tmp_path / "dst")
+
+
+def test_render_writes_the_computed_verdicts_and_the_speed_table(tmp_path):
+    (tmp_path / "b" / "chapters").mkdir(parents=True)
+    (tmp_path / "b" / "chapters" / "05_results.ipynb").write_text("{}")
+    (tmp_path / "b" / "bench").mkdir()
+    (tmp_path / "b" / "bench" / "speed.json").write_text(json.dumps({
+        "hardware": {"gpu": "Some GPU"},
+        "figures": {"a": {"ratio": 0.81, "goal": 0.8, "met": True}, "b": None, "c": {"ratio": None}}}))
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "wall_seconds": 120.0,
+                                                             "runs": [{"status": "complete"}], "hardware": ["cuda: X"]}))
+    bundle.render(tmp_path / "b", tmp_path / "gen")
+    assert "no run" in (tmp_path / "gen" / "verdict.md").read_text()
+    speed = (tmp_path / "gen" / "speed.md").read_text()
+    assert "| (a)  | 0.81 | 0.8 | met | Some GPU |" in speed and "120 s" in speed and "(c)" not in speed
