@@ -386,7 +386,8 @@ def build_book_notebooks(root: Path, data: dict[str, str], profile: str) -> None
     else:  # an inline run: the notebook reads the complete folder (nothing is retrained)
         saved = json.loads((featured / "params.json").read_text())["config"]
         cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k in RunConfig.__dataclass_fields__})
-        execute_notebook(FINETUNE, GENERATED / f"{FINETUNE}.ipynb", {**notebook_parameters(cfg),
+        local = {k: v for k, v in data.items() if v}  # the data as found here (the run may come from another machine)
+        execute_notebook(FINETUNE, GENERATED / f"{FINETUNE}.ipynb", {**notebook_parameters(cfg), **local,
                                                                       "run_dir": str(featured)})
     parameters = {**data, "run_root": str(root), "run_dir": str(featured), "profile": profile}
     for name in CHAPTERS:
