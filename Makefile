@@ -14,6 +14,7 @@ PROFILE ?=
 CORONAHACK_DIR ?=
 EXTRA_COVID_DIR ?=
 EXTRA_NEGATIVES_DIR ?=
+VARIANTS ?= negs,negs+clahe
 BUNDLE ?= results/paper-h200
 EXECUTE := $(strip $(PROFILE)$(CORONAHACK_DIR)$(EXTRA_COVID_DIR))
 RUN_PROFILE := $(or $(PROFILE),quick)
@@ -29,7 +30,7 @@ DATA_ARGS := --coronahack-dir "$(CORONAHACK_DIR)" --extra-covid-dir "$(EXTRA_COV
 MATRIX_ARGS := --chestxray14-dir "$(CHESTXRAY14_DIR)" --chest-init "$(CHEST_INIT)" --concurrent $(CONCURRENT) \
   $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXTRA_COVID_AXIS),--extra-covid-axis $(EXTRA_COVID_AXIS)) \
   $(if $(EXECUTOR),--executor $(EXECUTOR)) \
-  $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --variants negs,negs+clahe \
+  $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --variants "$(VARIANTS)" \
     --set external=nih="$(EXTRA_NEGATIVES_DIR)")
 CHROMIUM := /usr/bin/chromium
 
