@@ -599,7 +599,9 @@ def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence
 
 
 def format_subgroups(frame: pd.DataFrame, metrics: Sequence[str] = SUBGROUP_METRICS) -> pd.DataFrame:
-    """`subgroup_metrics` for reading: "0.83 [0.70–0.91] (n=40)", or "too few to say (n=3)", or "none (n=0)"."""
+    """`subgroup_metrics` for reading: "0.830 (0.700–0.910), n=40", or "too few to say (n=3)", or "none (n=0)"."""
+    from .results import fmt_ci
+
     keys = [c for c in frame.columns if c not in {"n_patients", "n_covid"} and not c.startswith(tuple(SUBGROUP_METRICS))]
     out = frame[keys].copy()
     for name in metrics:
@@ -609,7 +611,7 @@ def format_subgroups(frame: pd.DataFrame, metrics: Sequence[str] = SUBGROUP_METR
                 return "none (n=0)"
             if not r[f"{name}_enough"]:
                 return f"too few to say (n={n})"
-            return f"{r[name]:.2f} [{r[f'{name}_ci_low']:.2f}–{r[f'{name}_ci_high']:.2f}] (n={n})"
+            return f"{fmt_ci(r[name], (r[f'{name}_ci_low'], r[f'{name}_ci_high']))}, n={n}"
 
         out[name] = frame.apply(cell, axis=1)
     return out

@@ -67,8 +67,11 @@ display(Markdown(f"{len(arms)} complete run(s) in the run matrix's folder: " + (
 
 # %%
 shown = table.assign(result=table.apply(generalise.fmt, axis=1)) if len(table) else table.assign(result=[])
-shown, same = results.narrow(shown[["arm", "run", "population", "metric", "result", "ci_unit", "evidence", "note"]])
-display(Markdown(same), shown)
+for arm, rows in shown.groupby("arm", sort=False):  # one table per arm: narrow enough for the page
+    rows, same = results.narrow(rows[["run", "population", "metric", "result", "ci_unit", "evidence", "note"]])
+    display(Markdown(f"**{arm}.** {same}"), rows.reset_index(drop=True))
+if shown.empty:
+    display(Markdown("No complete run: nothing was measured."))
 
 # %% [markdown]
 # ## What the numbers say

@@ -366,6 +366,9 @@ def test_real_missing_rows_and_copies(real_data, real_table):
     patients = by_id.loc["coronahack/" + copies["X_ray_image_name"], "patient_id"]
     assert patients.str.startswith("ieee8023:").all()
     assert set(patients) <= {f"ieee8023:{p}" for p in meta["patientid"]}
+    licences = by_id.loc["coronahack/" + copies["X_ray_image_name"], "license"]  # the ieee8023 row's, via dedup
+    own = dict(zip(meta.filename, meta.license.fillna("").str.strip()))
+    assert licences.tolist() == copies["X_ray_image_name"].map(own).tolist()
     assert table["image_hash"].is_unique and table["image_id"].is_unique
 
 
