@@ -141,9 +141,9 @@ def speed_markdown(bundle: str | Path) -> str:
         bench = json.loads(path.read_text())
         hardware = bench.get("hardware", {})
         where = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device") or path.stem
-        load = hardware.get("load_average_at_start")
-        if not hardware.get("gpu") and load:  # CPU figures on a shared machine say little: show how busy it was
-            where += f" ({hardware.get('cpu_count', '?')} cores, load average {load[0] if isinstance(load, list) else load} at start)"
+        busy = hardware.get("load_average_at_start")
+        if not hardware.get("gpu") and busy:  # CPU figures on a shared machine say little: show how busy it was
+            where += f" ({hardware.get('cpu_count', '?')} cores, load average {busy[0] if isinstance(busy, list) else busy} at start)"
         for key, fig in sorted((bench.get("figures") or {}).items()):
             if not isinstance(fig, dict) or fig.get("ratio") is None:
                 continue
