@@ -112,7 +112,7 @@ else:
     print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
     print(f"parameters: {total:,}")
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-check-output"]
 if pretrained is not None:
     check = transfer_check(model, weights)
     assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"

@@ -83,6 +83,9 @@ assert (out / "status").read_text().strip() == "complete"
 assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
 assert set(predictions.split) == {"test"} and len(predictions) == sum(metrics["per_class"][c]["support"] for c in classes)
 
+# %% tags=["nbval-check-output"]
+pd.Series({c: metrics["per_class"][c]["support"] for c in classes}, name="test images per class")
+
 # %% [markdown]
 # ## Training curves
 

@@ -80,6 +80,9 @@ print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images, {in
 # One row per wrong test image and per class it is an error of (a COVID-19 image called pneumonia
 # is a false negative of COVID-19 and a false positive of pneumonia).
 
+# %% tags=["nbval-check-output"]
+print(f"test split of the run: {len(predictions)} images; classes {', '.join(sorted(predictions['true'].unique()))}")
+
 # %%
 errors = explain.misclassified(predictions)
 errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) else "no errors"

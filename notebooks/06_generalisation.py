@@ -73,6 +73,9 @@ for arm, rows in shown.groupby("arm", sort=False):  # one table per arm: narrow 
 if shown.empty:
     display(Markdown("No complete run: nothing was measured."))
 
+# %% tags=["nbval-check-output"]
+print("arms measured:", ", ".join(sorted(set(table["arm"]))) if len(table) else "none")
+
 # %% [markdown]
 # ## What the numbers say
 
