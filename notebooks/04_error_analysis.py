@@ -67,8 +67,11 @@ model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
 display(book.banner(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
 synthetic = json.loads((run_dir / "params.json").read_text())["data"]["record"]["synthetic"]
-coronahack_dir, extra_covid_dir = meta["config"]["coronahack_dir"], meta["config"]["extra_covid_dir"]  # the run's data
+coronahack_dir = coronahack_dir or meta["config"]["coronahack_dir"]  # the data here, else where the run read it
+extra_covid_dir = extra_covid_dir or meta["config"]["extra_covid_dir"]
 table, report = data.load_table(coronahack_dir, extra_covid_dir)
+recorded = json.loads((run_dir / "params.json").read_text())["data"]["record"]["fingerprint"]
+assert data.data_fingerprint(table) == recorded, f"these data are not the run's (fingerprint {recorded})"
 predictions = pd.read_csv(run_dir / "predictions.csv")
 predictions["license"] = predictions.image_id.map(table.set_index("image_id").license).fillna("")
 shareable = licences.redistributable(predictions, synthetic=synthetic)  # images the book may show
