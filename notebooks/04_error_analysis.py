@@ -74,6 +74,7 @@ recorded = json.loads((run_dir / "params.json").read_text())["data"]["record"]["
 assert data.data_fingerprint(table) == recorded, f"these data are not the run's (fingerprint {recorded})"
 predictions = pd.read_csv(run_dir / "predictions.csv")
 predictions["license"] = predictions.image_id.map(table.set_index("image_id").license).fillna("")
+predictions["path"] = predictions.image_id.map(table.set_index("image_id").path)  # the files here, not the run machine's
 shareable = licences.redistributable(predictions, synthetic=synthetic)  # images the book may show
 print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images, {int(shareable.sum())} of them publishable)")
 
