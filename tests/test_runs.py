@@ -10,6 +10,7 @@ import json
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
