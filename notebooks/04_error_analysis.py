@@ -139,18 +139,20 @@ plots.image_grid([pixels[i] for i in np.flatnonzero(keep)],
 #
 # ### 1. Can the source be read off the pixels?
 #
-# Logistic-regression probes with patient-grouped cross-validation on all images of the data set:
+# Logistic-regression probes with patient-grouped cross-validation on the test split's images (never
+# trained on; the model's features of every image would take hours on a CPU):
 # trivial image statistics (intensity percentiles of the whole image, the border strip and the
 # corners, plus the original file size) and the model's own pooled features predicting the **source**
 # (Kermany children vs ieee8023 adults); and border/corner statistics alone predicting **COVID-19**.
 # Rule: balanced accuracy ≥ 0.80 (or ≥ chance + 0.30) flags a shortcut.
 
 # %%
-all_pixels, skipped = cache.load(table.path.tolist())
-table = table[~table.path.isin({p for p, _ in skipped})].reset_index(drop=True)
+probed = table[table.image_id.isin(predictions.image_id)].reset_index(drop=True)
+all_pixels, skipped = cache.load(probed.path.tolist())
+probed = probed[~probed.path.isin({p for p, _ in skipped})].reset_index(drop=True)
 features = audit.backbone_features(model, all_pixels)
-sizes = audit.original_sizes(table.path)
-probe = audit.source_probe(table, all_pixels, features=features, sizes=sizes, seed=seed)
+sizes = audit.original_sizes(probed.path)
+probe = audit.source_probe(probed, all_pixels, features=features, sizes=sizes, seed=seed)
 audit.probe_table(probe)
 
 # %% [markdown]
@@ -159,7 +161,7 @@ audit.probe_table(probe)
 # halves without the marker. A probe that misses it is blind, and its "none" verdicts above mean nothing.
 
 # %% tags=["hide-input"]
-control = audit.positive_control(all_pixels, table.patient_id, audit.image_statistics, seed=seed)
+control = audit.positive_control(all_pixels, probed.patient_id, audit.image_statistics, seed=seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
 audit.probe_table(control)
 
