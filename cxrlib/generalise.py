@@ -203,15 +203,15 @@ def arm_comparison(table: pd.DataFrame, population: str, metric: str = "covid_sp
                          for _, r in rows.iterrows()])  # fmt: skip
 
 
-def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band") -> pd.DataFrame:
+def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band", where: str = "") -> pd.DataFrame:
     """One external set of a run by subgroup (age band, sex, view, ...), formatted by `format_subgroups`.
 
-    The metadata comes from re-reading the set's folder or manifest (no image is decoded); the set
-    must still be where the run found it.
+    The metadata comes from re-reading the set's folder or manifest (no image is decoded): `where` it is
+    on this machine, else where the run found it.
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "params.json").read_text())["config"]
-    where = external_sets(config.get("external", "")).get(name)
+    where = where or external_sets(config.get("external", "")).get(name)
     pred_file = run_dir / "external" / name / "predictions.csv"
     if where is None or not pred_file.is_file():
         raise CXRError(f"{run_dir}: no external set {name!r} (its external parameter: {config.get('external')!r})")

@@ -41,13 +41,14 @@ profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+external_dirs = ""  # NAME=DIR[,...]: the runs' external sets on this machine (empty: where the runs found them)
 
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
 from cxrlib import book, data, generalise, results
 from cxrlib.audit import MIN_SUBGROUP
-from cxrlib.config import banner_from_record
+from cxrlib.config import banner_from_record, external_sets
 from cxrlib.runs import default_run_root
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
@@ -107,9 +108,11 @@ external = sorted(table.loc[(table["arm"] == "paper set-up") & table["population
                             "population"].str.removeprefix("external: ").unique())
 if paper.empty or not external:
     display(Markdown("No paper set-up run with an external set: not run."))
+here = external_sets(external_dirs)
 for name in external:
     for by in ("age_band", "sex", "view"):
-        display(Markdown(f"**{name}** by {by}"), generalise.external_subgroups(paper["run_dir"].iloc[0], name, by))
+        display(Markdown(f"**{name}** by {by}"),
+                generalise.external_subgroups(paper["run_dir"].iloc[0], name, by, where=here.get(name, "")))
 
 # %% [markdown]
 # ## Which sources can be held out?
