@@ -41,7 +41,7 @@ profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
-external_dirs = ""  # NAME=DIR[,...]: the runs' external sets on this machine (empty: where the runs found them)
+external_dirs = ""  # NAME=DIR[,...]: where the external sets of the runs are on this machine (empty: as recorded)
 
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
