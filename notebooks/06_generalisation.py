@@ -41,7 +41,8 @@ profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
-external_dirs = ""  # NAME=DIR[,...]: where the external sets of the runs are on this machine (empty: as recorded)
+# external_dirs: NAME=DIR, where the external sets of the runs are on this machine (empty means as recorded)
+external_dirs = ""
 
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
