@@ -7,12 +7,17 @@ Every figure is at most `PAGE_WIDTH_IN` wide, so its text is printed at the size
 from __future__ import annotations
 
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
+# Constrained layout falls back to the plain layout for some axes (e.g. a colour bar beside a grid); the figure is
+# still drawn, and the warning would print into a chapter's output.
+warnings.filterwarnings("ignore", message="constrained_layout not applied")
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
