@@ -30,6 +30,7 @@ from sklearn.model_selection import GroupShuffleSplit
 from torch import nn
 
 from . import data, distributed, images, metrics, models, synthetic, train
+from .config import check_choice
 from .errors import CXRError
 
 # The 14 findings in the official order (NIH's README, CheXNet's table, torchvision-style heads).
@@ -229,8 +230,7 @@ class PretrainConfig:
     num_workers: int = -1  # -1: 0 on CPU, else min(8, CPU cores per local process)
 
     def __post_init__(self) -> None:
-        if self.backbone not in models.BACKBONES:
-            raise CXRError(f"parameter backbone={self.backbone!r}: choose one of {', '.join(models.BACKBONES)}")
+        check_choice("backbone", self.backbone)
         for name in ("image_size", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise CXRError(f"parameter {name} must be at least 1, got {getattr(self, name)}")

@@ -19,7 +19,26 @@ CLASSES: dict[str, tuple[str, ...]] = {
 LABELS = ("covid", "pneumonia", "normal")  # the 3-class label every reader writes in `label`
 
 
-PREPROCESS = ("none", "clahe", "lung_crop")  # images.PREPROCESSORS, applied by images.make_cache
+# The one table of choices: RunConfig validation, the factories' error messages and argparse `choices=` read it.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": tuple(CLASSES),
+    "loss": ("ce", "weighted_ce", "focal"),
+    "backbone": ("resnet50", "densenet121"),
+    "freeze": ("none", "backbone", "stage1", "stage2", "stage3", "stage4"),  # stageN: the stem and stages 1..N
+    "optimizer": ("adamw", "sgd"),
+    "scheduler": ("cosine", "step", "none"),
+    "split": ("patient", "published"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "preprocess": ("none", "clahe", "lung_crop"),  # images.PREPROCESSORS, applied by images.make_cache
+}
+PREPROCESS = CHOICES["preprocess"]
+
+
+def check_choice(name: str, value: Any) -> Any:
+    """`value` if CHOICES[name] allows it, else a CXRError that lists what does."""
+    if value not in CHOICES[name]:
+        raise CXRError(f"parameter {name}={value!r}: choose one of {', '.join(CHOICES[name])}")
+    return value
 
 
 def external_sets(spec: str) -> dict[str, str]:
@@ -36,9 +55,7 @@ def external_sets(spec: str) -> dict[str, str]:
 
 def classes(task: str) -> tuple[str, ...]:
     """Class names of `task`, in output order."""
-    if task not in CLASSES:
-        raise CXRError(f"unknown task {task!r}: choose one of {', '.join(CLASSES)}")
-    return CLASSES[task]
+    return CLASSES[check_choice("task", task)]
 
 
 def task_label(label: str, task: str) -> str:
@@ -91,23 +108,8 @@ class RunConfig:
     extra_covid_train: bool = True  # False: ieee8023-only images leave train/val after the split (same test set)
 
     def __post_init__(self) -> None:
-        classes(self.task)
-        checks = {
-            "loss": (self.loss, ("ce", "weighted_ce", "focal")),
-            "backbone": (self.backbone, ("resnet50", "densenet121")),
-            "optimizer": (self.optimizer, ("adamw", "sgd")),
-            "scheduler": (self.scheduler, ("cosine", "step", "none")),
-            "split": (self.split, ("patient", "published")),
-            "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
-            "preprocess": (self.preprocess, PREPROCESS),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise CXRError(f"parameter {name}={value!r}: choose one of {', '.join(allowed)}")
-        if self.freeze not in ("none", "backbone") and not (
-            self.freeze.startswith("stage") and self.freeze[5:].isdigit()
-        ):
-            raise CXRError(f"parameter freeze={self.freeze!r}: use none, backbone or stageN (N=1..4)")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
         external_sets(self.external)
         if self.hold_out and not all(self.hold_out.partition("=")[::2]):
             raise CXRError(f"parameter hold_out={self.hold_out!r}: use COLUMN=VALUE, e.g. country=Italy")

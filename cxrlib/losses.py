@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CHOICES
 from .errors import CXRError
 
-LOSSES = ("ce", "weighted_ce", "focal")
+LOSSES = CHOICES["loss"]
 
 
 class FocalLoss(nn.Module):

@@ -34,11 +34,12 @@ import torchvision
 from torch import nn
 from torchvision.models import DenseNet121_Weights, ResNet50_Weights
 
+from .config import CHOICES, check_choice
 from .errors import CXRError
 
-BACKBONES = ("resnet50", "densenet121")
+BACKBONES = CHOICES["backbone"]
 WEIGHT_SPECS = ("none", "imagenet", "chexnet:PATH", "torchxrayvision:NAME[@PATH]", "file:PATH")
-FREEZE_SPECS = ("none", "backbone", "stage1", "stage2", "stage3", "stage4")
+FREEZE_SPECS = CHOICES["freeze"]
 
 HEAD = {"resnet50": "fc", "densenet121": "classifier"}
 FIRST_CONV = {"resnet50": "conv1", "densenet121": "features.conv0"}
@@ -96,8 +97,7 @@ def build_model(
     The model carries `backbone_name`, `input_spec` ("imagenet" or "xrv": which images.make_transform to use)
     and `frozen_modules`.
     """
-    if backbone not in BACKBONES:
-        raise CXRError(f"parameter backbone={backbone!r}: choose one of {', '.join(BACKBONES)}")
+    check_choice("backbone", backbone)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise CXRError(f"parameter num_classes={num_classes!r}: need an integer of at least 2")
     scheme, _, arg = weights.partition(":")
@@ -363,8 +363,7 @@ def freeze_model(model: nn.Module, freeze: str) -> list[str]:
     stageN freezes the stem and stages 1..N (ResNet50: conv1/bn1 and layer1..N; DenseNet121: conv0/norm0 and
     denseblock1..N with their transitions). The frozen module names are kept in `model.frozen_modules`.
     """
-    if freeze not in FREEZE_SPECS:
-        raise CXRError(f"parameter freeze={freeze!r}: choose one of {', '.join(FREEZE_SPECS)}")
+    check_choice("freeze", freeze)
     stages = STAGES[model.backbone_name]
     n = 0 if freeze == "none" else len(stages) if freeze == "backbone" else int(freeze[-1]) + 1
     model.frozen_modules = [name for stage in stages[:n] for name in stage]

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from . import data, distributed, images, losses, metrics, models
-from .config import RunConfig, classes as task_classes, data_record, external_sets
+from .config import CHOICES, RunConfig, classes as task_classes, data_record, external_sets
 from .errors import CXRError
 from .results import read_status
 
@@ -518,7 +518,7 @@ def make_optimizer(params: Sequence[nn.Parameter], opts: FitOptions) -> torch.op
         return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=fused)
     if opts.optimizer == "sgd":
         return torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay, fused=fused)
-    raise CXRError(f"parameter optimizer={opts.optimizer!r}: choose adamw or sgd")
+    raise CXRError(f"parameter optimizer={opts.optimizer!r}: choose one of {', '.join(CHOICES['optimizer'])}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, opts: FitOptions) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -529,7 +529,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, opts: FitOptions) -> torch.
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, opts.epochs // 3), gamma=0.1)
     if opts.scheduler == "none":
         return None
-    raise CXRError(f"parameter scheduler={opts.scheduler!r}: choose cosine, step or none")
+    raise CXRError(f"parameter scheduler={opts.scheduler!r}: choose one of {', '.join(CHOICES['scheduler'])}")
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -108,7 +108,7 @@ def test_train_flags_are_the_runconfig_fields():
 def test_user_errors_print_a_message_without_traceback(tmp_path, capsys):
     assert cli.main(["train", "--task", "ternary", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "cxrlib train: error: unknown task 'ternary'" in err and "Traceback" not in err
+    assert "cxrlib train: error: parameter task='ternary': choose one of binary, multiclass" in err and "Traceback" not in err
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), "x.png"]) == 2
     assert "nope.pt does not exist" in capsys.readouterr().err
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "e")]) == 2

@@ -92,3 +92,9 @@ def test_a_run_root_mixing_data_has_no_banner(tmp_path):
         banner_from_record(tmp_path)
     with pytest.raises(CXRError, match="no run folder"):
         banner_from_record(tmp_path / "a" / "nothing")
+
+
+def test_a_freeze_outside_the_choices_fails_when_the_config_is_made():
+    """stage7 used to pass validation and fail only after the data had loaded."""
+    with pytest.raises(CXRError, match=r"freeze='stage7': choose one of none, backbone, stage1"):
+        RunConfig(freeze="stage7")
