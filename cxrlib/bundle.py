@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import nbformat
 
 from .errors import CXRError
 
@@ -59,7 +62,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     if chapters:
         (out / "chapters").mkdir(exist_ok=True)
         for nb in sorted(Path(chapters).glob("*.ipynb")):
-            shutil.copyfile(nb, out / "chapters" / nb.name)
+            public_chapter(nb, out / "chapters" / nb.name)
     for path in map(Path, bench):
         (out / "bench").mkdir(exist_ok=True)
         shutil.copyfile(path, out / "bench" / path.name)
@@ -80,6 +83,29 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     record["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     (out / RECORD).write_text(json.dumps(record, indent=2))
     return record
+
+
+def public_chapter(source: str | Path, target: str | Path) -> Path:
+    """Copy an executed chapter without the folder names of the machine that executed it: the absolute paths
+    in papermill's injected parameters and metadata become `…/<last two parts>` (a download of the
+    chapter's notebook should not show where someone kept their data)."""
+    nb = nbformat.read(source, as_version=4)
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.source = _ABSOLUTE.sub(_short_path, cell.source)
+    papermill = nb.metadata.get("papermill", {})
+    if papermill:
+        nb.metadata["papermill"] = json.loads(_ABSOLUTE.sub(_short_path, json.dumps(papermill)))
+    nbformat.write(nb, target)
+    return Path(target)
+
+
+_ABSOLUTE = re.compile(r"(?<=[\"'])/[^\"'\s]+")  # an absolute path at the start of a quoted string
+
+
+def _short_path(match: re.Match) -> str:
+    parts = Path(match.group(0)).parts[1:]
+    return "…/" + "/".join(parts[-2:]) if len(parts) > 2 else match.group(0)
 
 
 def load(bundle: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import nbformat
 import pytest
 import torch
 from PIL import Image
@@ -34,7 +35,10 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     (root / "matrix.json").write_text(json.dumps({"wall_seconds": 12.5, "not_run": [{"arm": "imagenet", "reason": "offline"}]}))
     chapters = tmp_path / "chapters"
     chapters.mkdir()
-    (chapters / "05_results.ipynb").write_text("{}")
+    nb = nbformat.v4.new_notebook(metadata={"papermill": {"parameters": {"coronahack_dir": "/data/me/secret/coronahack"}}})
+    nb.cells = [nbformat.v4.new_code_cell('coronahack_dir = "/data/me/secret/coronahack"\n',
+                                          metadata={"tags": ["injected-parameters"]})]
+    nbformat.write(nb, chapters / "05_results.ipynb")
     bench_json = tmp_path / "speed.json"
     bench_json.write_text("{}")
     record = bundle.pack(root, tmp_path / "b", chapters=chapters, bench=[bench_json])
@@ -46,6 +50,8 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     assert record["wall_seconds"] == 12.5 and record["not_run"][0]["arm"] == "imagenet"
     assert [r["status"] for r in record["runs"]] == ["complete", "failed: CXRError: boom"]
     assert bundle.load(out)["bytes"] == record["bytes"]
+    chapter = (out / "chapters" / "05_results.ipynb").read_text()  # where the executing machine kept data stays out
+    assert "/data/me" not in chapter and chapter.count("…/secret/coronahack") == 2
 
 
 def test_render_copies_chapters_and_rejects_non_bundles(tmp_path):
