@@ -100,7 +100,7 @@ def public_chapter(source: str | Path, target: str | Path) -> Path:
     return Path(target)
 
 
-_ABSOLUTE = re.compile(r"(?<=[\"'])/[^\"'\s]+")  # an absolute path at the start of a quoted string
+_ABSOLUTE = re.compile(r"(?<=[\"'=,])/[^\"'\s,]+")  # an absolute path: a quoted value, or after NAME= / a comma
 
 
 def _short_path(match: re.Match) -> str:

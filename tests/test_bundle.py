@@ -35,7 +35,8 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     (root / "matrix.json").write_text(json.dumps({"wall_seconds": 12.5, "not_run": [{"arm": "imagenet", "reason": "offline"}]}))
     chapters = tmp_path / "chapters"
     chapters.mkdir()
-    nb = nbformat.v4.new_notebook(metadata={"papermill": {"parameters": {"coronahack_dir": "/data/me/secret/coronahack"}}})
+    nb = nbformat.v4.new_notebook(metadata={"papermill": {"parameters": {"coronahack_dir": "/data/me/secret/coronahack",
+                                                                        "external": "nih=/data/me/secret/nih"}}})
     nb.cells = [nbformat.v4.new_code_cell('coronahack_dir = "/data/me/secret/coronahack"\n',
                                           metadata={"tags": ["injected-parameters"]})]
     nbformat.write(nb, chapters / "05_results.ipynb")
@@ -52,6 +53,7 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     assert bundle.load(out)["bytes"] == record["bytes"]
     chapter = (out / "chapters" / "05_results.ipynb").read_text()  # where the executing machine kept data stays out
     assert "/data/me" not in chapter and chapter.count("…/secret/coronahack") == 2
+    assert "nih=…/secret/nih" in chapter
 
 
 def test_render_copies_chapters_and_rejects_non_bundles(tmp_path):
