@@ -29,7 +29,10 @@ import torch
 from sklearn.model_selection import GroupShuffleSplit
 from torch import nn
 
-from . import data, distributed, images, metrics, models, synthetic, train
+from . import data, distributed, images, metrics, models, synthetic
+from .infer import amp_dtype, describe_device, predict_dataset
+from .loop import FitOptions, fit, main_first, seed_everything
+from .rundir import BEST, LAST, run_folder
 from .config import check_choice
 from .errors import CXRError
 
@@ -54,7 +57,7 @@ REFERENCES = {
     "reproduce_chexnet_pneumonia_auroc": 0.7617,  # Zech 2018 (github.com/jrzech/reproduce-chexnet), DenseNet121
 }
 SPLITS = ("train", "val", "test")
-OUTPUTS = (train.BEST, train.LAST, "history.csv", "metrics.json")  # what a fresh run clears
+OUTPUTS = (BEST, LAST, "history.csv", "metrics.json")  # what a fresh run clears
 
 
 # --- the reader ----------------------------------------------------------------------------------
@@ -254,8 +257,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
     `torchrun` launch calls this; rank 0 alone writes.
     """
     out_dir = Path(out_dir or default_out_dir(cfg))
-    return train.run_folder(cfg, out_dir, lambda info: _pretrain(cfg, out_dir, resume, progress, info),
-                            resume=resume, outputs=OUTPUTS)
+    return run_folder(cfg, out_dir, lambda info: _pretrain(cfg, out_dir, resume, progress, info),
+                      resume=resume, outputs=OUTPUTS)
 
 
 def finding_scores(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -290,8 +293,8 @@ def _workers(cfg: PretrainConfig, device: torch.device) -> int:
 
 def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool | None,
               info: distributed.DistInfo) -> None:
-    with train.main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
-        train.seed_everything(cfg.seed)
+    with main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
+        seed_everything(cfg.seed)
         if cfg.chestxray14 and not Path(cfg.chestxray14).is_dir():
             raise CXRError(f"chestxray14={cfg.chestxray14!r} is not a folder; leave it empty for the synthetic set")
         root = cfg.chestxray14 or str(synthetic.ensure_chestxray14())
@@ -306,11 +309,11 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
         sets["train"].transform = images.make_transform(model.input_spec, train=True, augment=True)
     loss_fn = bce_loss(sets["train"].labels, cfg.class_weighted)
     device = distributed.resolve_device(cfg.device, info)
-    opts = train.FitOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, patience=cfg.patience,
-                            monitor="mean_auroc", seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-                            channels_last=True, num_workers=_workers(cfg, device), progress=progress)  # fmt: skip
-    prov = metrics.provenance(train.describe_device(device, info))
+    opts = FitOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, patience=cfg.patience,
+                      monitor="mean_auroc", seed=cfg.seed, device=cfg.device, amp=cfg.amp,
+                      channels_last=True, num_workers=_workers(cfg, device), progress=progress)  # fmt: skip
+    prov = metrics.provenance(describe_device(device, info))
     used = pd.concat([ds.table for ds in sets.values()], ignore_index=True)
     if info.is_main:
         total, trainable = models.count_parameters(model)
@@ -326,17 +329,17 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
                       "input_spec": model.input_spec, "parameters": total, "trainable_parameters": trainable},
             "training": {"loss": "bce", "pos_weight": _tolist(loss_fn.pos_weight), "world_size": info.world_size,
                          "global_batch_size": cfg.batch_size * info.world_size, **dataclasses.asdict(opts),
-                         "amp_dtype": str(train.amp_dtype(opts.amp, device))},
+                         "amp_dtype": str(amp_dtype(opts.amp, device))},
         }, out_dir / "params.json", prov)  # fmt: skip
 
     meta = {"backbone": cfg.backbone, "num_classes": len(FINDINGS), "classes": list(FINDINGS),
             "input_spec": model.input_spec, "task": "chestxray14", "weights": cfg.weights,
             "image_size": cfg.image_size, "config": cfg.to_dict()}  # fmt: skip
-    result = train.fit(model, sets["train"], sets["val"], loss_fn, opts, out_dir, score_fn=finding_scores,
-                       output="sigmoid", model_meta=meta, resume=resume)  # fmt: skip
+    result = fit(model, sets["train"], sets["val"], loss_fn, opts, out_dir, score_fn=finding_scores,
+                 output="sigmoid", model_meta=meta, resume=resume)  # fmt: skip
     model.load_state_dict(result.best_state)
-    scored = {s: train.predict_dataset(model, sets[s], batch_size=opts.batch_size, device=device, amp=opts.amp,
-                                       output="sigmoid", num_workers=opts.num_workers)[:2]
+    scored = {s: predict_dataset(model, sets[s], batch_size=opts.batch_size, device=device, amp=opts.amp,
+                                 output="sigmoid", num_workers=opts.num_workers)[:2]
               for s in ("val", "test")}  # fmt: skip
     if not info.is_main:
         return
@@ -349,9 +352,9 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
         "stopped_early": result.stopped_early, "train_seconds": float(result.history["seconds"].sum()),
         "params": cfg.to_dict(), "data_fingerprint": _fingerprint(used), **prov,
     })  # fmt: skip
-    (out_dir / train.LAST).unlink(missing_ok=True)  # complete: nothing left to resume
+    (out_dir / LAST).unlink(missing_ok=True)  # complete: nothing left to resume
     print(f"pretrain: test mean AUROC {_fmt(auroc['test']['mean'])} over {len(FINDINGS)} findings "
-          f"(best epoch {result.best_epoch}); fine-tune with weights=file:{out_dir / train.BEST}")  # fmt: skip
+          f"(best epoch {result.best_epoch}); fine-tune with weights=file:{out_dir / BEST}")  # fmt: skip
 
 
 def _fingerprint(table: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -399,6 +399,15 @@ class DeviceBatches:
         if self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
         return x.sub(self.mean).div_(self.std), y
+
+    def batches(self, order: Sequence[int] | torch.Tensor, batch_size: int, drop_last: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows of `order` in chunks of `batch_size` (a DataLoader's chunks, the short last one dropped
+        if `drop_last`), each gathered (and augmented, see `batch`) on the device."""
+        order = torch.as_tensor(order, dtype=torch.long)
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size], generator)
 
     @classmethod
     def of(cls, dataset: torch.utils.data.Dataset, device: torch.device | str) -> "DeviceBatches | None":

@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -41,6 +39,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .atomic import write_text
 from .errors import CXRError
 
 POSITIVE = "covid"  # the class whose sensitivity the paper reports; index 1 of the binary task
@@ -358,27 +357,13 @@ def multilabel_auroc(y_true: np.ndarray, probs: np.ndarray, names: Sequence[str]
 
 
 def save_metrics(metrics: dict[str, Any], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write metrics + `extra` (parameters, provenance) to JSON atomically.
-
-    Atomic (temporary file + os.replace) so an interrupted run never leaves a half-written file
-    that the book would read as a result.
-    """
+    """Write metrics + `extra` (parameters, provenance) to JSON atomically (atomic.write_text): an
+    interrupted run never leaves a half-written file that the book would read as a result."""
     extra = extra or {}
     clash = sorted(set(metrics) & set(extra))
     if clash:
         raise CXRError(f"save_metrics: extra key(s) {clash} would overwrite metrics; rename them")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable({**metrics, **extra}), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(_jsonable({**metrics, **extra}), indent=2, allow_nan=False) + "\n")
 
 
 def provenance(device: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import PAIRED, paired_bootstrap
+from .rundir import read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
@@ -36,12 +37,6 @@ ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per 
     ("extra_covid_train", True): ("extra",), ("extra_covid_train", False): ("noextra", "without"),
     ("debiased", True): ("extra_negatives", "debias", "negatives"),
 }
-
-
-def read_status(run_dir: str | Path) -> str:
-    """A run folder's status file: complete | running | failed: <reason> | missing."""
-    path = Path(run_dir) / "status"
-    return path.read_text().strip() if path.is_file() else "missing"
 
 
 def init_name(weights: str) -> str:

@@ -27,7 +27,8 @@ from typing import Any
 
 from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
-from .results import load_runs, read_status
+from .results import load_runs
+from .rundir import check_reusable, read_status, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -292,7 +293,7 @@ def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict |
         return RunStatus(run_dir.name, run_dir, NOT_STARTED)
     if read_status(run_dir) == "complete":
         try:
-            train.check_reusable(cfg, run_dir, data_record)
+            check_reusable(cfg, run_dir, data_record)
         except CXRError as err:
             return RunStatus(run_dir.name, run_dir, f"failed: not reused: {err}")
         return RunStatus(run_dir.name, run_dir, "complete")
@@ -306,7 +307,7 @@ def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict |
     except Exception as err:  # the notebook's (or run's) error; keep it as the run's status
         reason = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         if read_status(run_dir) in ("missing", "complete", "running"):
-            (run_dir / "status").write_text(reason + "\n")
+            write_status(run_dir, reason)
     return RunStatus(run_dir.name, run_dir, read_status(run_dir), time.monotonic() - start)
 
 
