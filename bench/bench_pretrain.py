@@ -34,7 +34,8 @@ import torch
 from cxrlib import distributed, images, models
 from cxrlib.infer import amp_dtype, describe_device
 from cxrlib.loop import FitOptions, fit
-from cxrlib.chestxray14 import FINDINGS, finding_scores
+from cxrlib.chestxray14 import FINDINGS
+from cxrlib.pretrain import finding_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The real set: 86,524 train_val images (10% of their patients -> val) and 25,596 in test_list.txt.

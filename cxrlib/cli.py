@@ -46,7 +46,7 @@ def _run_data(args: argparse.Namespace) -> int:
 
 # --- pretrain ------------------------------------------------------------------------------------
 def add_pretrain_parser(sub) -> None:
-    from .chestxray14 import PretrainConfig
+    from .pretrain import PretrainConfig
     from .config import PRETRAIN_PROFILES
 
     p = sub.add_parser(
@@ -67,7 +67,7 @@ def add_pretrain_parser(sub) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .chestxray14 import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain
     from .config import PRETRAIN_PROFILES, with_profile
 
     names = PretrainConfig.__dataclass_fields__

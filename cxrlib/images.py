@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from torchvision.transforms import v2
 
-from .config import classes, task_label
+from .config import classes, encode_labels
 from .errors import CXRError
 
 # Model input conventions. "imagenet": torchvision weights; "xrv": TorchXRayVision models, which take
@@ -466,9 +466,7 @@ class CXRDataset(torch.utils.data.Dataset):
         if targets:
             self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:
-            self.labels = np.array(
-                [self.classes.index(task_label(lab, task)) for lab in self.table["label"]], dtype=np.int64
-            )
+            self.labels = encode_labels(self.table["label"], task)
 
     def __len__(self) -> int:
         return len(self.table)

@@ -94,7 +94,7 @@ def compute_metrics(
     """
     classes = list(classes)
     y, yhat, probs = _arrays(pred, classes)
-    groups = _patients(pred)
+    groups = patient_groups(pred)
     weights = bootstrap_counts(groups, n_boot, seed)
     with _quiet():
         out: dict[str, Any] = {"n": len(y), "n_patients": len(set(groups)), "classes": classes}
@@ -241,7 +241,7 @@ def paired_bootstrap(
     empty = [i for i, (a, _) in enumerate(joined) if a.empty]
     if empty:
         raise CXRError(f"pair {empty[0]} has no image in common: its runs were tested on different data")
-    groups = [_patients(a) for a, _ in joined]
+    groups = [patient_groups(a) for a, _ in joined]
     codes, uniques = pd.factorize(pd.Series(np.concatenate(groups)))  # patients of all pairs, resampled together
     drawn = bootstrap_counts(uniques, n_boot, seed)
     starts = np.cumsum([0] + [len(a) for a, _ in joined])
@@ -383,6 +383,12 @@ def provenance(device: str) -> dict[str, Any]:
     }
 
 
+def patient_groups(pred: pd.DataFrame) -> np.ndarray:
+    """Bootstrap and cross-validation unit per row: the patient, or the image itself where the patient is unknown."""
+    ids = pred["patient_id"].fillna("").astype(str).to_numpy() if "patient_id" in pred else np.full(len(pred), "")
+    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
+
+
 # --- internals ---------------------------------------------------------------------------------
 
 
@@ -420,12 +426,6 @@ def _check_probs(probs: np.ndarray) -> np.ndarray:
     if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
         raise CXRError("probabilities must be non-negative and sum to 1 per row: apply softmax to the logits")
     return probs
-
-
-def _patients(pred: pd.DataFrame) -> np.ndarray:
-    """Bootstrap unit per row: the patient, or the image itself where the patient is unknown."""
-    ids = pred["patient_id"].fillna("").astype(str).to_numpy() if "patient_id" in pred else np.full(len(pred), "")
-    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
 
 
 def _classification(y: np.ndarray, yhat: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """The run folder's life cycle, for fine-tuning (train.run) and pretraining (pretrain.pretrain) alike.
 
-The run folder is the contract with the notebooks and the book (DESIGN.md in the project's shared notes
-describes it; README.md lists the files):
+The run folder is the contract between training and the notebooks and the book; its files:
 
     params.json      every parameter, data fingerprint, what the model loaded, versions, git commit, device
     model.pt         the best epoch by the validation monitor (models.load_checkpoint reads it)

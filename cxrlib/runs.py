@@ -133,7 +133,7 @@ def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", b
                       **overrides: Any) -> RunStatus:
     """Pretrain the chest-X-ray init once on ChestX-ray14 (real, or synthetic for synthetic data), from ImageNet
     when cached, with the profile's pretraining settings."""
-    from .chestxray14 import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain
     from .models import imagenet_available
 
     out = pretrain_dir(run_root, backbone, chestxray14_dir)

@@ -29,7 +29,6 @@ from .loop import FitOptions, FitResult, fit, main_first, seed_everything
 from .rundir import BEST, LAST, run_folder
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
-SPLITS = ("train", "val", "test")
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -90,14 +89,15 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
         cache = images.make_cache(cfg.image_size, cfg.preprocess)
         eval_tf = images.make_transform(model.input_spec, train=False)
-        sets = {s: images.CXRDataset(table[table["split"] == s], cfg.task, cache, eval_tf) for s in SPLITS}
+        sets = {s: images.CXRDataset(table[table["split"] == s], cfg.task, cache, eval_tf) for s in data.SPLITS}
     for s, ds in sets.items():
         if len(ds) == 0:
             raise CXRError(f"the {s} split is empty after reading the data; check the data folders and val/test_frac")
 
     train_labels = sets["train"].labels
     counts = np.bincount(train_labels, minlength=len(classes))
-    loss_fn = losses.make_loss(cfg.loss, counts.tolist(), cfg.gamma, cfg.alpha)
+    weights = data.class_weights(train_labels, len(classes)) if cfg.loss == "weighted_ce" else None
+    loss_fn = losses.make_loss(cfg.loss, weights, cfg.gamma, cfg.alpha)
     sampler = data.weighted_sampler(train_labels, len(classes), cfg.seed) if cfg.weighted_sampler else None
     opts = FitOptions.from_config(cfg, progress=progress)
     device = distributed.resolve_device(cfg.device, info)

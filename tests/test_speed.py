@@ -16,7 +16,7 @@ from torch import nn
 
 from cxrlib import data, images, infer, loop, models
 from cxrlib.infer import amp_dtype, cpu_has_fast_bf16, predict_dataset
-from cxrlib.train import SPLITS
+from cxrlib.data import SPLITS
 from cxrlib.config import RunConfig
 from cxrlib.errors import CXRError
 
