@@ -4,6 +4,8 @@ One row per image; columns in `readers.COLUMNS` (contract), plus `image_hash` af
 decoded 64x64 image, used for dedup and for the leakage check) and `split` after `split_table`.
 Problems with the data are never silent: rows without an image go to `ReadReport.missing`, rows that
 cannot be used (unreadable image, unknown finding) to `.skipped`, removed copies to `.duplicates`.
+Merge, dedup, split and the leakage check stay together (about 410 lines): they act on one table through
+its patient and image-hash columns.
 """
 
 from __future__ import annotations

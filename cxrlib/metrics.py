@@ -10,6 +10,10 @@ patient-level percentile bootstrap (`ci`), because they are not simple proportio
 patient are correlated; sensitivity, specificity and precision also get Wilson score intervals
 (`wilson`), because a bootstrap of a proportion at 0 or 1 collapses to [1, 1] (every resample of a
 perfect score is perfect) while Wilson's interval stays honest about a small denominator.
+
+One module (about 540 lines) on purpose: a metric's value, its bootstrap interval and its paired
+comparison must come from the same code, and they share one set of internals (class indexing, patient
+groups, JSON-safe values).
 """
 
 from __future__ import annotations

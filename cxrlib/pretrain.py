@@ -34,7 +34,7 @@ from .errors import CXRError
 from .infer import amp_dtype, describe_device, predict_dataset
 from .losses import bce_loss
 from .loop import FitOptions, fit, main_first, seed_everything
-from .rundir import BEST, LAST, run_folder
+from .rundir import BEST, LAST, reuse, running
 
 REFERENCES = {
     "chexnet_mean_auroc": 0.841,  # Rajpurkar et al. 2017, DenseNet121
@@ -132,8 +132,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
     `torchrun` launch calls this; rank 0 alone writes.
     """
     out_dir = Path(out_dir or default_out_dir(cfg))
-    return run_folder(cfg, out_dir, lambda info: _pretrain(cfg, out_dir, resume, progress, info),
-                      resume=resume, outputs=OUTPUTS)
+    if reuse(cfg, out_dir):
+        return out_dir
+    with running(out_dir, cfg.device, resume=resume, outputs=OUTPUTS) as info:
+        _pretrain(cfg, out_dir, resume, progress, info)
+    return out_dir
 
 
 def finding_scores(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:

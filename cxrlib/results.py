@@ -5,6 +5,9 @@ root's matrix.json when the run matrix wrote one; nothing re-trains. A compariso
 on runs that differ in that one factor, on the test images both saw, with a patient-level paired
 bootstrap (metrics.paired_bootstrap): a sentence says "no evidence of a difference" whenever the 95 %
 interval of the difference contains 0, whatever the means.
+
+One module (about 460 lines) on purpose: every table and sentence of the chapter reads the same run table
+with the same rules for which runs form an arm (NOT_COMPARED, DERIVED_FROM, ARM_WORDS).
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@ The run folder is the contract between training and the notebooks and the book; 
     metrics.json     metrics on test + validation-chosen threshold + majority baseline + provenance
     status           "running", then "complete" written last; "failed: <reason>" when an exception escapes
 
-torch is imported inside `run_folder` only, so that the results chapter reads statuses without it.
+torch is imported inside `running` only, so that the results chapter reads statuses without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,27 +44,31 @@ def write_status(run_dir: str | Path, status: str) -> None:
     write_text(Path(run_dir) / "status", status + "\n")
 
 
-def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[Any], None], *,
-               resume: bool = False, outputs: Sequence[str] = OUTPUTS,
-               data_record: Callable[[], dict] | None = None) -> Path:
-    """The run-folder life cycle around `work(info)` (`info`: distributed.DistInfo).
+def reuse(cfg: Any, run_dir: str | Path, data_record: Callable[[], dict] | None = None) -> bool:
+    """True when `run_dir` is complete: it is then returned untouched, after checking that it was made with
+    `cfg.to_dict()` (and the fingerprint of `data_record()`: data are read only to check a complete folder)."""
+    if read_status(run_dir) != "complete":
+        return False
+    check_reusable(cfg, Path(run_dir), data_record() if data_record else None)
+    return True
 
-    Complete folder: check `cfg.to_dict()` (and the fingerprint of `data_record()`, when given: data are
-    read only to check a complete folder) against its params.json and return it. Otherwise join
-    the torchrun process group (if any), clear stale `outputs` unless resuming, write status
-    "running", call `work`, then write "complete" last; an exception writes "failed: <reason>" and
-    is re-raised. The process group is left again if this call created it.
+
+@contextlib.contextmanager
+def running(run_dir: str | Path, device: str = "auto", *, resume: bool = False,
+            outputs: Sequence[str] = OUTPUTS) -> Iterator[Any]:
+    """The run-folder life cycle around the block, which gets the distributed.DistInfo of this process.
+
+    Join the torchrun process group (if any), clear stale `outputs` unless resuming, write status
+    "running"; after the block "complete", written last; an exception writes "failed: <reason>" and is
+    re-raised. The process group is left again if this call created it. Rank 0 alone writes.
     """
     import torch
 
     from . import distributed
 
     run_dir = Path(run_dir)
-    if read_status(run_dir) == "complete":
-        check_reusable(cfg, run_dir, data_record() if data_record else None)
-        return run_dir
     owns_group = not torch.distributed.is_initialized()
-    info = distributed.setup(getattr(cfg, "device", "auto"))
+    info = distributed.setup(device)
     ok = False
     try:
         if info.is_main:
@@ -73,7 +78,7 @@ def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[Any], None], *,
                     (run_dir / name).unlink(missing_ok=True)
             write_status(run_dir, "running")
         distributed.barrier()
-        work(info)
+        yield info
         if info.is_main:
             write_status(run_dir, "complete")
         ok = True
@@ -85,7 +90,6 @@ def run_folder(cfg: Any, run_dir: str | Path, work: Callable[[Any], None], *,
     finally:
         if owns_group and torch.distributed.is_initialized():
             distributed.shutdown() if ok else torch.distributed.destroy_process_group()
-    return run_dir
 
 
 def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> None:

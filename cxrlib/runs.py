@@ -5,6 +5,9 @@ into runs/<profile>/<data tag>/ (through notebooks/03_finetune.ipynb with paperm
 `--executor inline`; `--concurrent N` worker processes), writes matrix.json (arms asked, run and not run
 with the reason and the command that would run them, wall times, hardware); `--book` then executes the
 other chapters into book/generated/ from that folder only (nothing is retrained to render the book).
+
+One module (about 500 lines) on purpose: what the matrix runs, why an arm did not run and the command that
+would run it are built from the same arguments, and matrix.json records all three.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ names, and per-source image shapes (paediatric squashed to a square, adult with 
 Each class has a learnable sign in the lungs: focal consolidation blob(s) for pneumonia, bilateral
 peripheral haze for COVID-19, clear lungs for normal. `shortcut=True` also stamps a bright text-like
 block in the top-left corner of COVID images only, a planted shortcut for the audit chapter.
+
+One module (about 430 lines) on purpose: the three layouts share one patient and image generator, so
+the same classes carry the same signs in every source.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .errors import CXRError
 from .evaluate import evaluate
 from .infer import amp_dtype, backbone_features, describe_device, predict_dataset
 from .loop import FitOptions, FitResult, fit, main_first, seed_everything
-from .rundir import BEST, LAST, run_folder
+from .rundir import BEST, LAST, reuse, running
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
 
@@ -42,8 +42,11 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     """
     loaded = None if (run_dir or cfg.run_dir) else load_data(cfg)  # the default folder is named by the data
     run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record))
-    return run_folder(cfg, run_dir, lambda info: _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded),
-                      resume=resume, data_record=lambda: (loaded or load_data(cfg)).record)
+    if reuse(cfg, run_dir, lambda: (loaded or load_data(cfg)).record):
+        return run_dir
+    with running(run_dir, cfg.device, resume=resume) as info:
+        _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded)
+    return run_dir
 
 
 @dataclass
