@@ -152,7 +152,7 @@ def extra_negative_rows(table: pd.DataFrame) -> pd.Series:
 def load_external(where: str, cache: ImageCache | None = None) -> tuple[pd.DataFrame, ReadReport]:
     """An external set (`read_any`: any layout or a manifest) with `image_hash`, copies within it removed.
 
-    The hash is what `train.evaluate` matches against the images a model trained or validated on.
+    The hash is what `evaluate.evaluate` matches against the images a model trained or validated on.
     """
     table, report = read_any(where)
     if table.empty:

@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from cxrlib import loop, synthetic
+from cxrlib.config import RunConfig
 from cxrlib.rundir import LAST
 
 
@@ -31,6 +35,28 @@ def tiny_manifest(folder: Path, per_class: int = 8, seed: int = 0, size: int = 4
             rows.append({"path": name, "label": label, "patient_id": f"p{seed}-{label}-{k}"})
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     return folder / "manifest.csv"
+
+
+def tiny_config(manifest: Path, run_dir: Path, **overrides) -> RunConfig:
+    """A 2-epoch, 32 px CPU run of `manifest` (tiny_manifest) into `run_dir`."""
+    values = dict(manifest=str(manifest), image_size=32, epochs=2, batch_size=4, lr=1e-3, patience=0,
+                  weighted_sampler=True, run_dir=str(run_dir), device="cpu")
+    return RunConfig(**{**values, **overrides})
+
+
+def tiny_cnn() -> nn.Module:
+    """A seeded 3-class CNN small enough for loop.fit tests on 8 px inputs."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(24, 3))
+
+
+def tiny_data() -> TensorDataset:
+    """48 seeded 8 px inputs whose 3 classes follow their first two channels' means."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0.2).long()
+    return TensorDataset(x, y)
 
 
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> None:

@@ -283,7 +283,7 @@ def test_split_errors(synthetic_table):
         split_table(tiny, "multiclass")
     with pytest.raises(CXRError, match="mode"):
         split_table(table, "multiclass", mode="random")
-    with pytest.raises(CXRError, match="unknown task"):
+    with pytest.raises(CXRError, match="task=.fourclass.: choose one of binary, multiclass"):
         split_table(table, "fourclass")
 
 

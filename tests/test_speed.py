@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_manifest
-from test_train import _tiny_cnn, _tiny_data
+from helpers import tiny_cnn, tiny_data, tiny_manifest
 from torch import nn
 
 from cxrlib import data, images, infer, loop, models
@@ -177,10 +176,10 @@ def test_bf16_cpu_fit_is_close_to_fp32():
     """
     runs = {}
     for amp in ("off", "bf16"):
-        model = _tiny_cnn()
+        model = tiny_cnn()
         opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp=amp,
                                patience=0, progress=False)
-        runs[amp] = (loop.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts).history,
+        runs[amp] = (loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts).history,
                      model.state_dict())
     (h32, w32), (h16, w16) = runs["off"], runs["bf16"]
     for col in ("train_loss", "val_loss"):
@@ -215,14 +214,14 @@ def test_optimisers_are_fused_and_match_the_for_each_ones(name):
     """The fused step (3x faster on one CPU thread) gives the for-each step's weights."""
     weights = {}
     for fused in (True, False):
-        model = _tiny_cnn()
+        model = tiny_cnn()
         opt = loop.make_optimizer(model.parameters(), loop.FitOptions(optimizer=name, lr=0.05))
         assert opt.defaults["fused"] is True
         if not fused:
             opt.defaults["fused"] = False
             for group in opt.param_groups:
                 group["fused"] = False
-        x, y = _tiny_data().tensors
+        x, y = tiny_data().tensors
         for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from cxrlib import distributed, loop, metrics, models, train
 from cxrlib.evaluate import load_model
@@ -21,7 +20,7 @@ from cxrlib.infer import amp_dtype, cpu_has_fast_bf16
 from cxrlib.rundir import LAST, read_status
 from cxrlib.config import RunConfig
 from cxrlib.errors import CXRError
-from helpers import crash_after_checkpoint, tiny_manifest
+from helpers import crash_after_checkpoint, tiny_cnn, tiny_config, tiny_data, tiny_manifest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,12 +35,6 @@ def manifest(tmp_path_factory) -> Path:
 def _fast_metrics(monkeypatch):
     """Few bootstrap resamples: the CIs' correctness is tested in test_metrics, here only the plumbing."""
     monkeypatch.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
-
-
-def tiny_config(manifest: Path, run_dir: Path, **overrides) -> RunConfig:
-    values = dict(manifest=str(manifest), image_size=32, epochs=2, batch_size=4, lr=1e-3, patience=0,
-                  weighted_sampler=True, run_dir=str(run_dir), device="cpu")
-    return RunConfig(**{**values, **overrides})
 
 
 def state_of(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -179,19 +172,6 @@ def test_weighted_shard_sampler_shards_one_weighted_draw():
 # (DistributedSampler gives the same order for any world size), up to float summation order.
 
 
-def _tiny_cnn() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(24, 3))
-
-
-def _tiny_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 3, 8, 8, generator=g)
-    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0.2).long()
-    return TensorDataset(x, y)
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
@@ -200,10 +180,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     info = distributed.setup("cpu")
     assert info.world_size == world and info.rank == rank
-    model = _tiny_cnn()
+    model = tiny_cnn()
     opts = loop.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
                            amp="off", patience=0, progress=False)  # fp32: the comparison is to 1e-5
-    result = loop.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, out)
+    result = loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, out)
     if info.is_main:
         torch.save({"state": result.best_state, "last": model.state_dict()}, Path(out) / "ddp.pt")
     distributed.shutdown()
@@ -219,10 +199,10 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
 
-    single = _tiny_cnn()
+    single = tiny_cnn()
     opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp="off", patience=0,
                            progress=False)
-    loop.fit(single, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
+    loop.fit(single, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
 
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ddp["last"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -253,16 +233,16 @@ def test_cuda_run_uses_bf16_autocast_and_channels_last(manifest, tmp_path):
 def test_cuda_fit_each_precision_learns_and_resumes(amp, tmp_path, monkeypatch):
     opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cuda", amp=amp, patience=0,
                            progress=False)
-    model = _tiny_cnn()
-    full = loop.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "full")
+    model = tiny_cnn()
+    full = loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "full")
     assert full.history.train_loss.iloc[-1] < full.history.train_loss.iloc[0]
     scaler = torch.load(tmp_path / "full" / LAST, weights_only=True)["scaler"]
     assert bool(scaler) == (amp == "fp16")  # GradScaler only for fp16
     # Crash after epoch 1's checkpoint, resume: the same weights up to GPU non-determinism.
     with crash_after_checkpoint(), pytest.raises(KeyboardInterrupt):
-        loop.fit(_tiny_cnn(), _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part")
-    resumed_model = _tiny_cnn()
-    resumed = loop.fit(resumed_model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part",
+        loop.fit(tiny_cnn(), tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part")
+    resumed_model = tiny_cnn()
+    resumed = loop.fit(resumed_model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part",
                        resume=True)
     assert resumed.history.epoch.tolist() == [1, 2]
     for key, value in model.state_dict().items():
