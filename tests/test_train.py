@@ -104,6 +104,15 @@ def test_complete_run_is_never_retrained(complete_run, manifest, monkeypatch):
         train.run(tiny_config(manifest, complete_run, epochs=3))
 
 
+def test_default_folder_reads_the_data_once(manifest, tmp_path, monkeypatch):
+    calls, real = [], train.load_data
+    monkeypatch.setattr(train, "load_data", lambda cfg: calls.append(cfg) or real(cfg))
+    cfg = tiny_config(manifest, "", epochs=1)
+    out = train.run(cfg, root=tmp_path, progress=False)
+    assert len(calls) == 1  # named by the data's tag and trained on the same table
+    assert out == tmp_path / cfg.profile / real(cfg).record["tag"] / cfg.run_name() and read_status(out) == "complete"
+
+
 def test_failed_run_writes_status_and_reraises(tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(bad, index=False)  # no image, one class
