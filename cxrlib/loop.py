@@ -2,7 +2,8 @@
 
 `fit` knows nothing about COVID, so ChestX-ray14 pretraining (14 sigmoid outputs, BCE, mean AUROC) reuses
 the loop, the checkpoints, resume and DistributedDataParallel; the same code runs in one process or under
-`torchrun`. Here too: the optimiser and scheduler factories, and the random states a resumed run restores.
+`torchrun`. Here too: the optimiser and scheduler factories, the random states a resumed run restores, and
+`main_first` (rank 0 prepares data and caches, the other ranks then read them).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class FitOptions:
     monitor: str = "macro_f1"
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | fp16 | off: see amp_dtype
+    amp: str = "auto"  # auto | bf16 | fp16 | off: see infer.amp_dtype
     channels_last: bool = True
     num_workers: int = 0
     device_batches: bool = True  # gather and augment batches on the device (images.DeviceBatches) where possible
