@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text
 from .errors import CXRError
 
 # Class names and order, defined once. Index 1 of the binary task is the positive (COVID) class.
@@ -171,7 +172,7 @@ class RunConfig:
         return cls.from_dict(with_profile(PROFILES, given))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
 # Profiles: `quick` runs on CPU in minutes on the synthetic default; `paper` is the paper's set-up.

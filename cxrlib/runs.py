@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
 from .results import load_runs
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
             "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
         }
-        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
         deadline = time.time() + args.time_budget if args.time_budget else None
         results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
                               deadline)
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped = sum(r.status == NOT_STARTED for r in results)
         record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
                       runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))
+        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
         print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
               f"in {root} (see {MATRIX_FILE})")
         return 1 if failed else 0
