@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrlib import audit, data, explain, train
+from cxrlib import audit, data, explain
+from cxrlib.evaluate import load_model
+from cxrlib.rundir import read_status
 from cxrlib.images import ImageCache, make_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def newest_run(base: Path) -> Path | None:
     """The newest complete run folder (status "complete", model.pt) under `base`, if any."""
-    runs = [p.parent for p in base.glob("**/model.pt") if train.read_status(p.parent) == "complete"]
+    runs = [p.parent for p in base.glob("**/model.pt") if read_status(p.parent) == "complete"]
     return max(runs, key=lambda p: (p / "model.pt").stat().st_mtime) if runs else None
 
 
@@ -48,7 +50,7 @@ def mean(values: np.ndarray) -> float | None:
 
 
 def model_audit(run: Path, table: pd.DataFrame, seed: int, n_cam: int) -> dict:
-    model, meta = train.load_model(run / "model.pt")
+    model, meta = load_model(run / "model.pt")
     pred = pd.read_csv(run / "predictions.csv")
     test = table[table["image_id"].isin(pred["image_id"])].reset_index(drop=True)
     cache = ImageCache(meta["image_size"])

@@ -3,14 +3,14 @@
 Run by hand (not in CI): `python bench/bench_pretrain.py [--backbones resnet50 densenet121]
 [--batch-sizes 32 64 128] [--seconds 10] [--fit-images 20000 --workers 8]`. At 224 px it times:
 
-- the training step exactly as cxrlib.train.fit runs it for `cxrlib pretrain` (14 logits, BCEWithLogits,
+- the training step exactly as cxrlib.loop.fit runs it for `cxrlib pretrain` (14 logits, BCEWithLogits,
   AdamW, channels_last; on a GPU bf16 autocast, or fp16 with a GradScaler; on a CPU fp32), on a batch
   already on the device: the model's ceiling, no data loading;
 - the evaluation forward pass (validation and test scoring);
 - the CPU input pipeline per process: images.make_transform (the training augmentation) from the
   cached uint8 image to the normalised tensor, which DataLoader workers run when fit cannot batch on
   the device (FitOptions.device_batches=False);
-- (on a GPU by default) train.fit itself, end to end, on random in-memory images: batches gathered and
+- (on a GPU by default) loop.fit itself, end to end, on random in-memory images: batches gathered and
   augmented on the device (images.DeviceBatches), training steps and validation, i.e. what one epoch
   of `cxrlib pretrain` costs after the image cache is warm.
 
@@ -31,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrlib import distributed, images, models, train
-from cxrlib.chestxray14 import FINDINGS, finding_scores
+from cxrlib import distributed, images, models
+from cxrlib.infer import amp_dtype, describe_device
+from cxrlib.loop import FitOptions, fit
+from cxrlib.chestxray14 import FINDINGS
+from cxrlib.pretrain import finding_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The real set: 86,524 train_val images (10% of their patients -> val) and 25,596 in test_list.txt.
@@ -60,7 +63,7 @@ def bench_model(backbone: str, batch: int, size: int, device: torch.device, seco
     """Train-step and eval-forward images/s for one backbone and batch size, as fit() runs them."""
     torch.manual_seed(0)
     model, _ = models.build_model(backbone, "none", len(FINDINGS))
-    dtype = train.amp_dtype("auto", device)
+    dtype = amp_dtype("auto", device)
     model.to(device, memory_format=torch.channels_last)  # fit() always uses channels_last
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, len(FINDINGS), device=device) < 0.1).float()
@@ -126,15 +129,15 @@ class InMemoryFindings(torch.utils.data.Dataset):
 
 
 def bench_fit(backbone: str, batch: int, size: int, n: int, workers: int) -> dict:
-    """End to end: train.fit itself (device batches, step, validation) for two epochs of n images.
+    """End to end: loop.fit itself (device batches, step, validation) for two epochs of n images.
 
     The second epoch is reported: the first also pays for cuDNN's autotuning.
     """
     model, _ = models.build_model(backbone, "none", len(FINDINGS))
-    opts = train.FitOptions(epochs=2, batch_size=batch, scheduler="none", patience=0, monitor="mean_auroc",
-                            num_workers=workers, progress=False)  # fmt: skip
-    result = train.fit(model, InMemoryFindings(n, size, True), InMemoryFindings(n // 9, size, False),
-                       torch.nn.BCEWithLogitsLoss(), opts, score_fn=finding_scores, output="sigmoid")  # fmt: skip
+    opts = FitOptions(epochs=2, batch_size=batch, scheduler="none", patience=0, monitor="mean_auroc",
+                      num_workers=workers, progress=False)  # fmt: skip
+    result = fit(model, InMemoryFindings(n, size, True), InMemoryFindings(n // 9, size, False),
+                 torch.nn.BCEWithLogitsLoss(), opts, score_fn=finding_scores, output="sigmoid")  # fmt: skip
     seconds = float(result.history["seconds"].iloc[-1])
     return {"backbone": backbone, "batch_size": batch, "num_workers": workers, "train_images": n,
             "val_images": n // 9, "epoch_seconds": seconds, "images_per_s": (n + n // 9) / seconds}
@@ -148,7 +151,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     parser.add_argument("--size", type=int, default=224, help="image size (the real runs use 224)")
     parser.add_argument("--fit-images", type=int, default=None,
-                        help="also time train.fit end to end on this many in-memory images "
+                        help="also time loop.fit end to end on this many in-memory images "
                              "(default: 20000 on a GPU, 0 = skip, on a CPU)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers for the end-to-end timing")
     args = parser.parse_args()
@@ -156,7 +159,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as fit() sets it
     batches = args.batch_sizes or ([32, 64, 128] if device.type == "cuda" else [16])
-    name = train.describe_device(device)
+    name = describe_device(device)
     print(f"device: {name}; torch {torch.__version__}; {args.size} px; {len(FINDINGS)} findings")
 
     transform_ips = bench_transform(args.size, min(args.seconds, 5.0))
@@ -190,7 +193,7 @@ def main() -> None:
         for backbone, r in best.items():
             f = bench_fit(backbone, r["batch_size"], args.size, fit_images, args.workers)
             fits.append(f)
-            print(f"{backbone}: train.fit end to end, batch {f['batch_size']}, {f['num_workers']} workers: "
+            print(f"{backbone}: loop.fit end to end, batch {f['batch_size']}, {f['num_workers']} workers: "
                   f"{f['images_per_s']:.0f} img/s ({f['train_images']:,} train + {f['val_images']:,} val in "
                   f"{f['epoch_seconds']:.1f} s) -> one ChestX-ray14 epoch ~ "
                   f"{(N_TRAIN + N_VAL) / f['images_per_s'] / 60:.1f} min on this device")

@@ -38,7 +38,9 @@ from bench_train import MatmulProbe, bench as bench_step, make_step, sync
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxrlib import images, models, train  # noqa: E402
+from cxrlib import distributed, images, models  # noqa: E402
+from cxrlib.infer import amp_dtype, backbone_features, cpu_has_fast_bf16, forward_all  # noqa: E402
+from cxrlib.loop import FitOptions, fit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {"a": 0.8, "c": 1.8, "d": 0.6, "e": 50.0}
@@ -73,7 +75,7 @@ def hardware(device: torch.device) -> dict:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"cpu": cpu_model, "cpu_flags": flags, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cpu_fast_bf16": train.cpu_has_fast_bf16(), "gpu": gpu, "torch": torch.__version__,
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "gpu": gpu, "torch": torch.__version__,
             "cuda": torch.version.cuda if gpu else None, "load_average_at_start": os.getloadavg()[0],
             "device": str(device), "python": platform.python_version()}
 
@@ -97,7 +99,7 @@ def figure(name: str, goal: float | None, work: Callable[[], dict]) -> dict:
 
 def bare_step_rate(size: int, batch: int, device: torch.device, amp: str, seconds: float) -> float:
     """Images per second of the bare train step (random batch already on the device), as fit runs it."""
-    step = make_step(size, batch, True, train.amp_dtype(amp, device), device)
+    step = make_step(size, batch, True, amp_dtype(amp, device), device)
     for _ in range(3):
         step()
     times = []
@@ -117,12 +119,12 @@ def fit_rate(args, device: torch.device, device_batches: bool) -> dict:
     val_set = ArrayDataset(args.n_val, args.image_size, 1, augment=False)
     torch.manual_seed(0)
     model = models.build_model("resnet50", "none", 3)[0]
-    opts = train.FitOptions(epochs=args.epochs, batch_size=args.batch_size, patience=0, device=str(device),
-                            amp=args.amp, progress=False, device_batches=device_batches,
-                            num_workers=0 if device_batches else args.workers)
+    opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, patience=0, device=str(device),
+                      amp=args.amp, progress=False, device_batches=device_batches,
+                      num_workers=0 if device_batches else args.workers)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        result = train.fit(model, train_set, val_set, nn.CrossEntropyLoss(), opts, out)
+        result = fit(model, train_set, val_set, nn.CrossEntropyLoss(), opts, out)
         wall = time.perf_counter() - start
     epoch_s = float(result.history["seconds"].iloc[1:].median())
     epochs = result.history["seconds"]
@@ -136,7 +138,7 @@ def figure_a(args, device: torch.device) -> dict:
     fast = fit_rate(args, device, device_batches=True)
     out = {"bare_step_images_per_s": bare, "fit_device_batches": fast, "ratio": fast["images_per_s"] / bare,
            "image_size": args.image_size, "batch_size": args.batch_size, "n_train": args.n_train, "n_val": args.n_val,
-           "amp_dtype": str(train.amp_dtype(args.amp, device)), "channels_last": True}
+           "amp_dtype": str(amp_dtype(args.amp, device)), "channels_last": True}
     if not args.skip_loader:
         loader = fit_rate(args, device, device_batches=False)
         out.update(fit_dataloader=loader, ratio_dataloader=loader["images_per_s"] / bare)
@@ -155,7 +157,7 @@ def figure_c(args) -> dict:
             step()
             times.append(time.perf_counter() - start)
         rates[name] = args.cpu_batch / statistics.median(times)
-    supported = train.cpu_has_fast_bf16()
+    supported = cpu_has_fast_bf16()
     return {"fp32_images_per_s": rates["fp32"], "bf16_images_per_s": rates["bf16"],
             "ratio": rates["bf16"] / rates["fp32"], "cpu_fast_bf16": supported, "goal_applies": supported,
             "note": "" if supported else "this CPU has neither AMX nor AVX512-BF16: bf16 is emulated, the goal "
@@ -182,16 +184,16 @@ def figure_e(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     features, head = models.backbone_and_head(models.build_model("resnet50", "none", 3)[0])
     batch = args.eval_batch_size
-    train.forward_all(features, sets["val"], batch_size=batch, device=device, amp=args.amp)  # warm-up
+    forward_all(features, sets["val"], batch_size=batch, device=device, amp=args.amp)  # warm-up
     sync(device)
     start = time.perf_counter()
-    cached = {s: train.backbone_features(features, ds, batch_size=batch, device=device, amp=args.amp)
+    cached = {s: backbone_features(features, ds, batch_size=batch, device=device, amp=args.amp)
               for s, ds in sets.items()}
     sync(device)
     forward_s = time.perf_counter() - start
-    opts = train.FitOptions(epochs=3, batch_size=args.batch_size, patience=0, device=str(device), amp=args.amp,
-                            progress=False)
-    result = train.fit(head, cached["train"], cached["val"], nn.CrossEntropyLoss(), opts)
+    opts = FitOptions(epochs=3, batch_size=args.batch_size, patience=0, device=str(device), amp=args.amp,
+                      progress=False)
+    result = fit(head, cached["train"], cached["val"], nn.CrossEntropyLoss(), opts)
     head_s = float(result.history["seconds"].iloc[1:].median())
     return {"forward_epoch_seconds": forward_s, "cached_epoch_seconds": head_s, "ratio": forward_s / head_s,
             "note": "backbone forward over train + val (what every epoch would pay without the feature cache) / "
@@ -215,7 +217,7 @@ def main() -> None:
     parser.add_argument("--skip-loader", action="store_true", help="figure a without the DataLoader comparison")
     parser.add_argument("--only", default="acde", help="which figures to measure, e.g. 'ae'")
     args = parser.parse_args()
-    device = train.distributed.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"

@@ -1,7 +1,7 @@
 """ResNet50 training throughput, and how close it gets to the machine's own matmul rate.
 
 Run by hand (not in CI): `python bench/bench_train.py [--quick] [--threads N] [--device cuda]`.
-For 128 and 224 px it times full training steps (forward, backward, AdamW step, as cxrlib.train.fit
+For 128 and 224 px it times full training steps (forward, backward, AdamW step, as cxrlib.loop.fit
 runs them) for both memory layouts and a few batch sizes, counts the FLOPs of one step with
 torch.utils.flop_counter.FlopCounterMode, and divides the achieved FLOP rate by the torch.mm rate
 measured in the same run (fp32 on CPU; bf16 on a GPU, where fit trains under bf16 autocast). CPU
@@ -65,7 +65,7 @@ def make_step(size: int, batch: int, channels_last: bool, autocast: torch.dtype 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.make_optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as loop.make_optimizer
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
 

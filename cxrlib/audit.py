@@ -54,7 +54,7 @@ from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
 from .images import ImageCache, make_transform
-from .metrics import bootstrap_counts, compute_metrics, majority_baseline, predictions_table
+from .metrics import bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table
 from .models import backbone_and_head
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -183,12 +183,6 @@ def origin(table: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(ids.str.startswith("kermany:"), "guangzhou", where), index=table.index, name="origin")
 
 
-def _groups(table: pd.DataFrame) -> np.ndarray:
-    """Patient per row; an image without a patient id is its own group."""
-    ids = table["patient_id"].fillna("").astype(str).to_numpy()
-    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
-
-
 def _probe_inputs(X: np.ndarray) -> np.ndarray:
     """Features imputed, standardised and, when wider than PROBE_COMPONENTS, reduced by PCA: once, on all rows.
 
@@ -301,7 +295,7 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
         table = table.assign(origin=origin(table))
     if target not in table.columns:
         raise CXRError(f"source_probe: the table has no column {target!r}")
-    groups, covid = _groups(table), (table["label"] == "covid").to_numpy()
+    groups, covid = patient_groups(table), (table["label"] == "covid").to_numpy()
     stats = image_statistics(images)
     inputs = [("image statistics", stats)]
     if sizes is not None:

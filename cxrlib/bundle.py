@@ -27,6 +27,7 @@ from typing import Any
 import nbformat
 
 from .errors import CXRError
+from .rundir import read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ROOT / "book" / "generated"
@@ -225,8 +226,7 @@ def join_weights(parts: list[str | Path], out: str | Path) -> Path:
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     params = _read_json(run_dir / "params.json")
     metrics = _read_json(run_dir / "metrics.json")
-    status = (run_dir / "status").read_text().strip() if (run_dir / "status").is_file() else "missing"
-    return {"run": run_dir.name, "status": status,
+    return {"run": run_dir.name, "status": read_status(run_dir),
             "data_fingerprint": (params.get("data") or {}).get("fingerprint") or metrics.get("data_fingerprint"),
             "device": metrics.get("device") or params.get("device"),
             "git_commit": metrics.get("git_commit") or params.get("git_commit"),

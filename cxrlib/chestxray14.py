@@ -1,37 +1,21 @@
-"""ChestX-ray14 (NIH): the reader, and the pretraining stage that makes "ResNet50 pretrained by CheXNet".
+"""ChestX-ray14 (NIH): the reader, in the data layer beside readers.py.
 
 Wang et al. (2017) released 112,120 frontal radiographs of 30,805 patients, each with 14 findings
-text-mined from its report. CheXNet (Rajpurkar et al. 2017) trained a DenseNet121 on them and reported
-a mean AUROC of 0.841 over the 14 findings; reproduce-chexnet (Zech 2018) 0.7617 for pneumonia. Their
-test splits are not the official test list used here, so the comparison is rough. The paper this book
-replicates fine-tunes a ResNet50 "pretrained by CheXNet". `pretrain()` trains that backbone (ResNet50,
-or CheXNet's DenseNet121) with 14 sigmoid outputs and writes a run folder whose model.pt loads for
-fine-tuning with `weights="file:<folder>/model.pt"`: every backbone tensor is loaded, the 14-output
-head is replaced by the 2- or 3-class one.
-
-Training reuses train.fit (checkpoints, resume, DistributedDataParallel under torchrun, AMP,
-channels_last) and the image cache (each PNG is decoded once per image size, whatever the number of
-runs and processes).
+text-mined from its report. `read_chestxray14` reads the download (or a subset) as a 14-finding table
+for pretraining (pretrain.py); `read_nih` turns it into COVID-task rows (adults without COVID-19: normal
+or pneumonia), the extra negatives of the debiasing arm and an external set.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from sklearn.model_selection import GroupShuffleSplit
-from torch import nn
 
-from . import data, distributed, images, metrics, models, synthetic, train
-from .config import check_choice
 from .errors import CXRError
+from .readers import ReadReport, as_table, read_csv
 
 # The 14 findings in the official order (NIH's README, CheXNet's table, torchvision-style heads).
 FINDINGS = (
@@ -48,19 +32,10 @@ COLUMNS = ["path", "image_id", "patient_id", "source", "published_split", "view"
 MAX_AGE = 120  # the 2017 CSV has a few impossible ages (up to 414): read as unknown
 DOWNLOAD = ("https://nihcc.app.box.com/v/ChestXray-NIHCC (or Kaggle's nih-chest-xrays/data): "
             "Data_Entry_2017*.csv, train_val_list.txt, test_list.txt and the images_0xx archives")  # fmt: skip
-# Published results the book compares with (test-set mean AUROC over the 14 findings; pneumonia AUROC).
-REFERENCES = {
-    "chexnet_mean_auroc": 0.841,  # Rajpurkar et al. 2017, DenseNet121
-    "reproduce_chexnet_pneumonia_auroc": 0.7617,  # Zech 2018 (github.com/jrzech/reproduce-chexnet), DenseNet121
-}
-SPLITS = ("train", "val", "test")
-OUTPUTS = (train.BEST, train.LAST, "history.csv", "metrics.json")  # what a fresh run clears
+NIH_SOURCE = "nih"  # the `source` of NIH images as COVID-task rows (read_nih)
 
 
-# --- the reader ----------------------------------------------------------------------------------
-
-
-def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
+def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     """The NIH download as a table: one row per image that has metadata, an image and an official list.
 
     Columns: `COLUMNS` (path, image_id "chestxray14/<file>", patient_id "nih:<Patient ID>", source,
@@ -75,10 +50,10 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
     found = [root / name for name in CSV_NAMES if (root / name).is_file()]
     if not found:
         raise CXRError(f"{root}: no {' or '.join(CSV_NAMES)}; download ChestX-ray14 from {DOWNLOAD}")
-    csv_path, report = found[0], data.ReadReport()
+    csv_path, report = found[0], ReadReport()
     if len(found) > 1:
         report.notes.append(f"read {csv_path.name}; {found[1].name} is also there and was not used")
-    meta = data._read_csv(csv_path, ["Image Index", "Finding Labels", "Patient ID"], hint=DOWNLOAD)
+    meta = read_csv(csv_path, ["Image Index", "Finding Labels", "Patient ID"], hint=DOWNLOAD)
     sex_column = next((c for c in ("Patient Gender", "Patient Sex") if c in meta.columns), None)
 
     listed = _official_lists(root, csv_path, report)
@@ -140,7 +115,7 @@ def read_chestxray14(root: str | Path) -> tuple[pd.DataFrame, data.ReadReport]:
     return table, report
 
 
-def _official_lists(root: Path, csv_path: Path, report: data.ReadReport) -> dict[str, set[str]]:
+def _official_lists(root: Path, csv_path: Path, report: ReadReport) -> dict[str, set[str]]:
     """The official train/test lists, or {} (noted) when neither file is there: subsets such as the
     910-image NIH sample ship without them. One list without the other is an incomplete download."""
     paths = {split: root / name for split, name in LISTS.items()}
@@ -162,205 +137,30 @@ def _age(text: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def split_chestxray14(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.1) -> pd.DataFrame:
-    """Add `split`: test = the official test list; val = a seeded `val_frac` of the other patients; train = the rest.
-
-    Without official lists (published_split all ""), test is first carved out as a seeded quarter of the
-    patients (about the official lists' share), recorded in `attrs["notes"]`.
-
-    The official lists are patient-disjoint, and so is val from train; data.check_no_leakage checks it
-    (by patient: NIH file names are unique, and hashing 45 GB of PNGs again would cost minutes).
-    """
-    if not 0 < val_frac < 1:
-        raise CXRError(f"val_frac={val_frac}: must be in (0, 1)")
-    out = table.reset_index(drop=True).copy()
-    out["split"] = "test"
-    out.attrs["notes"] = []
-    if (out["published_split"] == "").all():
-        everyone = np.arange(len(out))
-        keep, _ = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=seed)
-                       .split(everyone, groups=out["patient_id"]))  # fmt: skip
-        out.loc[keep, "published_split"] = "train"
-        out.attrs["notes"].append("no official split lists: test = a seeded 25% of the patients")
-    pool = np.flatnonzero(out["published_split"] == "train")
-    if out.loc[pool, "patient_id"].nunique() < 2:
-        raise CXRError("ChestX-ray14: fewer than 2 patients in train_val_list.txt; cannot carve out a validation set")
-    splitter = GroupShuffleSplit(n_splits=1, test_size=val_frac, random_state=seed)
-    train_idx, val_idx = next(splitter.split(pool, groups=out.loc[pool, "patient_id"]))
-    out.loc[pool[train_idx], "split"] = "train"
-    out.loc[pool[val_idx], "split"] = "val"
-    for split in SPLITS:
-        if not (out["split"] == split).any():
-            raise CXRError(f"ChestX-ray14: the {split} split is empty; check {LISTS['train']}, {LISTS['test']}")
-    data.check_no_leakage(out.assign(image_hash=out["image_id"]))
-    return out
-
-
-def finding_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Positive images per finding and split (split -> finding -> n), plus n_images and n_patients."""
-    t = table if "split" in table.columns else table.assign(split="all")
-    return {s: {"n_images": len(g), "n_patients": int(g["patient_id"].nunique()),
-                **{f: int(g[f].sum()) for f in FINDINGS}} for s, g in t.groupby("split", sort=False)}  # fmt: skip
-
-
 # --- pretraining ---------------------------------------------------------------------------------
 
 
-@dataclass
-class PretrainConfig:
-    """Every parameter of a pretraining run (the `pretrain` command's flags). batch_size is per process."""
+def read_nih(root: str | Path) -> tuple[pd.DataFrame, ReadReport]:
+    """NIH ChestX-ray14 (all of it or a subset) as COVID-task rows: adults without COVID-19.
 
-    chestxray14: str = ""  # the NIH folder; empty -> a synthetic ChestX-ray14 (synthetic.ensure_chestxray14)
-    backbone: str = "resnet50"  # resnet50 | densenet121 (CheXNet's)
-    weights: str = "imagenet"  # none | imagenet | ... (models.build_model)
-    image_size: int = 224
-    epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    scheduler: str = "cosine"
-    patience: int = 3  # epochs without a better validation mean AUROC; 0 disables early stopping
-    class_weighted: bool = False  # BCE pos_weight = negatives / positives per finding (CheXNet's weighting)
-    augment: bool = True
-    val_frac: float = 0.1  # of the train_val_list.txt patients
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # GPU: bf16 (fp16 + GradScaler where bf16 is missing); CPU: fp32
-    num_workers: int = -1  # -1: 0 on CPU, else min(8, CPU cores per local process)
-
-    def __post_init__(self) -> None:
-        check_choice("backbone", self.backbone)
-        for name in ("image_size", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise CXRError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def default_out_dir(cfg: PretrainConfig) -> Path:
-    return Path("runs") / "pretrain" / f"chestxray14-{cfg.backbone}-{cfg.weights.split(':')[0]}-s{cfg.seed}"
-
-
-def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-             progress: bool | None = None) -> Path:
-    """Train a 14-finding model on ChestX-ray14 and write its run folder; a complete folder is returned untouched.
-
-    The folder follows the fine-tuning run's conventions: params.json, model.pt (best validation mean
-    AUROC; a cxrlib checkpoint for weights="file:..."), checkpoint-last.pt while training, history.csv,
-    metrics.json (per-finding and mean AUROC on val and on the official test list) and status
-    (running | complete | failed: <reason>). `resume=True` continues an interrupted run. Every rank of a
-    `torchrun` launch calls this; rank 0 alone writes.
+    "No Finding" -> normal; any label list containing Pneumonia -> pneumonia (subtype "Pneumonia" alone or
+    "Pneumonia with other findings");
+    other findings only (effusion, mass, ...) have no place in the task and go to `skipped`.
+    Patient ids "nih:<Patient ID>", NIH's age, sex and view, source "nih"; published_split from the
+    official lists, or "" without them (noted by the reader).
     """
-    out_dir = Path(out_dir or default_out_dir(cfg))
-    return train.run_folder(cfg, out_dir, lambda info: _pretrain(cfg, out_dir, resume, progress, info),
-                            resume=resume, outputs=OUTPUTS)
-
-
-def finding_scores(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """fit's validation scores: mean AUROC (monitored) and one AUROC per finding (NaN without both classes)."""
-    result = metrics.multilabel_auroc(targets, probs, FINDINGS)
-    per = {f"auroc_{f}": np.nan if v is None else float(v) for f, v in result["per_finding"].items()}
-    return {"mean_auroc": np.nan if result["mean"] is None else float(result["mean"]), **per}
-
-
-def bce_loss(train_targets: np.ndarray, class_weighted: bool) -> nn.BCEWithLogitsLoss:
-    """BCE on 14 logits; class-weighted: pos_weight = negatives / positives per finding (1 where no positive).
-
-    CheXNet weighted positives by |N|/(|P|+|N|) and negatives by |P|/(|P|+|N|); pos_weight = |N|/|P| gives
-    the same ratio (the per-finding scale differs, which Adam largely absorbs).
-    """
-    if not class_weighted:
-        return nn.BCEWithLogitsLoss()
-    pos = train_targets.sum(axis=0)
-    neg = len(train_targets) - pos
-    weight = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
-    return nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(weight, dtype=torch.float32))
-
-
-def _workers(cfg: PretrainConfig, device: torch.device) -> int:
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    if device.type != "cuda":
-        return 0
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(8, max(1, (os.cpu_count() or 1) // local - 1))
-
-
-def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool | None,
-              info: distributed.DistInfo) -> None:
-    with train.main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
-        train.seed_everything(cfg.seed)
-        if cfg.chestxray14 and not Path(cfg.chestxray14).is_dir():
-            raise CXRError(f"chestxray14={cfg.chestxray14!r} is not a folder; leave it empty for the synthetic set")
-        root = cfg.chestxray14 or str(synthetic.ensure_chestxray14())
-        table, report = read_chestxray14(root)
-        table = split_chestxray14(table, seed=cfg.seed, val_frac=cfg.val_frac)
-        model, load_report = models.build_model(cfg.backbone, cfg.weights, len(FINDINGS))
-        cache = images.ImageCache(cfg.image_size)
-        eval_tf = images.make_transform(model.input_spec, train=False)
-        sets = {s: images.CXRDataset(table[table["split"] == s], "", cache, eval_tf, targets=FINDINGS)
-                for s in SPLITS}  # fmt: skip
-    if cfg.augment:
-        sets["train"].transform = images.make_transform(model.input_spec, train=True, augment=True)
-    loss_fn = bce_loss(sets["train"].labels, cfg.class_weighted)
-    device = distributed.resolve_device(cfg.device, info)
-    opts = train.FitOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, patience=cfg.patience,
-                            monitor="mean_auroc", seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-                            channels_last=True, num_workers=_workers(cfg, device), progress=progress)  # fmt: skip
-    prov = metrics.provenance(train.describe_device(device, info))
-    used = pd.concat([ds.table for ds in sets.values()], ignore_index=True)
-    if info.is_main:
-        total, trainable = models.count_parameters(model)
-        metrics.save_metrics({
-            "config": cfg.to_dict(), "run_dir": str(out_dir),
-            "data": {"root": str(Path(root).resolve()), "synthetic": not cfg.chestxray14,
-                     "fingerprint": _fingerprint(used), "findings": finding_counts(used),
-                     "missing": len(report.missing), "missing_files": report.missing[:100],
-                     "skipped": report.skipped, "notes": report.notes,
-                     "unreadable": {s: [f"{p}: {why}" for p, why in ds.skipped] for s, ds in sets.items()}},
-            "model": {"weights_source": load_report.source, "loaded_tensors": len(load_report.loaded),
-                      "reinitialised": load_report.reinitialised[:20], "notes": load_report.notes,
-                      "input_spec": model.input_spec, "parameters": total, "trainable_parameters": trainable},
-            "training": {"loss": "bce", "pos_weight": _tolist(loss_fn.pos_weight), "world_size": info.world_size,
-                         "global_batch_size": cfg.batch_size * info.world_size, **dataclasses.asdict(opts),
-                         "amp_dtype": str(train.amp_dtype(opts.amp, device))},
-        }, out_dir / "params.json", prov)  # fmt: skip
-
-    meta = {"backbone": cfg.backbone, "num_classes": len(FINDINGS), "classes": list(FINDINGS),
-            "input_spec": model.input_spec, "task": "chestxray14", "weights": cfg.weights,
-            "image_size": cfg.image_size, "config": cfg.to_dict()}  # fmt: skip
-    result = train.fit(model, sets["train"], sets["val"], loss_fn, opts, out_dir, score_fn=finding_scores,
-                       output="sigmoid", model_meta=meta, resume=resume)  # fmt: skip
-    model.load_state_dict(result.best_state)
-    scored = {s: train.predict_dataset(model, sets[s], batch_size=opts.batch_size, device=device, amp=opts.amp,
-                                       output="sigmoid", num_workers=opts.num_workers)[:2]
-              for s in ("val", "test")}  # fmt: skip
-    if not info.is_main:
-        return
-    auroc = {s: metrics.multilabel_auroc(targets, probs, FINDINGS) for s, (probs, targets) in scored.items()}
-    metrics.save_metrics({
-        "mean_auroc": auroc["test"]["mean"], "per_finding_auroc": auroc["test"]["per_finding"],
-        "n_test": auroc["test"]["n"], "val": auroc["val"],
-    }, out_dir / "metrics.json", {
-        "references": REFERENCES, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early, "train_seconds": float(result.history["seconds"].sum()),
-        "params": cfg.to_dict(), "data_fingerprint": _fingerprint(used), **prov,
+    nih, report = read_chestxray14(root)
+    normal, pneumonia = nih["finding_labels"] == NO_FINDING, nih["Pneumonia"] == 1
+    for name, labels in nih.loc[~(normal | pneumonia), ["image_id", "finding_labels"]].itertuples(index=False):
+        report.skipped.append(f"{name}: findings {labels!r} are neither {NO_FINDING!r} nor Pneumonia "
+                              "(no class of the COVID task)")  # fmt: skip
+    nih = nih[normal | pneumonia]
+    rows = pd.DataFrame({
+        "path": nih["path"], "image_id": NIH_SOURCE + "/" + nih["image_id"].str.split("/").str[-1],
+        "label": np.where(normal[nih.index], "normal", "pneumonia"),
+        "subtype": np.where(normal[nih.index], "normal", np.where(nih["finding_labels"] == "Pneumonia", "Pneumonia",
+                                                                  "Pneumonia with other findings")),
+        "patient_id": nih["patient_id"], "source": NIH_SOURCE, "published_split": nih["published_split"],
+        "view": nih["view"], "sex": nih["sex"], "age": nih["age"], "location": "NIH Clinical Center, USA",
     })  # fmt: skip
-    (out_dir / train.LAST).unlink(missing_ok=True)  # complete: nothing left to resume
-    print(f"pretrain: test mean AUROC {_fmt(auroc['test']['mean'])} over {len(FINDINGS)} findings "
-          f"(best epoch {result.best_epoch}); fine-tune with weights=file:{out_dir / train.BEST}")  # fmt: skip
-
-
-def _fingerprint(table: pd.DataFrame) -> str:
-    return data.data_fingerprint(table.assign(label=table["finding_labels"]))
-
-
-def _tolist(t: torch.Tensor | None) -> list[float] | None:
-    return None if t is None else [round(float(v), 4) for v in t]
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return as_table(rows.to_dict("records")), report

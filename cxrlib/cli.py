@@ -46,7 +46,7 @@ def _run_data(args: argparse.Namespace) -> int:
 
 # --- pretrain ------------------------------------------------------------------------------------
 def add_pretrain_parser(sub) -> None:
-    from .chestxray14 import PretrainConfig
+    from .pretrain import PretrainConfig
     from .config import PRETRAIN_PROFILES
 
     p = sub.add_parser(
@@ -67,7 +67,7 @@ def add_pretrain_parser(sub) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .chestxray14 import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain
     from .config import PRETRAIN_PROFILES, with_profile
 
     names = PretrainConfig.__dataclass_fields__
@@ -136,7 +136,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from .config import RunConfig
-    from .train import default_run_dir, read_status, run
+    from .rundir import read_status
+    from .train import default_run_dir, run
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
     cfg = RunConfig.from_parameters(values)
@@ -181,7 +182,7 @@ def add_evaluate_parser(sub) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .train import evaluate
+    from .evaluate import evaluate
 
     if not (args.manifest or args.coronahack_dir or args.extra_covid_dir):
         raise CXRError("evaluate: give --manifest CSV or --coronahack DIR [--extra-covid DIR]")
@@ -204,7 +205,7 @@ def add_predict_parser(sub) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .train import predict
+    from .evaluate import predict
 
     table = predict(args.checkpoint, args.images, batch_size=args.batch_size, device=args.device)
     print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False, float_format="%.4f"))

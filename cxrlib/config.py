@@ -6,9 +6,13 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .atomic import write_text
 from .errors import CXRError
 
 # Class names and order, defined once. Index 1 of the binary task is the positive (COVID) class.
@@ -68,6 +72,12 @@ def task_label(label: str, task: str) -> str:
     return label
 
 
+def encode_labels(labels: Iterable[str], task: str) -> np.ndarray:
+    """Class indices (into `classes(task)`) of 3-class `labels`: the one label encoding."""
+    names = classes(task)
+    return np.array([names.index(task_label(label, task)) for label in labels], dtype=np.int64)
+
+
 @dataclass
 class RunConfig:
     """Every parameter of one run. Field names are the CLI flags and the notebooks' parameters."""
@@ -125,11 +135,6 @@ class RunConfig:
                 raise CXRError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
 
     @property
-    def synthetic(self) -> bool:
-        """True when no real data is configured: the run uses cxrlib's synthetic chest X-rays."""
-        return not (self.coronahack_dir or self.extra_covid_dir or self.manifest)
-
-    @property
     def classes(self) -> tuple[str, ...]:
         return classes(self.task)
 
@@ -167,7 +172,7 @@ class RunConfig:
         return cls.from_dict(with_profile(PROFILES, given))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
 # Profiles: `quick` runs on CPU in minutes on the synthetic default; `paper` is the paper's set-up.
@@ -176,7 +181,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
     "paper": dict(image_size=224, epochs=30, batch_size=32, lr=1e-4, patience=5),
 }
-# ChestX-ray14 pretraining (chestxray14.PretrainConfig) under the same profile names.
+# ChestX-ray14 pretraining (pretrain.PretrainConfig) under the same profile names.
 PRETRAIN_PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
     "paper": dict(),  # PretrainConfig's own defaults are the paper-scale set-up (224 px, 5 epochs)
@@ -206,12 +211,18 @@ SOURCE_NAMES = {"coronahack": "CoronaHack", "ieee8023": "ieee8023 COVID-19 colle
 SYNTHETIC_TAG = "synthetic"
 
 
+def data_sources(coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> dict[str, str]:
+    """The COVID-task data given, by source name. Empty: none given, so the run reads cxrlib's synthetic
+    data (data.load_table) and says so (data_record); this is the one place that decides it."""
+    return {k: str(v) for k, v in (("coronahack", coronahack_dir), ("ieee8023", extra_covid_dir),
+                                   ("manifest", manifest)) if v}
+
+
 def data_record(fingerprint: str, n_images: int, coronahack_dir: str = "", extra_covid_dir: str = "",
                 manifest: str = "") -> dict[str, Any]:
     """What a run's numbers come from, as params.json keeps it: the banners and the run root's data tag
     are made from this record, never from the parameters a notebook happens to have now."""
-    sources = {k: v for k, v in (("coronahack", coronahack_dir), ("ieee8023", extra_covid_dir),
-                                 ("manifest", manifest)) if v}
+    sources = data_sources(coronahack_dir, extra_covid_dir, manifest)
     tag = "+".join(sources) + f"-{fingerprint[:8]}" if sources else SYNTHETIC_TAG
     return {"synthetic": not sources, "sources": sources, "fingerprint": fingerprint, "n_images": int(n_images),
             "tag": tag}

@@ -30,7 +30,7 @@ from .config import external_sets
 from .data import read_any
 from .errors import CXRError
 from .metrics import apply_threshold
-from .results import read_status
+from .rundir import read_status
 
 OTHER_SOURCES = "test split, other sources"  # a held-out run's test images of the sources it trained on
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order

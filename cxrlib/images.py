@@ -4,6 +4,10 @@ Every image, whatever its format or bit depth, becomes one uint8 grayscale chann
 one size. Squashing (not padding or cropping) is deliberate: in CoronaHack the paediatric images were
 squashed to 224x224 upstream while the adult COVID ones keep their aspect ratio, so any padding would
 hand the model the class for free, and cropping would cut lungs off wide images.
+
+One module (about 560 lines) on purpose: decoding, the cache (keyed by decode version, size and
+preprocessing remedy), the transforms and the batched device path are one contract, "the pixels a model
+saw", and the device path must repeat the per-image transform's arithmetic exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,7 +29,7 @@ from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from torchvision.transforms import v2
 
-from .config import classes, task_label
+from .config import classes, encode_labels
 from .errors import CXRError
 
 # Model input conventions. "imagenet": torchvision weights; "xrv": TorchXRayVision models, which take
@@ -400,6 +404,15 @@ class DeviceBatches:
             x = x.expand(-1, 3, -1, -1)
         return x.sub(self.mean).div_(self.std), y
 
+    def batches(self, order: Sequence[int] | torch.Tensor, batch_size: int, drop_last: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows of `order` in chunks of `batch_size` (a DataLoader's chunks, the short last one dropped
+        if `drop_last`), each gathered (and augmented, see `batch`) on the device."""
+        order = torch.as_tensor(order, dtype=torch.long)
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size], generator)
+
     @classmethod
     def of(cls, dataset: torch.utils.data.Dataset, device: torch.device | str) -> "DeviceBatches | None":
         """The batched path for `dataset`, or None when it has none (then use a DataLoader).
@@ -457,9 +470,7 @@ class CXRDataset(torch.utils.data.Dataset):
         if targets:
             self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:
-            self.labels = np.array(
-                [self.classes.index(task_label(lab, task)) for lab in self.table["label"]], dtype=np.int64
-            )
+            self.labels = encode_labels(self.table["label"], task)
 
     def __len__(self) -> int:
         return len(self.table)

@@ -1,13 +1,15 @@
-"""Losses for the imbalanced COVID task: cross-entropy, class-weighted cross-entropy and focal loss.
+"""Losses for the imbalanced COVID task: cross-entropy, class-weighted cross-entropy and focal loss; and the
+14-finding BCE of ChestX-ray14 pretraining (`bce_loss`).
 
-All take logits of shape (N, C) and integer targets (N,); the binary task uses its 2-logit head, so one
-softmax formulation serves both tasks.
+The COVID losses take logits of shape (N, C) and integer targets (N,); the binary task uses its 2-logit
+head, so one softmax formulation serves both tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,27 +44,34 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-def inverse_frequency_weights(class_counts: Sequence[int]) -> torch.Tensor:
-    """n_samples / (n_classes * count_c): 1 for every class when balanced (scikit-learn's "balanced")."""
-    counts = torch.as_tensor(class_counts, dtype=torch.float32)
-    if (counts <= 0).any():
-        raise CXRError(f"class counts {list(class_counts)}: every class needs training examples for weighted_ce")
-    return counts.sum() / (len(counts) * counts)
-
-
 def make_loss(
     name: str,
-    class_counts: Sequence[int] | None = None,
+    class_weights: Sequence[float] | None = None,
     gamma: float = 2.0,
     alpha: Sequence[float] | None = None,
 ) -> nn.Module:
-    """The loss `name` (ce | weighted_ce | focal); weighted_ce needs the training set's `class_counts`."""
+    """The loss `name` (ce | weighted_ce | focal); weighted_ce needs the training set's `class_weights`
+    (data.class_weights: inverse class frequency, the weighted sampler's weights too)."""
     if name == "ce":
         return nn.CrossEntropyLoss()
     if name == "weighted_ce":
-        if class_counts is None:
-            raise CXRError("loss=weighted_ce needs the class counts of the training set")
-        return nn.CrossEntropyLoss(weight=inverse_frequency_weights(class_counts))
+        if class_weights is None:
+            raise CXRError("loss=weighted_ce needs the class weights of the training set (data.class_weights)")
+        return nn.CrossEntropyLoss(weight=torch.as_tensor(class_weights, dtype=torch.float32))
     if name == "focal":
         return FocalLoss(gamma=gamma, alpha=alpha)
     raise CXRError(f"parameter loss={name!r}: choose one of {', '.join(LOSSES)}")
+
+
+def bce_loss(train_targets: np.ndarray, class_weighted: bool) -> nn.BCEWithLogitsLoss:
+    """BCE on 14 logits; class-weighted: pos_weight = negatives / positives per finding (1 where no positive).
+
+    CheXNet weighted positives by |N|/(|P|+|N|) and negatives by |P|/(|P|+|N|); pos_weight = |N|/|P| gives
+    the same ratio (the per-finding scale differs, which Adam largely absorbs).
+    """
+    if not class_weighted:
+        return nn.BCEWithLogitsLoss()
+    pos = train_targets.sum(axis=0)
+    neg = len(train_targets) - pos
+    weight = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    return nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(weight, dtype=torch.float32))

@@ -10,6 +10,10 @@ patient-level percentile bootstrap (`ci`), because they are not simple proportio
 patient are correlated; sensitivity, specificity and precision also get Wilson score intervals
 (`wilson`), because a bootstrap of a proportion at 0 or 1 collapses to [1, 1] (every resample of a
 perfect score is perfect) while Wilson's interval stays honest about a small denominator.
+
+One module (about 540 lines) on purpose: a metric's value, its bootstrap interval and its paired
+comparison must come from the same code, and they share one set of internals (class indexing, patient
+groups, JSON-safe values).
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -41,6 +43,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .atomic import write_text
 from .errors import CXRError
 
 POSITIVE = "covid"  # the class whose sensitivity the paper reports; index 1 of the binary task
@@ -95,7 +98,7 @@ def compute_metrics(
     """
     classes = list(classes)
     y, yhat, probs = _arrays(pred, classes)
-    groups = _patients(pred)
+    groups = patient_groups(pred)
     weights = bootstrap_counts(groups, n_boot, seed)
     with _quiet():
         out: dict[str, Any] = {"n": len(y), "n_patients": len(set(groups)), "classes": classes}
@@ -242,7 +245,7 @@ def paired_bootstrap(
     empty = [i for i, (a, _) in enumerate(joined) if a.empty]
     if empty:
         raise CXRError(f"pair {empty[0]} has no image in common: its runs were tested on different data")
-    groups = [_patients(a) for a, _ in joined]
+    groups = [patient_groups(a) for a, _ in joined]
     codes, uniques = pd.factorize(pd.Series(np.concatenate(groups)))  # patients of all pairs, resampled together
     drawn = bootstrap_counts(uniques, n_boot, seed)
     starts = np.cumsum([0] + [len(a) for a, _ in joined])
@@ -358,27 +361,13 @@ def multilabel_auroc(y_true: np.ndarray, probs: np.ndarray, names: Sequence[str]
 
 
 def save_metrics(metrics: dict[str, Any], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write metrics + `extra` (parameters, provenance) to JSON atomically.
-
-    Atomic (temporary file + os.replace) so an interrupted run never leaves a half-written file
-    that the book would read as a result.
-    """
+    """Write metrics + `extra` (parameters, provenance) to JSON atomically (atomic.write_text): an
+    interrupted run never leaves a half-written file that the book would read as a result."""
     extra = extra or {}
     clash = sorted(set(metrics) & set(extra))
     if clash:
         raise CXRError(f"save_metrics: extra key(s) {clash} would overwrite metrics; rename them")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable({**metrics, **extra}), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(_jsonable({**metrics, **extra}), indent=2, allow_nan=False) + "\n")
 
 
 def provenance(device: str) -> dict[str, Any]:
@@ -396,6 +385,12 @@ def provenance(device: str) -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
     }
+
+
+def patient_groups(pred: pd.DataFrame) -> np.ndarray:
+    """Bootstrap and cross-validation unit per row: the patient, or the image itself where the patient is unknown."""
+    ids = pred["patient_id"].fillna("").astype(str).to_numpy() if "patient_id" in pred else np.full(len(pred), "")
+    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -435,12 +430,6 @@ def _check_probs(probs: np.ndarray) -> np.ndarray:
     if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
         raise CXRError("probabilities must be non-negative and sum to 1 per row: apply softmax to the logits")
     return probs
-
-
-def _patients(pred: pd.DataFrame) -> np.ndarray:
-    """Bootstrap unit per row: the patient, or the image itself where the patient is unknown."""
-    ids = pred["patient_id"].fillna("").astype(str).to_numpy() if "patient_id" in pred else np.full(len(pred), "")
-    return np.where(ids == "", [f"<image {i}>" for i in range(len(ids))], ids)
 
 
 def _classification(y: np.ndarray, yhat: np.ndarray, classes: list[str]) -> dict[str, Any]:

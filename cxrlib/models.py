@@ -8,7 +8,7 @@
   chexnet:PATH                a CheXNet checkpoint: arnoweng/CheXNet's DenseNet121 `model.pth.tar` layout
                               (or a ResNet50 one, with `module.`/`model.`/`resnet50.` prefixes)
   torchxrayvision:NAME[@PATH] a torchxrayvision model (1 channel, pixels scaled to [-1024, 1024])
-  file:PATH                   a checkpoint written by `save_checkpoint` (e.g. ChestX-ray14 pretraining)
+  file:PATH                   a cxrlib run folder's model.pt (e.g. ChestX-ray14 pretraining)
                               or a bare state_dict
 
 Loading is strict on the backbone, so no layer is ever silently left random: every backbone tensor must come
@@ -293,8 +293,8 @@ def _xrv_state(backbone: str, arg: str) -> tuple[dict[str, torch.Tensor], str]:
 def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The state_dict and metadata of a weights file.
 
-    Reads `save_checkpoint` files and other {"state_dict": ...} checkpoints (CheXNet's), bare state_dicts, and,
-    with `allow_pickle` (only for files you trust: unpickling runs code), whole pickled models such as
+    Reads cxrlib's model.pt files (loop.fit writes them) and other {"state_dict": ...} checkpoints (CheXNet's),
+    bare state_dicts, and, with `allow_pickle` (only for files you trust: unpickling runs code), whole pickled models such as
     torchxrayvision's DenseNets. Metadata is the checkpoint's other entries ({} for a bare state_dict).
     """
     file = Path(path).expanduser()
@@ -327,27 +327,12 @@ def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> tuple[
     raise CXRError(f"{file} holds a {type(obj).__name__}, not a state_dict or a checkpoint with 'state_dict'")
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, classes: list[str] | tuple[str, ...]) -> None:
-    """Write the whole model (head included) with what `load_checkpoint` and `build_model(file:...)` need."""
-    if len(classes) != _head(model).out_features:
-        raise CXRError(f"save_checkpoint: {len(classes)} class names for a {_head(model).out_features}-output head")
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "backbone": model.backbone_name,
-            "num_classes": len(classes),
-            "classes": list(classes),
-            "input_spec": model.input_spec,
-        },
-        path,
-    )
-
-
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """The trained model of a `save_checkpoint` file, head included (for evaluation and prediction)."""
+    """The trained model of a cxrlib model.pt (loop.fit writes it: state_dict, backbone, num_classes, classes,
+    input_spec), head included (for evaluation and prediction)."""
     state, meta = load_state_dict_file(path)
     if meta.get("backbone") not in BACKBONES or "num_classes" not in meta:
-        raise CXRError(f"{path} was not written by cxrlib's save_checkpoint (no backbone/num_classes)")
+        raise CXRError(f"{path} is not a cxrlib model.pt (no backbone/num_classes)")
     model = _new_model(meta["backbone"], meta["num_classes"], meta.get("input_spec", "imagenet"))
     try:
         model.load_state_dict(state)

@@ -5,6 +5,9 @@ root's matrix.json when the run matrix wrote one; nothing re-trains. A compariso
 on runs that differ in that one factor, on the test images both saw, with a patient-level paired
 bootstrap (metrics.paired_bootstrap): a sentence says "no evidence of a difference" whenever the 95 %
 interval of the difference contains 0, whatever the means.
+
+One module (about 460 lines) on purpose: every table and sentence of the chapter reads the same run table
+with the same rules for which runs form an arm (NOT_COMPARED, DERIVED_FROM, ARM_WORDS).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import PAIRED, paired_bootstrap
+from .rundir import read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
@@ -36,12 +40,6 @@ ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per 
     ("extra_covid_train", True): ("extra",), ("extra_covid_train", False): ("noextra", "without"),
     ("debiased", True): ("extra_negatives", "debias", "negatives"),
 }
-
-
-def read_status(run_dir: str | Path) -> str:
-    """A run folder's status file: complete | running | failed: <reason> | missing."""
-    path = Path(run_dir) / "status"
-    return path.read_text().strip() if path.is_file() else "missing"
 
 
 def init_name(weights: str) -> str:

@@ -5,6 +5,9 @@ into runs/<profile>/<data tag>/ (through notebooks/03_finetune.ipynb with paperm
 `--executor inline`; `--concurrent N` worker processes), writes matrix.json (arms asked, run and not run
 with the reason and the command that would run them, wall times, hardware); `--book` then executes the
 other chapters into book/generated/ from that folder only (nothing is retrained to render the book).
+
+One module (about 500 lines) on purpose: what the matrix runs, why an arm did not run and the command that
+would run it are built from the same arguments, and matrix.json records all three.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
-from .results import load_runs, read_status
+from .results import load_runs
+from .rundir import check_reusable, read_status, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -132,7 +137,7 @@ def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", b
                       **overrides: Any) -> RunStatus:
     """Pretrain the chest-X-ray init once on ChestX-ray14 (real, or synthetic for synthetic data), from ImageNet
     when cached, with the profile's pretraining settings."""
-    from .chestxray14 import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain
     from .models import imagenet_available
 
     out = pretrain_dir(run_root, backbone, chestxray14_dir)
@@ -292,7 +297,7 @@ def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict |
         return RunStatus(run_dir.name, run_dir, NOT_STARTED)
     if read_status(run_dir) == "complete":
         try:
-            train.check_reusable(cfg, run_dir, data_record)
+            check_reusable(cfg, run_dir, data_record)
         except CXRError as err:
             return RunStatus(run_dir.name, run_dir, f"failed: not reused: {err}")
         return RunStatus(run_dir.name, run_dir, "complete")
@@ -306,7 +311,7 @@ def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict |
     except Exception as err:  # the notebook's (or run's) error; keep it as the run's status
         reason = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         if read_status(run_dir) in ("missing", "complete", "running"):
-            (run_dir / "status").write_text(reason + "\n")
+            write_status(run_dir, reason)
     return RunStatus(run_dir.name, run_dir, read_status(run_dir), time.monotonic() - start)
 
 
@@ -486,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
             "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
         }
-        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
         deadline = time.time() + args.time_budget if args.time_budget else None
         results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
                               deadline)
@@ -494,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped = sum(r.status == NOT_STARTED for r in results)
         record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
                       runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-        (root / MATRIX_FILE).write_text(json.dumps(record, indent=2, default=str))
+        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
         print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
               f"in {root} (see {MATRIX_FILE})")
         return 1 if failed else 0

@@ -9,6 +9,9 @@ names, and per-source image shapes (paediatric squashed to a square, adult with 
 Each class has a learnable sign in the lungs: focal consolidation blob(s) for pneumonia, bilateral
 peripheral haze for COVID-19, clear lungs for normal. `shortcut=True` also stamps a bright text-like
 block in the top-left corner of COVID images only, a planted shortcut for the audit chapter.
+
+One module (about 430 lines) on purpose: the three layouts share one patient and image generator, so
+the same classes carry the same signs in every source.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from .chestxray14 import FINDINGS
+from .readers import CORONAHACK_IMAGES
+
 SOURCE_SIZE = 128  # the generator draws on this square; paediatric files keep it, adult ones are stretched
 KAGGLE_COLUMNS = ["X_ray_image_name", "Label", "Dataset_type", "Label_2_Virus_category", "Label_1_Virus_category"]
 IEEE_COLUMNS = [
@@ -31,7 +37,6 @@ IEEE_COLUMNS = [
     "leukocyte_count", "neutrophil_count", "lymphocyte_count", "view", "modality", "date", "location",
     "folder", "filename", "doi", "url", "license", "clinical_notes", "other_notes",
 ]  # fmt: skip
-CORONAHACK_IMAGES = Path("Coronahack-Chest-XRay-Dataset") / "Coronahack-Chest-XRay-Dataset"
 LOCATIONS = ["Wuhan, China", "Milan, Italy", "Madrid, Spain", "Toronto, Canada", "Seoul, South Korea"]
 OTHER_PNEUMONIAS = [  # (finding as written in the June 2020 metadata, newer "Pneumonia/..." form)
     ("SARS", "Pneumonia/Viral/SARS"),
@@ -386,8 +391,6 @@ def make_chestxray14(root: str | Path, n: int = 400, seed: int = 0) -> Path:
     About half the images are "No Finding"; one age is an impossible 414 years, like a few rows of the
     real 2017 file.
     """
-    from .chestxray14 import FINDINGS  # the official order, defined once
-
     root = Path(root)
     rng = np.random.default_rng([seed, 14])
     prevalence = np.array([NIH_PREVALENCE[f] for f in FINDINGS])

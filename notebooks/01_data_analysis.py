@@ -41,7 +41,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from cxrlib import RunConfig, audit, book, data, licences, plots
-from cxrlib.config import classes, data_banner, data_record
+from cxrlib.config import classes, data_banner, data_record, encode_labels
 from cxrlib.images import ImageCache
 
 cfg = RunConfig.from_parameters(globals())
@@ -77,7 +77,7 @@ table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame()
 # their class frequency (as the paper does); these are the weights.
 
 # %%
-train_labels = data.encode_labels(table[table.split == "train"], task)
+train_labels = encode_labels(table.loc[table.split == "train", "label"], task)
 n_classes = len(classes(task))
 imbalance = pd.DataFrame({
     "train images": np.bincount(train_labels, minlength=n_classes),

@@ -58,7 +58,7 @@ from cxrlib import audit, book, data, explain, licences, plots
 from cxrlib.config import banner_from_record
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.runs import default_run_root, featured_run
-from cxrlib.train import evaluate, load_model
+from cxrlib.evaluate import evaluate, load_model
 
 root = Path(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
 run_dir = Path(run_dir or featured_run(root) or "")  # default: the run of the fine-tuning chapter

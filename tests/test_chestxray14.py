@@ -21,32 +21,18 @@ import pytest
 import torch
 
 from cxrlib import CXRError, metrics
-from cxrlib.chestxray14 import (
-    COLUMNS,
-    FINDINGS,
-    PretrainConfig,
-    finding_scores,
-    pretrain,
-    read_chestxray14,
-    split_chestxray14,
-)
+from cxrlib.chestxray14 import COLUMNS, FINDINGS, read_chestxray14
 from cxrlib.cli import main
 from cxrlib.images import ImageCache
 from cxrlib.models import build_model
+from cxrlib.pretrain import PretrainConfig, finding_scores, pretrain, split_chestxray14
 from cxrlib.synthetic import ensure_chestxray14, make_chestxray14
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(weights="none", image_size=32, epochs=1, batch_size=8, device="cpu", num_workers=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: at 32 px the models are too small to gain from more, and a busy machine
-    makes OpenMP's spinning threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

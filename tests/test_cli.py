@@ -12,12 +12,10 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrlib import cli, metrics, train
 from cxrlib.config import RunConfig
-from test_train import tiny_manifest  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import tiny_manifest, write_dicom  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,21 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _fast_metrics(monkeypatch):
     """Few bootstrap resamples: CIs are tested in test_metrics; here only the plumbing."""
     monkeypatch.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
-
-
-def write_dicom8(path, pixels: np.ndarray) -> None:
-    """An uncompressed 8-bit grayscale DICOM of `pixels`."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
@@ -79,7 +62,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
     pixels = np.asarray(Image.open(first["path"]).convert("L")).copy()
     pixels[0, 0], pixels[0, 1] = 0, 255  # full range: DICOM decoding stretches min..max
     Image.fromarray(pixels).save(tmp_path / "same.png")
-    write_dicom8(tmp_path / "same.dcm", pixels)
+    write_dicom(tmp_path / "same.dcm", pixels)
     capsys.readouterr()
     assert cli.main(["predict", "--checkpoint", str(out / "model.pt"), first["path"], str(tmp_path / "same.png"),
                      str(tmp_path / "same.dcm"), "--json", "--batch-size", "1"]) == 0

@@ -59,10 +59,10 @@ def test_unknown_profile_is_a_clear_error():
 
 
 def test_pretrain_cli_takes_the_profile_then_the_flags(monkeypatch, tmp_path):
-    import cxrlib.chestxray14 as chestxray14
+    import cxrlib.pretrain as pretrain
 
     seen = {}
-    monkeypatch.setattr(chestxray14, "pretrain", lambda cfg, out, resume: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg, out, resume: seen.setdefault("cfg", cfg))
     assert cli.main(["pretrain", "--profile", "quick", "--epochs", "1", "--out", str(tmp_path)]) == 0
     quick = config.PRETRAIN_PROFILES["quick"]
     assert (seen["cfg"].image_size, seen["cfg"].lr, seen["cfg"].epochs) == (quick["image_size"], quick["lr"], 1)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import data, generalise, images, metrics, synthetic, train
+from cxrlib import data, generalise, images, metrics, readers, synthetic, train
 from cxrlib.cli import build_parser
 from cxrlib.config import RunConfig, external_sets
 from cxrlib.errors import CXRError
@@ -53,7 +53,7 @@ def nih(tmp_path_factory) -> Path:
 
 def test_nih_maps_into_the_covid_task_and_reports_what_it_skips(nih):
     table, report = data.read_nih(nih)
-    assert list(table.columns) == data.COLUMNS
+    assert list(table.columns) == readers.COLUMNS
     assert table["label"].tolist() == ["normal", "normal", "pneumonia", "pneumonia"]
     assert table["patient_id"].tolist() == ["nih:1", "nih:2", "nih:3", "nih:4"]
     assert set(table["source"]) == {"nih"} and set(table["published_split"]) == {""}

@@ -47,7 +47,7 @@ def test_a_failed_run_is_kept_and_listed(tmp_path):
 
 
 def test_a_complete_run_of_other_data_is_not_reused(tmp_path, one_thread):
-    from test_train import tiny_config, tiny_manifest
+    from helpers import tiny_config, tiny_manifest
 
     first = tiny_config(tiny_manifest(tmp_path / "a", per_class=6, seed=0), tmp_path / "run", epochs=1)
     out = train.run(first, progress=False)

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_train import _tiny_cnn, _tiny_data, tiny_manifest
+from helpers import tiny_cnn, tiny_data, tiny_manifest
 from torch import nn
 
-from cxrlib import data, images, models, train
+from cxrlib import data, images, infer, loop, models
+from cxrlib.infer import amp_dtype, cpu_has_fast_bf16, predict_dataset
+from cxrlib.data import SPLITS
 from cxrlib.config import RunConfig
 from cxrlib.errors import CXRError
 
@@ -25,7 +27,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def splits(tmp_path_factory) -> dict[str, pd.DataFrame]:
     table, _ = data.load_table("", "", str(tiny_manifest(tmp_path_factory.mktemp("tiny"))))
     table = data.split_table(table, "multiclass", seed=0)
-    return {s: table[table["split"] == s] for s in train.SPLITS}
+    return {s: table[table["split"] == s] for s in SPLITS}
 
 
 def datasets(splits, spec: str = "imagenet", augment: bool = False) -> dict[str, images.CXRDataset]:
@@ -57,21 +59,22 @@ def test_fit_on_device_batches_equals_the_dataloader_path(splits, monkeypatch):
     for on_device in (False, True):
         torch.manual_seed(0)
         model = models.build_model("resnet50", "none", 3)[0]
-        opts = train.FitOptions(epochs=2, batch_size=4, lr=1e-3, patience=0, device="cpu", amp="off",
-                                progress=False, device_batches=on_device, eval_batch_size=8)
+        opts = loop.FitOptions(epochs=2, batch_size=4, lr=1e-3, patience=0, device="cpu", amp="off",
+                               progress=False, device_batches=on_device, eval_batch_size=8)
         if on_device:  # prove the path: no DataLoader may be built
-            monkeypatch.setattr(train, "DataLoader", lambda *a, **k: pytest.fail("DataLoader used"))
+            for module in (loop, infer):
+                monkeypatch.setattr(module, "DataLoader", lambda *a, **k: pytest.fail("DataLoader used"))
         sampler.generator.manual_seed(0)
-        results[on_device] = (train.fit(model, sets["train"], sets["val"], nn.CrossEntropyLoss(), opts,
-                                        sampler=sampler), model.state_dict())
+        results[on_device] = (loop.fit(model, sets["train"], sets["val"], nn.CrossEntropyLoss(), opts,
+                                       sampler=sampler), model.state_dict())
     (old, old_state), (new, new_state) = results[False], results[True]
     cols = ["train_loss", "val_loss", "val_macro_f1", "val_accuracy"]
     pd.testing.assert_frame_equal(new.history[cols], old.history[cols], rtol=0, atol=1e-5)
     for key in old_state:
         torch.testing.assert_close(new_state[key], old_state[key], rtol=0, atol=1e-5, msg=key)
     monkeypatch.undo()
-    test_old = train.predict_dataset(model, sets["test"], batch_size=3, device_batches=False)[0]
-    test_new = train.predict_dataset(model, sets["test"], batch_size=64)[0]
+    test_old = predict_dataset(model, sets["test"], batch_size=3, device_batches=False)[0]
+    test_new = predict_dataset(model, sets["test"], batch_size=64)[0]
     np.testing.assert_allclose(test_new, test_old, rtol=0, atol=1e-5)
 
 
@@ -143,18 +146,18 @@ def test_augmented_device_batches_are_seeded_and_in_range(splits):
 def test_amp_auto_resolves_as_documented(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     for fast, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert train.amp_dtype("auto", cpu) is expected
-        assert train.amp_dtype("off", cpu) is None and train.amp_dtype("bf16", cpu) is torch.bfloat16
+        monkeypatch.setattr(infer, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert amp_dtype("auto", cpu) is expected
+        assert amp_dtype("off", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
     for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
-        assert train.amp_dtype("auto", gpu) is expected
-    assert train.amp_dtype("fp16", gpu) is torch.float16
+        assert amp_dtype("auto", gpu) is expected
+    assert amp_dtype("fp16", gpu) is torch.float16
     with pytest.raises(CXRError, match="amp="):
-        train.amp_dtype("fp8", cpu)
+        amp_dtype("fp8", cpu)
     with pytest.raises(CXRError, match="amp="):
         RunConfig(amp="fp8")
-    assert RunConfig().amp == "auto" and train.FitOptions.from_config(RunConfig(amp="off")).amp == "off"
+    assert RunConfig().amp == "auto" and loop.FitOptions.from_config(RunConfig(amp="off")).amp == "off"
 
 
 def test_cpu_bf16_detection_follows_the_cpu_flags():
@@ -162,7 +165,7 @@ def test_cpu_bf16_detection_follows_the_cpu_flags():
     if not cpuinfo.is_file():
         pytest.skip("no /proc/cpuinfo")
     flags = re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo.read_text()) is not None
-    assert train.cpu_has_fast_bf16() == flags
+    assert cpu_has_fast_bf16() == flags
 
 
 def test_bf16_cpu_fit_is_close_to_fp32():
@@ -173,10 +176,10 @@ def test_bf16_cpu_fit_is_close_to_fp32():
     """
     runs = {}
     for amp in ("off", "bf16"):
-        model = _tiny_cnn()
-        opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp=amp,
-                                patience=0, progress=False)
-        runs[amp] = (train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts).history,
+        model = tiny_cnn()
+        opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp=amp,
+                               patience=0, progress=False)
+        runs[amp] = (loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts).history,
                      model.state_dict())
     (h32, w32), (h16, w16) = runs["off"], runs["bf16"]
     for col in ("train_loss", "val_loss"):
@@ -211,14 +214,14 @@ def test_optimisers_are_fused_and_match_the_for_each_ones(name):
     """The fused step (3x faster on one CPU thread) gives the for-each step's weights."""
     weights = {}
     for fused in (True, False):
-        model = _tiny_cnn()
-        opt = train.make_optimizer(model.parameters(), train.FitOptions(optimizer=name, lr=0.05))
+        model = tiny_cnn()
+        opt = loop.make_optimizer(model.parameters(), loop.FitOptions(optimizer=name, lr=0.05))
         assert opt.defaults["fused"] is True
         if not fused:
             opt.defaults["fused"] = False
             for group in opt.param_groups:
                 group["fused"] = False
-        x, y = _tiny_data().tensors
+        x, y = tiny_data().tensors
         for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()

@@ -12,29 +12,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from cxrlib import distributed, metrics, models, synthetic, train
+from cxrlib import distributed, loop, metrics, models, train
+from cxrlib.evaluate import load_model
+from cxrlib.infer import amp_dtype, cpu_has_fast_bf16
+from cxrlib.rundir import LAST, read_status
 from cxrlib.config import RunConfig
 from cxrlib.errors import CXRError
-
-
-def tiny_manifest(folder: Path, per_class: int = 8, seed: int = 0, size: int = 48) -> Path:
-    """A manifest CSV of `per_class` synthetic patients per label, one small PNG each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for label in ("covid", "pneumonia", "normal"):
-        for k in range(per_class):
-            patient = synthetic._patient(rng, label, adult=label == "covid")
-            img = Image.fromarray(synthetic.chest_image(rng, label, patient)).resize((size, size))
-            name = f"{label}-{seed}-{k}.png"
-            img.save(folder / name)
-            rows.append({"path": name, "label": label, "patient_id": f"p{seed}-{label}-{k}"})
-    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
-    return folder / "manifest.csv"
+from helpers import crash_after_checkpoint, tiny_cnn, tiny_config, tiny_data, tiny_manifest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,12 +35,6 @@ def manifest(tmp_path_factory) -> Path:
 def _fast_metrics(monkeypatch):
     """Few bootstrap resamples: the CIs' correctness is tested in test_metrics, here only the plumbing."""
     monkeypatch.setattr(train.metrics, "compute_metrics", functools.partial(metrics.compute_metrics, n_boot=20))
-
-
-def tiny_config(manifest: Path, run_dir: Path, **overrides) -> RunConfig:
-    values = dict(manifest=str(manifest), image_size=32, epochs=2, batch_size=4, lr=1e-3, patience=0,
-                  weighted_sampler=True, run_dir=str(run_dir), device="cpu")
-    return RunConfig(**{**values, **overrides})
 
 
 def state_of(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +53,7 @@ def test_run_folder_contract(complete_run):
     names = {p.name for p in complete_run.iterdir()}
     assert {"params.json", "model.pt", "history.csv", "predictions.csv", "metrics.json", "status"} <= names
     assert "checkpoint-last.pt" not in names  # only while training
-    assert train.read_status(complete_run) == "complete"
+    assert read_status(complete_run) == "complete"
     history = pd.read_csv(complete_run / "history.csv")
     assert list(history.columns[:7]) == ["epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
                                          "lr", "seconds"]
@@ -88,7 +68,7 @@ def test_run_folder_contract(complete_run):
     assert set(m["per_class"]["covid"]) >= {"precision", "recall", "specificity", "f1", "support"}
     params = json.loads((complete_run / "params.json").read_text())
     assert params["config"]["image_size"] == 32 and params["data"]["fingerprint"] == m["data_fingerprint"]
-    model, meta = train.load_model(complete_run / "model.pt")  # what evaluate/predict read
+    model, meta = load_model(complete_run / "model.pt")  # what evaluate/predict read
     assert meta["task"] == "multiclass" and meta["image_size"] == 32 and meta["input_spec"] == "imagenet"
     assert meta["epoch"] == m["best_epoch"] and "threshold" in meta
 
@@ -96,22 +76,13 @@ def test_run_folder_contract(complete_run):
 def test_resume_matches_uninterrupted_run(complete_run, manifest, tmp_path, monkeypatch):
     """1 epoch, a crash right after its checkpoint, resume to 2 epochs == 2 epochs in one go."""
     cfg = tiny_config(manifest, tmp_path / "resumed")
-    real_save = train.save_atomic
-
-    def crash_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        if Path(path).name == train.LAST:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomic", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(), pytest.raises(KeyboardInterrupt):
         train.run(cfg, progress=False)
-    assert train.read_status(tmp_path / "resumed") == "failed: KeyboardInterrupt"
-    assert torch.load(tmp_path / "resumed" / train.LAST, weights_only=True)["state"]["epoch"] == 1
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    assert read_status(tmp_path / "resumed") == "failed: KeyboardInterrupt"
+    assert torch.load(tmp_path / "resumed" / LAST, weights_only=True)["state"]["epoch"] == 1
     train.run(cfg, resume=True, progress=False)
 
-    assert train.read_status(tmp_path / "resumed") == "complete"
+    assert read_status(tmp_path / "resumed") == "complete"
     full, resumed = state_of(complete_run), state_of(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     for key in full:
@@ -133,12 +104,21 @@ def test_complete_run_is_never_retrained(complete_run, manifest, monkeypatch):
         train.run(tiny_config(manifest, complete_run, epochs=3))
 
 
+def test_default_folder_reads_the_data_once(manifest, tmp_path, monkeypatch):
+    calls, real = [], train.load_data
+    monkeypatch.setattr(train, "load_data", lambda cfg: calls.append(cfg) or real(cfg))
+    cfg = tiny_config(manifest, "", epochs=1)
+    out = train.run(cfg, root=tmp_path, progress=False)
+    assert len(calls) == 1  # named by the data's tag and trained on the same table
+    assert out == tmp_path / cfg.profile / real(cfg).record["tag"] / cfg.run_name() and read_status(out) == "complete"
+
+
 def test_failed_run_writes_status_and_reraises(tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(bad, index=False)  # no image, one class
     with pytest.raises(CXRError):
         train.run(tiny_config(bad, tmp_path / "run"))
-    assert train.read_status(tmp_path / "run").startswith("failed: CXRError: ")
+    assert read_status(tmp_path / "run").startswith("failed: CXRError: ")
 
 
 def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp_path, monkeypatch):
@@ -150,7 +130,7 @@ def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp
         features.register_forward_hook(lambda *_: calls.__setitem__("batches", calls["batches"] + 1))
         return features, head
 
-    monkeypatch.setattr(train.models, "backbone_and_head", counting)
+    monkeypatch.setattr(models, "backbone_and_head", counting)
     cfg = tiny_config(manifest, tmp_path / "frozen", freeze="backbone", epochs=3, lr=1e-2)
     run_dir = train.run(cfg, progress=False)
 
@@ -170,19 +150,19 @@ def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp
 
 
 def test_fit_options_and_sampler_choices():
-    opts = train.FitOptions.from_config(RunConfig(optimizer="sgd", scheduler="step", epochs=6, lr=0.1))
+    opts = loop.FitOptions.from_config(RunConfig(optimizer="sgd", scheduler="step", epochs=6, lr=0.1))
     model = nn.Linear(2, 2)
-    optimizer = train.make_optimizer(list(model.parameters()), opts)
+    optimizer = loop.make_optimizer(list(model.parameters()), opts)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
-    scheduler = train.make_scheduler(optimizer, opts)
+    scheduler = loop.make_scheduler(optimizer, opts)
     lrs = []
     for _ in range(6):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    assert train.amp_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if train.cpu_has_fast_bf16() else None)
-    assert train.amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert amp_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
 
 
 def test_weighted_shard_sampler_shards_one_weighted_draw():
@@ -201,19 +181,6 @@ def test_weighted_shard_sampler_shards_one_weighted_draw():
 # (DistributedSampler gives the same order for any world size), up to float summation order.
 
 
-def _tiny_cnn() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(24, 3))
-
-
-def _tiny_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 3, 8, 8, generator=g)
-    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0.2).long()
-    return TensorDataset(x, y)
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
@@ -222,10 +189,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     info = distributed.setup("cpu")
     assert info.world_size == world and info.rank == rank
-    model = _tiny_cnn()
-    opts = train.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
-                            amp="off", patience=0, progress=False)  # fp32: the comparison is to 1e-5
-    result = train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, out)
+    model = tiny_cnn()
+    opts = loop.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
+                           amp="off", patience=0, progress=False)  # fp32: the comparison is to 1e-5
+    result = loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, out)
     if info.is_main:
         torch.save({"state": result.best_state, "last": model.state_dict()}, Path(out) / "ddp.pt")
     distributed.shutdown()
@@ -241,10 +208,10 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
 
-    single = _tiny_cnn()
-    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp="off", patience=0,
-                            progress=False)
-    train.fit(single, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
+    single = tiny_cnn()
+    opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp="off", patience=0,
+                           progress=False)
+    loop.fit(single, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "single")
 
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ddp["last"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -252,7 +219,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     cols = ["train_loss", "val_loss", "val_macro_f1", "val_accuracy"]
     pd.testing.assert_frame_equal(h_ddp[cols], h_one[cols], atol=1e-5)
     written = {p.name for p in (tmp_path / "ddp").iterdir()}
-    assert train.LAST in written and not [n for n in written if n.endswith(".tmp")]  # save_atomic's .{name}.{pid}.tmp
+    assert LAST in written and not [n for n in written if n.endswith(".tmp")]  # atomic.write_atomic's .{name}.*.tmp
 
 
 # --- GPU paths (skipped without CUDA; CI has none) -------------------------------------------------
@@ -273,28 +240,19 @@ def test_cuda_run_uses_bf16_autocast_and_channels_last(manifest, tmp_path):
 @cuda
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
 def test_cuda_fit_each_precision_learns_and_resumes(amp, tmp_path, monkeypatch):
-    opts = train.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cuda", amp=amp, patience=0,
-                            progress=False)
-    model = _tiny_cnn()
-    full = train.fit(model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "full")
+    opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cuda", amp=amp, patience=0,
+                           progress=False)
+    model = tiny_cnn()
+    full = loop.fit(model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "full")
     assert full.history.train_loss.iloc[-1] < full.history.train_loss.iloc[0]
-    scaler = torch.load(tmp_path / "full" / train.LAST, weights_only=True)["scaler"]
+    scaler = torch.load(tmp_path / "full" / LAST, weights_only=True)["scaler"]
     assert bool(scaler) == (amp == "fp16")  # GradScaler only for fp16
     # Crash after epoch 1's checkpoint, resume: the same weights up to GPU non-determinism.
-    real_save = train.save_atomic
-
-    def crash(obj, path):
-        real_save(obj, path)
-        if Path(path).name == train.LAST:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomic", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(_tiny_cnn(), _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part")
-    monkeypatch.setattr(train, "save_atomic", real_save)
-    resumed_model = _tiny_cnn()
-    resumed = train.fit(resumed_model, _tiny_data(), _tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part",
-                        resume=True)
+    with crash_after_checkpoint(), pytest.raises(KeyboardInterrupt):
+        loop.fit(tiny_cnn(), tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part")
+    resumed_model = tiny_cnn()
+    resumed = loop.fit(resumed_model, tiny_data(), tiny_data(), nn.CrossEntropyLoss(), opts, tmp_path / "part",
+                       resume=True)
     assert resumed.history.epoch.tolist() == [1, 2]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)

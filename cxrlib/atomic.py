@@ -1,0 +1,43 @@
+"""Atomic file writes: a temporary file in the same folder, then os.replace.
+
+A crash or a kill never leaves a truncated file that a later run or the book would trust: readers see
+the old file or the new one. Every file cxrlib writes into a run folder goes through `write_atomic`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_csv(frame: Any, path: str | Path) -> Path:
+    """A pandas DataFrame as CSV without its index."""
+    return write_text(path, frame.to_csv(index=False))
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """torch.save, atomically: a crash never leaves a truncated checkpoint."""
+    import torch  # here, so that modules reading run folders do not import torch
+
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
