@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
+from .config import CHOICES, MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
 from .results import load_runs, read_status
 
@@ -414,27 +414,39 @@ def default_executor() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cxrlib.runs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--run-root", default="", help="default: runs/<profile>; runs go to RUN_ROOT/<data tag>/")
-    p.add_argument("--coronahack-dir", default="")
-    p.add_argument("--extra-covid-dir", default="")
+    from .cli import HelpFormatter, examples
+
+    p = argparse.ArgumentParser(
+        prog="python -m cxrlib.runs", description=__doc__, formatter_class=HelpFormatter,
+        epilog=examples("python -m cxrlib.runs --profile quick --executor inline     # synthetic data, CPU",
+                        "python -m cxrlib.runs --profile paper --coronahack-dir data/coronahack "
+                        "--extra-covid-dir data/covid-chestxray-dataset --concurrent 4 && "
+                        "python -m cxrlib.runs --book --profile paper --coronahack-dir data/coronahack "
+                        "--extra-covid-dir data/covid-chestxray-dataset"))
+    p.add_argument("--profile", default="quick", choices=list(PROFILES),
+                   help="the defaults of every run (config.PROFILES) and of the seeds (config.MATRIX_PROFILES)")
+    p.add_argument("--run-root", default="", help="runs go to RUN_ROOT/<data tag>/ (default: runs/<profile> "
+                                                  "in the repository)")
+    p.add_argument("--coronahack-dir", default="", help="Kaggle CoronaHack folder (empty, with no "
+                                                        "--extra-covid-dir: the synthetic default)")
+    p.add_argument("--extra-covid-dir", default="", help="ieee8023 covid-chestxray-dataset folder")
     p.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 to pretrain the chest-X-ray arm on")
     p.add_argument("--chest-init", default="",
                    help="a ready chest-X-ray init: chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--losses", default=",".join(LOSSES))
-    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for: " + ", ".join(ARMS))
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(CHOICES['task'])}")
+    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
+    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for, comma-separated")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds 0..N-1 per configuration (default: " +
                         ", ".join(f"{k} {v['seeds']}" for k, v in MATRIX_PROFILES.items()) + ")")
     p.add_argument("--extra-covid-axis", choices=list(EXTRA_AXIS), default=None,
-                   help="train with/without the ieee8023-only images (same test set); default both when "
+                   help="train with/without the ieee8023-only images (same test set); default: both when "
                         "--extra-covid-dir is given, else with")
     p.add_argument("--executor", choices=["papermill", "inline"], default=None,
-                   help="papermill (03_finetune per run) or inline (train.run in-process); default papermill if installed")
-    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads and GPU)")
+                   help="papermill (03_finetune per run) or inline (train.run in-process); default: papermill "
+                        "if installed")
+    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads "
+                                                             "and GPU)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                    help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
                         "same-named pretraining settings follow it")
@@ -442,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adult non-COVID images (ChestX-ray14 layout or manifest) for the 'negs' variant")
     p.add_argument("--variants", default="", help="chapter 06 arms, e.g. negs,negs+clahe,holdout:country=italy "
                    "(each with the extra COVID images and the first init)")
-    p.add_argument("--variant-losses", default="", help="losses of the variants (default: --losses)")
+    p.add_argument("--variant-losses", default="", help="losses of the variants (empty: --losses)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no run after this many seconds (those are listed as not run in matrix.json)")
+                   help="start no run after this many seconds (those are listed as not run in matrix.json); "
+                        "default: no budget")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
     p.add_argument("--where", action="store_true", help="print this data set's run folder (RUN_ROOT/<data tag>)")
     return p

@@ -35,7 +35,7 @@ def notebook_namespace(name: str, parameters: dict) -> dict:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_papermill_profile_gives_that_profiles_settings(profile):
     cfg = RunConfig.from_parameters(notebook_namespace("03_finetune", {"profile": profile}))
-    want = PROFILES[profile]
+    want = {**RunConfig().to_dict(), **PROFILES[profile]}
     assert (cfg.profile, cfg.image_size, cfg.epochs, cfg.lr, cfg.patience) == (
         profile, want["image_size"], want["epochs"], want["lr"], want["patience"])
 
