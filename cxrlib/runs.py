@@ -463,10 +463,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PATH_FLAGS = ("run_root", "coronahack_dir", "extra_covid_dir", "chestxray14_dir", "extra_negatives")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with every folder made absolute: the chapters run from notebooks/ (papermill's cwd), so a
+    relative path given from the repository root would point elsewhere there."""
+    args = build_parser().parse_args(argv)
+    for name in PATH_FLAGS:
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import load_data
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
     started = time.monotonic()
     try:

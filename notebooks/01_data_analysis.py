@@ -40,7 +40,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from cxrlib import RunConfig, audit, book, data, licences, plots
+from cxrlib import RunConfig, audit, book, data, licences, losses, plots
 from cxrlib.config import classes, data_banner, data_record
 from cxrlib.images import ImageCache
 
@@ -77,11 +77,10 @@ table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame()
 # their class frequency (as the paper does); these are the weights.
 
 # %%
-train_labels = data.encode_labels(table[table.split == "train"], task)
-n_classes = len(classes(task))
+train_counts = np.bincount(data.encode_labels(table[table.split == "train"], task), minlength=len(classes(task)))
 imbalance = pd.DataFrame({
-    "train images": np.bincount(train_labels, minlength=n_classes),
-    "sampling weight": data.class_weights(train_labels, n_classes),
+    "train images": train_counts,
+    "sampling weight": losses.inverse_frequency_weights(train_counts).numpy(),
 }, index=classes(task))
 imbalance
 
@@ -139,11 +138,7 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # A class with fewer such images shows fewer.
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}}
-rng = np.random.default_rng(seed)
-shareable = licences.redistributable(table, synthetic=record["synthetic"]).to_numpy()
-picks = [i for label in ("covid", "pneumonia", "normal")
-         for rows in [np.flatnonzero((table.label.to_numpy() == label) & shareable)]
-         for i in rng.choice(rows, min(4, len(rows)), replace=False)]
+picks = licences.sample_per_class(table, per_class=4, seed=seed, synthetic=record["synthetic"])
 plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
                  f"{licences.caption(table.iloc[i], synthetic=record['synthetic'])}" for i in picks], ncols=6);
 

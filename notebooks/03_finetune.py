@@ -55,7 +55,7 @@ hold_out = None
 preprocess = None
 amp = None
 device = None
-run_dir = None  # None: ../runs/<profile>/<data tag>/<run name>
+run_dir = None  # None: runs/<profile>/<data tag>/<run name> in the repository
 
 # %% tags=["hide-input"]
 import json
@@ -71,7 +71,7 @@ from cxrlib.train import default_run_dir, run
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
 
 # %% tags=["nbval-ignore-output", "remove-cell"]
-out = Path(run(cfg, cfg.run_dir or default_run_dir(cfg, root="../runs")))
+out = Path(run(cfg, cfg.run_dir or default_run_dir(cfg, root=book.repo_path("runs"))))
 
 # %% tags=["hide-input"]
 display(book.banner(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters

@@ -202,3 +202,42 @@ def test_profile_gives_defaults_and_flags_override(profile, epochs, monkeypatch,
     with pytest.raises(Stop):
         cli.main(["train", "--profile", profile, "--lr", "0.5", "--out", str(tmp_path)])
     assert seen["cfg"].epochs == epochs and seen["cfg"].lr == 0.5
+
+
+def test_the_matrix_makes_folders_absolute(tmp_path, monkeypatch):
+    """Its chapters run from notebooks/: a folder given relative to the repository root must still be found."""
+    from cxrlib import runs
+
+    monkeypatch.chdir(tmp_path)
+    args = runs.parse_args(["--coronahack-dir", "data/coronahack", "--extra-covid-dir", "", "--run-root", "r"])
+    assert args.coronahack_dir == str(tmp_path / "data" / "coronahack") and args.run_root == str(tmp_path / "r")
+    assert args.extra_covid_dir == ""  # not given stays not given
+
+
+def test_chapters_default_folders_are_in_the_repository():
+    """papermill from the repository root used to write the fine-tuning run to ../runs, outside the repository."""
+    import re
+    from pathlib import Path
+
+    from cxrlib import book
+
+    root = Path(__file__).resolve().parents[1]
+    assert book.repo_path("runs") == root / "runs" and book.repo_path("runs").is_absolute()
+    for chapter in ("01_data_analysis", "02_chexnet_transfer", "03_finetune", "05_results"):
+        source = (root / "notebooks" / f"{chapter}.py").read_text()
+        assert not re.search(r"""["']\.\./""", source), f"{chapter} has a path relative to notebooks/"
+
+
+def test_cli_defaults_are_read_from_config_not_restated():
+    import re
+    from pathlib import Path
+
+    source = Path(cli.__file__).read_text()
+    assert not re.findall(r"""default=(?:-?\d|["'][^"']+["'])""", source)  # no literal default but "" and False
+    for name in ("cxrlib train", "cxrlib pretrain"):
+        flags = [a for a in command_parsers()[name]._actions if a.dest in config.RunConfig.__dataclass_fields__
+                 or a.dest in config.PretrainConfig.__dataclass_fields__]
+        assert flags and all(a.default is argparse.SUPPRESS for a in flags), name  # the profile, then the dataclass
+    data = {a.dest: a.default for a in command_parsers()["cxrlib data"]._actions}
+    assert (data["task"], data["seed"], data["split"]) == tuple(config.field_default(RunConfig, k)
+                                                               for k in ("task", "seed", "split"))
