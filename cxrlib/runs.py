@@ -418,11 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m cxrlib.runs", description=__doc__, formatter_class=HelpFormatter,
-        epilog=examples("python -m cxrlib.runs --profile quick --executor inline     # synthetic data, CPU",
+        epilog=examples("python -m cxrlib.runs --profile quick && python -m cxrlib.runs --book --profile quick"
+                        "   # synthetic data on CPU, then the chapters from those runs",
                         "python -m cxrlib.runs --profile paper --coronahack-dir data/coronahack "
-                        "--extra-covid-dir data/covid-chestxray-dataset --concurrent 4 && "
-                        "python -m cxrlib.runs --book --profile paper --coronahack-dir data/coronahack "
-                        "--extra-covid-dir data/covid-chestxray-dataset"))
+                        "--extra-covid-dir data/covid-chestxray-dataset --concurrent 4   # GPU"))
     p.add_argument("--profile", default="quick", choices=list(PROFILES),
                    help="the defaults of every run (config.PROFILES) and of the seeds (config.MATRIX_PROFILES)")
     p.add_argument("--run-root", default="", help="runs go to RUN_ROOT/<data tag>/ (default: runs/<profile> "

@@ -140,8 +140,7 @@ assert not done.empty, f"no complete runs in {run_root}"
 done.pivot_table(index=["task", "loss"], columns="init", values="macro_f1").round(3)
 
 # %% mystnb={"figure": {"caption": "Test macro-F1 of the complete runs of the run matrix, by initialisation and task.", "name": "fig-init-f1"}}
-ax = sns.pointplot(done, x="macro_f1", y="init", hue="task", linestyle="none", dodge=0.3)
-ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
+plots.by_init(done);
 
 # %% tags=["hide-input"]
 init_pairs, said = results.init_comparison(runs)
