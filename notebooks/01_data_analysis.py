@@ -40,7 +40,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from cxrlib import RunConfig, audit, book, data, licences, losses, plots
+from cxrlib import RunConfig, audit, book, data, licences, plots
 from cxrlib.config import classes, data_banner, data_record
 from cxrlib.images import ImageCache
 
@@ -77,10 +77,11 @@ table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame()
 # their class frequency (as the paper does); these are the weights.
 
 # %%
-train_counts = np.bincount(data.encode_labels(table[table.split == "train"], task), minlength=len(classes(task)))
+train_labels = data.encode_labels(table[table.split == "train"], task)
+n_classes = len(classes(task))
 imbalance = pd.DataFrame({
-    "train images": train_counts,
-    "sampling weight": losses.inverse_frequency_weights(train_counts).numpy(),
+    "train images": np.bincount(train_labels, minlength=n_classes),
+    "sampling weight": data.class_weights(train_labels, n_classes),
 }, index=classes(task))
 imbalance
 
