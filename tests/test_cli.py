@@ -145,7 +145,15 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 CHOICE_LIKE = {*config.CHOICES, "profile", "extra_covid_axis", "executor"}
 
 
-@pytest.mark.parametrize("name", sorted(command_parsers()))
+COMMANDS = ("cxrlib data", "cxrlib pretrain", "cxrlib train", "cxrlib evaluate", "cxrlib predict", "cxrlib.runs",
+            "cxrlib.bundle pack", "cxrlib.bundle render", "cxrlib.transport")
+
+
+def test_the_commands_walked_are_all_there_are():
+    assert sorted(command_parsers()) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
 def test_every_option_has_help_its_default_choices_and_examples(name):
     parser = command_parsers()[name]
     formatter = parser._get_formatter()
