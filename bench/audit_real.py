@@ -1,11 +1,11 @@
 """The shortcut audit on real data, run by hand; prints JSON.
 
-    .venv/bin/python bench/audit_real.py [--data ../shared/data] [--run RUN_DIR] [--size 128]
+    .venv/bin/python bench/audit_real.py [--data DIR | --coronahack DIR --extra-covid DIR] [--run RUN_DIR]
 
 1. Probes on every image (cxrlib.audit.source_probe): do image statistics (and file sizes) tell the
    paediatric Guangzhou images from the adult ieee8023 ones, and do border/corner statistics alone
    predict COVID?
-2. With a run folder trained on this data (--run, or the newest complete one under /tmp/real-runs):
+2. With a run folder trained on this data (--run, or the newest complete one under --runs-base):
    the same probes on its test split plus one on the model's pooled features, the model's test
    metrics intact / lungs removed / lungs only (template and intensity-refined masks), and the share of
    Grad-CAM mass inside the lung template.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -89,17 +90,24 @@ def model_audit(run: Path, table: pd.DataFrame, seed: int, n_cam: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--run", default="",
-                        help="run folder trained on this data (default: the newest under /tmp/real-runs)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("CXR_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+                        help="folder holding coronahack/ and covid-chestxray-dataset/ ($CXR_SHARED_DATA, else "
+                             "../shared/data)")
+    parser.add_argument("--coronahack", default="", help="CoronaHack folder (empty: DATA/coronahack)")
+    parser.add_argument("--extra-covid", default="", help="ieee8023 folder (empty: DATA/covid-chestxray-dataset)")
+    parser.add_argument("--run", default="", help="run folder trained on this data (empty: the newest complete "
+                                                  "one under --runs-base)")
+    parser.add_argument("--runs-base", default="/tmp/real-runs", help="where to look for a run when --run is empty")
     parser.add_argument("--size", type=int, default=128, help="image size of the all-images probes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="probe and Grad-CAM sample seed")
     parser.add_argument("--cam-images", type=int, default=200, help="test images for the Grad-CAM lung share")
     args = parser.parse_args(argv)
     root = Path(args.data)
     t0 = time.time()
-    table, _ = data.load_table(str(root / "coronahack"), str(root / "covid-chestxray-dataset"))
+    table, _ = data.load_table(args.coronahack or str(root / "coronahack"),
+                               args.extra_covid or str(root / "covid-chestxray-dataset"))
     origin = audit.origin(table)
     images, skipped = ImageCache(args.size).load(table["path"].tolist())
     assert not skipped, skipped[:3]
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "probes_all_images": records(probes),
         "seconds_probes": round(time.time() - t0, 1),
     }
-    run = Path(args.run) if args.run else newest_run(Path("/tmp/real-runs"))
+    run = Path(args.run) if args.run else newest_run(Path(args.runs_base))
     out["model"] = model_audit(run, table, args.seed, args.cam_images) if run else "no run folder given or found"
     print(json.dumps(out, indent=2))
     return out

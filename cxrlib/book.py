@@ -11,8 +11,15 @@ import nbformat
 from IPython.display import HTML
 from markdown_it import MarkdownIt
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository (cxrlib is installed editable: `pip install -e .`)
 HIDDEN_TAGS = ("parameters", "injected-parameters")  # papermill's tags; Jupyter Book removes `remove-cell`
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def repo_path(*parts: str) -> Path:
+    """A path in the repository, absolute: a chapter's default folders land in the repository whether papermill
+    or Jupyter runs it from notebooks/ or from the repository root."""
+    return ROOT.joinpath(*parts)
 
 
 def banner(text: str, kind: str = "note") -> HTML:

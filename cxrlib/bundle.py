@@ -254,20 +254,35 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter, examples
+
     parser = argparse.ArgumentParser(prog="python -m cxrlib.bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pack", help="make a bundle from a run root")
-    p.add_argument("run_root", help="folder of run folders (python -m cxrlib.runs --run-root)")
+    p = sub.add_parser("pack", help="make a bundle from a run root", formatter_class=HelpFormatter,
+                       description="Copies a run root's run folders (without weights), executed chapters and "
+                                   "speed figures into a bundle folder and writes its bundle.json.",
+                       epilog=examples("python -m cxrlib.bundle pack runs/quick/synthetic _build/bundle-quick "
+                                       "--chapters book/generated --note 'by hand'"))
+    p.add_argument("run_root", help="folder of run folders (python -m cxrlib.runs --where prints it)")
     p.add_argument("out", help="bundle folder to write, e.g. results/paper-h200")
-    p.add_argument("--chapters", default="", help="folder of executed chapter notebooks to include")
+    p.add_argument("--chapters", default="", help="folder of executed chapter notebooks to include (empty: none)")
     p.add_argument("--bench", nargs="*", default=[], help="benchmark JSON files to include")
     p.add_argument("--data", nargs="*", default=[], help="data folders used (their TRANSPORT.json is recorded)")
     p.add_argument("--note", default="", help="free text kept in bundle.json")
-    p.add_argument("--commit", default="", help="code commit, where the run folder's machine has no git checkout")
-    r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/")
+    p.add_argument("--commit", default="", help="code commit, where the run folder's machine has no git checkout "
+                                                "(empty: this checkout's)")
+    r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/",
+                       formatter_class=HelpFormatter, description="Puts a bundle's chapters where the book build "
+                       "reads them (then: jupyter-book build .).",
+                       epilog=examples("python -m cxrlib.bundle render results/paper-h200"))
     r.add_argument("bundle", help="bundle folder, e.g. results/paper-h200")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "pack":
@@ -279,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in render(args.bundle):
                 print(f"rendered {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     except CXRError as err:
-        print(f"cxrlib.bundle: {err}", file=sys.stderr)
+        print(f"cxrlib.bundle {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

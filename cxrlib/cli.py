@@ -1,17 +1,43 @@
-"""`python -m cxrlib data|train|evaluate|predict|pretrain`: thin wrappers over the library."""
+"""`python -m cxrlib data|pretrain|train|evaluate|predict`: thin wrappers over the library.
+
+Parsing and validation import only `cxrlib.config` (no torch), so a bad argument fails at once; a command imports
+its data or training code only after its arguments and its config are checked. Choices come from
+`config.CHOICES`, defaults from the config dataclasses and profiles: nothing here restates them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .config import (CHOICES, INFERENCE_DEFAULTS, PRETRAIN_PROFILES, PROFILE_CHOICES, PROFILES, PretrainConfig,
+                     RunConfig, field_default)
 from .errors import CXRError
+
+RUN_DEFAULT = "runs/<profile>/<data tag>/<run name>, under the current directory"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help says it already), epilog examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default:" in text or action.required or not action.option_strings
+                or action.default in (argparse.SUPPRESS, None)):
+            return text
+        return text + " (default: %(default)r)"
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: the examples its --help ends with."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrlib", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    # Each command registers its own parser block below: add_<command>_parser(sub).
+    parser = argparse.ArgumentParser(
+        prog="cxrlib", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples("python -m cxrlib train --profile quick", "python -m cxrlib train --help"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,pretrain,train,evaluate,predict}")
     add_data_parser(sub)
     add_pretrain_parser(sub)
     add_train_parser(sub)
@@ -20,15 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(sub, name: str, help: str, description: str, epilog: str, **kwargs) -> argparse.ArgumentParser:
+    """One command: its help line, a description, defaults shown, examples last."""
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter,
+                          **kwargs)
+
+
 # --- data ----------------------------------------------------------------------------------------
 def add_data_parser(sub) -> None:
-    p = sub.add_parser("data", help="read, merge, dedup and split the data; print its summary")
-    p.add_argument("--coronahack", default="", help="Kaggle CoronaHack folder (empty: synthetic default)")
+    p = command_parser(
+        sub, "data", help="read, merge, dedup and split the data; print its summary",
+        description="Reads the data as training would (the synthetic default when no folder is given), "
+                    "de-duplicates and splits it, checks the split for patient leakage and prints the summary.",
+        epilog=examples("python -m cxrlib data", "python -m cxrlib data --coronahack data/coronahack "
+                        "--extra-covid data/covid-chestxray-dataset --json"))
+    p.add_argument("--coronahack", default="", help="Kaggle CoronaHack folder (empty, with no other source: "
+                   "the synthetic default)")
     p.add_argument("--extra-covid", default="", help="ieee8023 covid-chestxray-dataset folder")
     p.add_argument("--manifest", default="", help="CSV with path,label[,patient_id,split,source,view]")
-    p.add_argument("--task", default="multiclass", help="binary | multiclass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="patient", choices=["patient", "published"])
+    p.add_argument("--task", default=field_default(RunConfig, "task"), choices=CHOICES["task"],
+                   help="binary: COVID vs not; multiclass: covid, pneumonia, normal")
+    p.add_argument("--seed", type=int, default=field_default(RunConfig, "seed"), help="split seed")
+    p.add_argument("--split", default=field_default(RunConfig, "split"), choices=CHOICES["split"],
+                   help="patient: a seeded patient-disjoint re-split; published: CoronaHack's own train/test")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
     p.set_defaults(func=_run_data)
 
@@ -44,35 +84,83 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- flags from a config dataclass ---------------------------------------------------------------
+def _field_help(cls) -> dict[str, str]:
+    """The `# ...` comment after each dataclass field in its source: the flag's help, written once."""
+    import inspect
+    import re
+
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+
+
+def _default_text(name: str, default, profiles: dict[str, dict]) -> str:
+    """"default: 10; --profile quick: 2, paper: 30": the dataclass default, then each profile's that differs."""
+    set_by = [f"{p}: {values[name]!r}" for p, values in profiles.items() if name in values]
+    return f"default: {default!r}" + (f"; --profile {', '.join(set_by)}" if set_by else "")
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, profiles: dict[str, dict],
+                         aliases: dict[str, list[str]]) -> None:
+    """One flag per dataclass field, help from the field's comment, choices from CHOICES; unset flags stay absent
+    (SUPPRESS), so the profile's defaults, then the dataclass's, apply to them."""
+    import dataclasses
+    import typing
+
+    types, helps = typing.get_type_hints(cls), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        flags = list(dict.fromkeys([*aliases.get(f.name, []), f"--{f.name.replace('_', '-')}"]))
+        text = f"{helps.get(f.name, '')} ({_default_text(f.name, f.default, profiles)})".lstrip()
+        choices = PROFILE_CHOICES if f.name == "profile" else CHOICES.get(f.name)
+        kind = types[f.name]
+        if kind is bool:
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        elif choices:
+            p.add_argument(*flags, dest=f.name, choices=choices, help=text)
+        elif kind in (int, float, str):
+            p.add_argument(*flags, dest=f.name, type=kind, metavar=f.name.upper(), help=text)
+        else:  # alpha: "0.25,0.5,0.25", parsed and checked by RunConfig
+            p.add_argument(*flags, dest=f.name, metavar="A,B,...", help=text)
+
+
+def _config(cls, profiles: dict[str, dict], args: argparse.Namespace):
+    """The config of the flags given over --profile's values over the dataclass's defaults (validated here,
+    before any training code is imported)."""
+    from .config import with_profile
+
+    given = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ or k == "profile"}
+    values = with_profile(profiles, given)
+    if "profile" not in cls.__dataclass_fields__:
+        values.pop("profile", None)
+    return cls(**values)
+
+
 # --- pretrain ------------------------------------------------------------------------------------
 def add_pretrain_parser(sub) -> None:
-    from .pretrain import PretrainConfig
-    from .config import PRETRAIN_PROFILES
-
-    p = sub.add_parser(
-        "pretrain", help="train a 14-finding ChestX-ray14 model (CheXNet-style) to fine-tune from with --weights file:",
-        description="Same command in one process or under torchrun (e.g. torchrun --nproc_per_node 8 -m cxrlib "
-                    "pretrain ...): DistributedDataParallel, rank 0 writes. --batch-size is per process. "
-                    "Unset flags take --profile's value, else PretrainConfig's default.",
+    p = command_parser(
+        sub, "pretrain", help="train a 14-finding ChestX-ray14 model (CheXNet-style) to fine-tune from with "
+                              "--weights file:",
+        description="Same command in one process or under torchrun (DistributedDataParallel, rank 0 writes; "
+                    "--batch-size is per process). Unset flags take --profile's value "
+                    "(config.PRETRAIN_PROFILES), else PretrainConfig's default.",
+        epilog=examples("python -m cxrlib pretrain --profile quick     # synthetic ChestX-ray14, CPU, minutes",
+                        "torchrun --nproc_per_node 8 -m cxrlib pretrain --chestxray14 data/ChestX-ray14 "
+                        "--backbone densenet121"),
         argument_default=argparse.SUPPRESS,
-    )  # fmt: skip
-    p.add_argument("--profile", default="custom", choices=[*PRETRAIN_PROFILES, "custom"],
-                   help="pretraining defaults under the flags given (config.PRETRAIN_PROFILES)")
-    _add_dataclass_flags(p, PretrainConfig, {"chestxray14": ["--chestxray14"]})
-    p.add_argument("--out", default="",
-                   help="run folder (default runs/pretrain/chestxray14-<backbone>-<weights>-s<seed>)")
+    )
+    p.add_argument("--profile", choices=PROFILE_CHOICES,
+                   help="pretraining defaults under the flags given (config.PRETRAIN_PROFILES; default: 'custom')")
+    _add_dataclass_flags(p, PretrainConfig, PRETRAIN_PROFILES, {"chestxray14": ["--chestxray14"]})
+    p.add_argument("--out", default="", help="run folder (default: runs/pretrain/chestxray14-<backbone>-<weights>"
+                                             "-s<seed> under the current directory)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue an interrupted run from its checkpoint-last.pt")
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import PretrainConfig, pretrain
-    from .config import PRETRAIN_PROFILES, with_profile
+    cfg = _config(PretrainConfig, PRETRAIN_PROFILES, args)
+    from .pretrain import pretrain
 
-    names = PretrainConfig.__dataclass_fields__
-    given = {k: v for k, v in vars(args).items() if k in names or k == "profile"}
-    cfg = PretrainConfig(**{k: v for k, v in with_profile(PRETRAIN_PROFILES, given).items() if k != "profile"})
     pretrain(cfg, args.out or None, resume=args.resume)
     return 0
 
@@ -83,46 +171,20 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 TRAIN_ALIASES = {"coronahack_dir": ["--coronahack"], "extra_covid_dir": ["--extra-covid"], "run_dir": ["--out"]}
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The `# ...` comment after each dataclass field in its source: the flag's help, written once."""
-    import inspect
-    import re
-
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
-
-
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls, aliases: dict[str, list[str]]) -> None:
-    """One flag per dataclass field, help from the field's comment; unset flags stay absent (SUPPRESS), so the
-    profile's defaults, then the dataclass's, apply to them."""
-    import dataclasses
-    import typing
-
-    types, helps = typing.get_type_hints(cls), _field_help(cls)
-    for f in dataclasses.fields(cls):
-        flags = [*aliases.get(f.name, []), f"--{f.name.replace('_', '-')}"]
-        flags = list(dict.fromkeys(flags))
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".lstrip()
-        kind = types[f.name]
-        if kind is bool:
-            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
-        elif kind in (int, float, str):
-            p.add_argument(*flags, dest=f.name, type=kind, metavar=f.name.upper(), help=text)
-        else:  # alpha: "0.25,0.5,0.25", parsed and checked by RunConfig
-            p.add_argument(*flags, dest=f.name, metavar="A,B,...", help=text)
-
-
 def add_train_parser(sub) -> None:
-    from .config import RunConfig
-
-    p = sub.add_parser(
-        "train", help="fine-tune and evaluate one configuration into a run folder",
-        description="Writes DIR/model.pt, metrics.json, predictions.csv, history.csv, params.json and status. "
-                    "No data option: the synthetic default. A complete run folder is never retrained. "
-                    "Unset flags take --profile's value (config.PROFILES), else RunConfig's default. "
-                    "The same command runs under torchrun (DistributedDataParallel; --batch-size per process).",
+    p = command_parser(
+        sub, "train", help="fine-tune and evaluate one configuration into a run folder",
+        description="Writes DIR/model.pt, metrics.json, predictions.csv, history.csv, params.json and status, "
+                    f"in --out DIR (default: {RUN_DEFAULT}). No data option: the synthetic default. A complete "
+                    "run folder is never retrained. Unset flags take --profile's value (config.PROFILES), else "
+                    "RunConfig's default. The same command runs under torchrun (DistributedDataParallel; "
+                    "--batch-size per process).",
+        epilog=examples("python -m cxrlib train --profile quick --loss focal        # synthetic data, CPU, minutes",
+                        "python -m cxrlib train --profile paper --weights imagenet --coronahack data/coronahack "
+                        "--extra-covid data/covid-chestxray-dataset --out runs/mine"),
         argument_default=argparse.SUPPRESS,
-    )  # fmt: skip
-    _add_dataclass_flags(p, RunConfig, TRAIN_ALIASES)
+    )
+    _add_dataclass_flags(p, RunConfig, PROFILES, TRAIN_ALIASES)
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue an interrupted run from its checkpoint-last.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -131,16 +193,13 @@ def add_train_parser(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
     import os
 
-    from .config import RunConfig
+    cfg = RunConfig.from_parameters(vars(args))  # a bad value fails here, before torch is imported
     from .rundir import read_status
     from .train import default_run_dir, run
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
-    cfg = RunConfig.from_parameters(values)
     target = default_run_dir(cfg)
     existed = read_status(target) == "complete"
     run_dir = run(cfg, target, resume=args.resume, progress=args.progress)
@@ -160,34 +219,55 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _checkpoint(path: str) -> str:
+    """`--checkpoint` as given, or a CXRError that calls it a checkpoint (the loader would say "weights file")."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise CXRError(f"checkpoint {path} does not exist: give a run folder's model.pt (python -m cxrlib train)")
+    return path
+
+
+def _add_inference_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """--checkpoint, --batch-size and --device, shared by evaluate and predict."""
+    p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
+    p.add_argument("--batch-size", type=int, default=INFERENCE_DEFAULTS[command]["batch_size"],
+                   help="images per forward pass")
+    p.add_argument("--device", default=field_default(RunConfig, "device"), help="auto | cpu | cuda | cuda:N")
+
+
 def add_evaluate_parser(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="score a trained model.pt on any data set (external validation: --manifest)",
+    p = command_parser(
+        sub, "evaluate", help="score a trained model.pt on any data set (external validation: --manifest)",
         description="Writes OUT/metrics.json and OUT/predictions.csv. Images the model trained or validated on "
                     "are left out (by pixel hash), so another hospital's manifest is scored entirely (external "
                     "validation) and the training data gives back the run's own test split.",
-    )  # fmt: skip
-    p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
-    p.add_argument("--manifest", default="", help="CSV with path,label[,patient_id,source,view] (e.g. another hospital)")
+        epilog=examples("python -m cxrlib evaluate --checkpoint runs/mine/model.pt --manifest other_hospital.csv "
+                        "--out runs/mine-external",
+                        "python -m cxrlib evaluate --checkpoint runs/mine/model.pt --coronahack data/coronahack "
+                        "--rows test --out runs/mine-test"))
+    _add_inference_flags(p, "evaluate")
+    p.add_argument("--manifest", default="", help="CSV with path,label[,patient_id,source,view] (e.g. another "
+                                                  "hospital)")
     p.add_argument("--coronahack", "--coronahack-dir", dest="coronahack_dir", default="", help="CoronaHack folder")
     p.add_argument("--extra-covid", "--extra-covid-dir", dest="extra_covid_dir", default="", help="ieee8023 folder")
-    p.add_argument("--rows", default="auto", choices=["auto", "all", "test"],
-                   help="auto: every image the model did not train or validate on (default); all; "
+    p.add_argument("--rows", default=CHOICES["rows"][0], choices=CHOICES["rows"],
+                   help="auto: every image the model did not train or validate on; all; "
                         "test: re-split as in training and score its test split")
     p.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=int, default=INFERENCE_DEFAULTS["evaluate"]["n_boot"],
+                   help="bootstrap resamples for the CIs")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    if not (args.manifest or args.coronahack_dir or args.extra_covid_dir):
+        raise CXRError("no data to score: give --manifest CSV or --coronahack DIR [--extra-covid DIR]")
+    checkpoint = _checkpoint(args.checkpoint)
     from .evaluate import evaluate
 
-    if not (args.manifest or args.coronahack_dir or args.extra_covid_dir):
-        raise CXRError("evaluate: give --manifest CSV or --coronahack DIR [--extra-covid DIR]")
     source = {"manifest": args.manifest, "coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
-    m = evaluate(args.checkpoint, source, args.out, rows=args.rows, batch_size=args.batch_size,
+    m = evaluate(checkpoint, source, args.out, rows=args.rows, batch_size=args.batch_size,
                  device=args.device, n_boot=args.n_boot)
     print(f"{args.out}: n={m['n']} macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, "
           f"ROC AUC {_fmt(m['roc_auc'])}, COVID sensitivity {_fmt(m.get('covid_sensitivity'))}")
@@ -195,19 +275,23 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="class probabilities of images (JPEG, PNG, DICOM) with a trained model.pt")
-    p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
+    p = command_parser(
+        sub, "predict", help="class probabilities of images (JPEG, PNG, DICOM) with a trained model.pt",
+        description="Preprocesses each image exactly as in training and prints one row per image: path, "
+                    "predicted class, p_<class>... Research use only; not a diagnostic device.",
+        epilog=examples("python -m cxrlib predict --checkpoint runs/mine/model.pt image1.png image2.dcm",
+                        "python -m cxrlib predict --checkpoint runs/mine/model.pt --json scans/*.png"))
+    _add_inference_flags(p, "predict")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="JSON records instead of a table")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    checkpoint = _checkpoint(args.checkpoint)
     from .evaluate import predict
 
-    table = predict(args.checkpoint, args.images, batch_size=args.batch_size, device=args.device)
+    table = predict(checkpoint, args.images, batch_size=args.batch_size, device=args.device)
     print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False, float_format="%.4f"))
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("patient", "published"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "preprocess": ("none", "clahe", "lung_crop"),  # images.PREPROCESSORS, applied by images.make_cache
+    "rows": ("auto", "all", "test"),  # `evaluate`: which rows of the data to score (train.evaluate)
 }
 PREPROCESS = CHOICES["preprocess"]
 
@@ -43,6 +44,21 @@ def check_choice(name: str, value: Any) -> Any:
     if value not in CHOICES[name]:
         raise CXRError(f"parameter {name}={value!r}: choose one of {', '.join(CHOICES[name])}")
     return value
+
+
+def check_fields(obj: Any) -> None:
+    """Every field of a config dataclass that CHOICES lists, checked (RunConfig and PretrainConfig alike)."""
+    for name in CHOICES:
+        if hasattr(obj, name):
+            check_choice(name, getattr(obj, name))
+    for name in ("image_size", "epochs", "batch_size"):
+        if int(getattr(obj, name)) < 1:
+            raise CXRError(f"parameter {name} must be at least 1, got {getattr(obj, name)}")
+
+
+def field_default(cls: Any, name: str) -> Any:
+    """The default of one dataclass field: the CLI's defaults are read here, never restated."""
+    return cls.__dataclass_fields__[name].default
 
 
 def external_sets(spec: str) -> dict[str, str]:
@@ -82,44 +98,43 @@ def encode_labels(labels: Iterable[str], task: str) -> np.ndarray:
 class RunConfig:
     """Every parameter of one run. Field names are the CLI flags and the notebooks' parameters."""
 
-    coronahack_dir: str = ""  # empty -> the synthetic default
-    extra_covid_dir: str = ""
-    manifest: str = ""
+    coronahack_dir: str = ""  # Kaggle CoronaHack folder; no data folder or manifest at all -> the synthetic default
+    extra_covid_dir: str = ""  # ieee8023 covid-chestxray-dataset folder (metadata.csv + images/)
+    manifest: str = ""  # CSV with path,label[,patient_id,split,source,view]: any other collection
     extra_negatives: str = ""  # ChestX-ray14-layout folder or manifest CSV of non-COVID images (e.g. NIH adults) to train and test on
     external: str = ""  # NAME=DIR_OR_CSV[,NAME=...]: sets scored at the end of the run, unseen images only
     hold_out: str = ""  # COLUMN=VALUE (e.g. country=Italy, site=sirm.org): those patients go to test only
-    preprocess: str = "none"  # none | clahe | lung_crop: applied to every image in training and evaluation
-    task: str = "multiclass"  # binary | multiclass
-    loss: str = "ce"  # ce | weighted_ce | focal
-    gamma: float = 2.0
+    preprocess: str = "none"  # applied to every image in training and evaluation
+    task: str = "multiclass"  # binary: COVID vs not; multiclass: covid, pneumonia, normal
+    loss: str = "ce"  # cross-entropy, inverse-frequency weighted cross-entropy, or focal loss
+    gamma: float = 2.0  # focal loss focusing parameter
     alpha: list[float] | None = None  # per-class focal alpha, in class order
-    backbone: str = "resnet50"  # resnet50 | densenet121
+    backbone: str = "resnet50"  # the network (densenet121 is CheXNet's)
     weights: str = "none"  # none | imagenet | chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    freeze: str = "none"  # none | backbone | stageN (freeze the stem and stages 1..N)
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # cosine | step | none
-    weighted_sampler: bool = True
-    augment: bool = True
+    image_size: int = 224  # pixels per side the images are resized to
+    epochs: int = 10  # most epochs (early stopping may end sooner)
+    batch_size: int = 32  # images per step, per process under torchrun
+    freeze: str = "none"  # layers not trained: backbone, or stageN (the stem and stages 1..N)
+    optimizer: str = "adamw"  # AdamW, or SGD with momentum
+    lr: float = 1e-4  # learning rate
+    weight_decay: float = 1e-4  # the optimiser's weight decay
+    scheduler: str = "cosine"  # learning-rate schedule over the epochs
+    weighted_sampler: bool = True  # draw training images with class-balanced probabilities
+    augment: bool = True  # light random affine and contrast changes in training (images.AUGMENT; no flips)
     patience: int = 5  # early stopping on validation macro-F1; 0 disables
-    split: str = "patient"  # patient (seeded, patient-disjoint re-split) | published
-    val_frac: float = 0.15
-    test_frac: float = 0.15
-    seed: int = 0
+    split: str = "patient"  # patient: a seeded patient-disjoint re-split; published: CoronaHack's own
+    val_frac: float = 0.15  # share of patients in validation (split=patient)
+    test_frac: float = 0.15  # share of patients in test (split=patient)
+    seed: int = 0  # split, initialisation and sampling seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp16 on older GPUs, else fp32) | bf16 | fp16 | off
-    num_workers: int = 0
-    run_dir: str = ""
-    profile: str = "custom"  # quick | paper | custom: the defaults under the parameters actually set
+    amp: str = "auto"  # mixed precision; auto: bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp16 on older GPUs, else fp32
+    num_workers: int = 0  # data-loader worker processes
+    run_dir: str = ""  # the run folder; empty: runs/<profile>/<data tag>/<run name>
+    profile: str = "custom"  # the defaults under the parameters actually set (custom: none)
     extra_covid_train: bool = True  # False: ieee8023-only images leave train/val after the split (same test set)
 
     def __post_init__(self) -> None:
-        for name in CHOICES:
-            check_choice(name, getattr(self, name))
+        check_fields(self)
         external_sets(self.external)
         if self.hold_out and not all(self.hold_out.partition("=")[::2]):
             raise CXRError(f"parameter hold_out={self.hold_out!r}: use COLUMN=VALUE, e.g. country=Italy")
@@ -130,9 +145,6 @@ class RunConfig:
                 f"parameter alpha has {len(self.alpha)} values; task {self.task} has "
                 f"{len(classes(self.task))} classes {classes(self.task)}"
             )
-        for name in ("image_size", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise CXRError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -175,19 +187,53 @@ class RunConfig:
         write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
-# Profiles: `quick` runs on CPU in minutes on the synthetic default; `paper` is the paper's set-up.
-# Each default lives here once: RunConfig's field defaults, then the profile's values over them.
+@dataclass
+class PretrainConfig:
+    """Every parameter of a ChestX-ray14 pretraining run (the `pretrain` command's flags); its defaults are the
+    paper-scale set-up, with the fine-tuning values where they are the same. Here, beside RunConfig, so the CLI
+    reads it without importing torch."""
+
+    chestxray14: str = ""  # the NIH folder; empty -> a synthetic ChestX-ray14 (synthetic.ensure_chestxray14)
+    backbone: str = RunConfig.backbone  # the network (densenet121 is CheXNet's)
+    weights: str = "imagenet"  # none | imagenet | ... (models.build_model)
+    image_size: int = RunConfig.image_size  # pixels per side the images are resized to
+    epochs: int = 5  # most epochs (early stopping may end sooner)
+    batch_size: int = RunConfig.batch_size  # images per step, per process under torchrun
+    optimizer: str = RunConfig.optimizer  # AdamW, or SGD with momentum
+    lr: float = RunConfig.lr  # learning rate
+    weight_decay: float = 1e-5  # the optimiser's weight decay
+    scheduler: str = RunConfig.scheduler  # learning-rate schedule over the epochs
+    patience: int = 3  # epochs without a better validation mean AUROC; 0 disables early stopping
+    class_weighted: bool = False  # BCE pos_weight = negatives / positives per finding (CheXNet's weighting)
+    augment: bool = RunConfig.augment  # light random affine and contrast changes in training (images.AUGMENT; no flips)
+    val_frac: float = 0.1  # of the train_val_list.txt patients
+    seed: int = 0  # split, initialisation and sampling seed
+    device: str = RunConfig.device  # auto | cpu | cuda | cuda:N
+    amp: str = RunConfig.amp  # GPU: bf16 (fp16 + GradScaler where bf16 is missing); CPU: fp32
+    num_workers: int = -1  # -1: 0 on CPU, else min(8, CPU cores per local process)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Profiles: `quick` runs on CPU in minutes on the synthetic default; `paper` is the paper's set-up. A profile
+# holds only what differs from the dataclass's field defaults, so each default is written once.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
-    "paper": dict(image_size=224, epochs=30, batch_size=32, lr=1e-4, patience=5),
+    "quick": dict(image_size=64, epochs=2, lr=1e-3, patience=0),
+    "paper": dict(epochs=30),  # RunConfig's defaults are the paper's image size, batch size and learning rate
 }
-# ChestX-ray14 pretraining (pretrain.PretrainConfig) under the same profile names.
-PRETRAIN_PROFILES: dict[str, dict[str, Any]] = {
-    "quick": dict(image_size=64, epochs=2, batch_size=32, lr=1e-3, patience=0),
-    "paper": dict(),  # PretrainConfig's own defaults are the paper-scale set-up (224 px, 5 epochs)
-}
+# ChestX-ray14 pretraining (PretrainConfig) under the same profile names: quick as for fine-tuning; paper is
+# PretrainConfig's own defaults.
+PRETRAIN_PROFILES: dict[str, dict[str, Any]] = {"quick": dict(PROFILES["quick"]), "paper": dict()}
 # The run matrix: seeds per configuration (seeds 0..N-1).
 MATRIX_PROFILES: dict[str, dict[str, Any]] = {"quick": dict(seeds=1), "paper": dict(seeds=3)}
+PROFILE_CHOICES = (*PROFILES, "custom")  # `profile`: custom = no profile defaults, only the dataclass's
+# `evaluate` and `predict` from a saved model (the CLI's defaults; train.evaluate / train.predict take the same).
+INFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {"evaluate": dict(batch_size=64, n_boot=1000),
+                                                 "predict": dict(batch_size=32)}
 
 
 def with_profile(profiles: dict[str, dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 from .audit import origin
+from .config import LABELS
 from .errors import CXRError
 
 OPEN_LICENCES = re.compile(r"^(cc[ -]?by|cc[ -]?by[ -]sa|cc0|apache[ -]?2(\.0)?|public domain)( \d(\.\d)?)?$")
@@ -60,3 +62,16 @@ def caption(row: pd.Series, synthetic: bool = False) -> str:
         return f"ieee8023 (Cohen et al. 2020), {row['license']}"
     raise CXRError(f"{row.get('image_id', row.name)}: not redistributable (licence {row.get('license', '')!r}); "
                      "filter with licences.redistributable first")
+
+
+def sample_per_class(table: pd.DataFrame, per_class: int, seed: int, synthetic: bool = False,
+                     labels: tuple[str, ...] = LABELS) -> list[int]:
+    """Positions (iloc) of up to `per_class` redistributable images of each label, drawn with `seed`: the sample
+    a chapter may show. A label with fewer such images gives fewer."""
+    rng = np.random.default_rng(seed)
+    shareable = redistributable(table, synthetic=synthetic).to_numpy()
+    picks: list[int] = []
+    for label in labels:
+        rows = np.flatnonzero((table["label"].to_numpy() == label) & shareable)
+        picks += [int(i) for i in rng.choice(rows, min(per_class, len(rows)), replace=False)]
+    return picks

@@ -195,3 +195,17 @@ def run_comparison(runs: pd.DataFrame, metric: str = "macro_f1", by: Sequence[st
     fig.supxlabel(f"test {_words(metric)}\n(dot: one run, bar: its patient-level 95% CI, |: mean over seeds)",
                   fontsize=11)
     return fig
+
+
+def by_init(runs: pd.DataFrame, metric: str = "macro_f1") -> plt.Figure:
+    """The complete runs' test metric by initialisation: mean over seeds with its spread (seaborn's pointplot),
+    one colour per task, dodged only when there are several tasks."""
+    if metric not in runs:
+        raise CXRError(f"by_init: no column {metric!r} in the runs table (columns: {', '.join(runs.columns)})")
+    done = runs[runs.status == "complete"]
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 1.6 + 0.5 * max(1, done["init"].nunique())), layout="constrained")
+    sns.pointplot(done, x=metric, y="init", hue="task", linestyle="none",
+                  dodge=0.3 if done["task"].nunique() > 1 else False, ax=ax)
+    ax.set(xlim=(0, 1), xlabel=f"test {_words(metric)}", ylabel="initialisation",
+           title=f"test {_words(metric)} by initialisation")
+    return fig

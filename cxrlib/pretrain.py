@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from . import data, distributed, images, metrics, models, synthetic
 from .chestxray14 import FINDINGS, LISTS, read_chestxray14
-from .config import check_choice
+from .config import PretrainConfig
 from .errors import CXRError
 from .infer import amp_dtype, describe_device, predict_dataset
 from .losses import bce_loss
@@ -82,39 +80,6 @@ def finding_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
     t = table if "split" in table.columns else table.assign(split="all")
     return {s: {"n_images": len(g), "n_patients": int(g["patient_id"].nunique()),
                 **{f: int(g[f].sum()) for f in FINDINGS}} for s, g in t.groupby("split", sort=False)}  # fmt: skip
-
-
-@dataclass
-class PretrainConfig:
-    """Every parameter of a pretraining run (the `pretrain` command's flags). batch_size is per process."""
-
-    chestxray14: str = ""  # the NIH folder; empty -> a synthetic ChestX-ray14 (synthetic.ensure_chestxray14)
-    backbone: str = "resnet50"  # resnet50 | densenet121 (CheXNet's)
-    weights: str = "imagenet"  # none | imagenet | ... (models.build_model)
-    image_size: int = 224
-    epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    scheduler: str = "cosine"
-    patience: int = 3  # epochs without a better validation mean AUROC; 0 disables early stopping
-    class_weighted: bool = False  # BCE pos_weight = negatives / positives per finding (CheXNet's weighting)
-    augment: bool = True
-    val_frac: float = 0.1  # of the train_val_list.txt patients
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # GPU: bf16 (fp16 + GradScaler where bf16 is missing); CPU: fp32
-    num_workers: int = -1  # -1: 0 on CPU, else min(8, CPU cores per local process)
-
-    def __post_init__(self) -> None:
-        check_choice("backbone", self.backbone)
-        for name in ("image_size", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise CXRError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def default_out_dir(cfg: PretrainConfig) -> Path:

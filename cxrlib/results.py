@@ -276,6 +276,27 @@ def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+INIT_NAMES = {"chest_xray": "chest-X-ray", "imagenet": "ImageNet", "random": "random"}
+INIT_PAIRS = (("chest_xray", "imagenet"), ("chest_xray", "random"), ("imagenet", "random"))  # the paper's first
+
+
+def init_comparison(runs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """The paper's question on the initialisations that have complete runs: chest-X-ray vs ImageNet, else the
+    first pair of INIT_PAIRS that ran. Returns (`paired`'s table, Markdown saying which pair and the result),
+    so chapters 02 and 05 make the same comparison with the same words."""
+    families = set(runs.loc[runs.status == "complete", "init_family"]) if not runs.empty else set()
+    ran = ", ".join(INIT_NAMES.get(f, f) for f in sorted(families)) or "none"
+    pair = next((p for p in INIT_PAIRS if set(p) <= families), None)
+    if pair is None:
+        return (pd.DataFrame(columns=["task", "pairs", "verdict"]),
+                f"Fewer than two initialisations have complete runs ({ran}): there is nothing to compare.")
+    a, b = (f"{INIT_NAMES[f]} initialisation" for f in pair)
+    pairs = paired(runs, "init_family", *pair, n_boot=n_boot, seed=seed)
+    note = ("" if pair == INIT_PAIRS[0] else f"Initialisations with complete runs: {ran}; so the {a} is compared "
+            f"with the {b}.\n\n")
+    return pairs, note + describe(pairs, a, b)
+
+
 def claims_table(
     runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = (), n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
-from .config import MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
+from .config import CHOICES, MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
 from .errors import CXRError
 from .results import load_runs
 from .rundir import check_reusable, read_status, write_status
@@ -137,7 +137,8 @@ def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", b
                       **overrides: Any) -> RunStatus:
     """Pretrain the chest-X-ray init once on ChestX-ray14 (real, or synthetic for synthetic data), from ImageNet
     when cached, with the profile's pretraining settings."""
-    from .pretrain import PretrainConfig, pretrain
+    from .config import PretrainConfig
+    from .pretrain import pretrain
     from .models import imagenet_available
 
     out = pretrain_dir(run_root, backbone, chestxray14_dir)
@@ -419,27 +420,38 @@ def default_executor() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cxrlib.runs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--run-root", default="", help="default: runs/<profile>; runs go to RUN_ROOT/<data tag>/")
-    p.add_argument("--coronahack-dir", default="")
-    p.add_argument("--extra-covid-dir", default="")
+    from .cli import HelpFormatter, examples
+
+    p = argparse.ArgumentParser(
+        prog="python -m cxrlib.runs", description=__doc__, formatter_class=HelpFormatter,
+        epilog=examples("python -m cxrlib.runs --profile quick && python -m cxrlib.runs --book --profile quick"
+                        "   # synthetic data on CPU, then the chapters from those runs",
+                        "python -m cxrlib.runs --profile paper --coronahack-dir data/coronahack "
+                        "--extra-covid-dir data/covid-chestxray-dataset --concurrent 4   # GPU"))
+    p.add_argument("--profile", default="quick", choices=list(PROFILES),
+                   help="the defaults of every run (config.PROFILES) and of the seeds (config.MATRIX_PROFILES)")
+    p.add_argument("--run-root", default="", help="runs go to RUN_ROOT/<data tag>/ (default: runs/<profile> "
+                                                  "in the repository)")
+    p.add_argument("--coronahack-dir", default="", help="Kaggle CoronaHack folder (empty, with no "
+                                                        "--extra-covid-dir: the synthetic default)")
+    p.add_argument("--extra-covid-dir", default="", help="ieee8023 covid-chestxray-dataset folder")
     p.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 to pretrain the chest-X-ray arm on")
     p.add_argument("--chest-init", default="",
                    help="a ready chest-X-ray init: chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--losses", default=",".join(LOSSES))
-    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for: " + ", ".join(ARMS))
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(CHOICES['task'])}")
+    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
+    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for, comma-separated")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds 0..N-1 per configuration (default: " +
                         ", ".join(f"{k} {v['seeds']}" for k, v in MATRIX_PROFILES.items()) + ")")
     p.add_argument("--extra-covid-axis", choices=list(EXTRA_AXIS), default=None,
-                   help="train with/without the ieee8023-only images (same test set); default both when "
+                   help="train with/without the ieee8023-only images (same test set); default: both when "
                         "--extra-covid-dir is given, else with")
     p.add_argument("--executor", choices=["papermill", "inline"], default=None,
-                   help="papermill (03_finetune per run) or inline (train.run in-process); default papermill if installed")
-    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads and GPU)")
+                   help="papermill (03_finetune per run) or inline (train.run in-process); default: papermill "
+                        "if installed")
+    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads "
+                                                             "and GPU)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                    help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
                         "same-named pretraining settings follow it")
@@ -447,18 +459,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adult non-COVID images (ChestX-ray14 layout or manifest) for the 'negs' variant")
     p.add_argument("--variants", default="", help="chapter 06 arms, e.g. negs,negs+clahe,holdout:country=italy "
                    "(each with the extra COVID images and the first init)")
-    p.add_argument("--variant-losses", default="", help="losses of the variants (default: --losses)")
+    p.add_argument("--variant-losses", default="", help="losses of the variants (empty: --losses)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no run after this many seconds (those are listed as not run in matrix.json)")
+                   help="start no run after this many seconds (those are listed as not run in matrix.json); "
+                        "default: no budget")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
     p.add_argument("--where", action="store_true", help="print this data set's run folder (RUN_ROOT/<data tag>)")
     return p
 
 
+PATH_FLAGS = ("run_root", "coronahack_dir", "extra_covid_dir", "chestxray14_dir", "extra_negatives")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with every folder made absolute: the chapters run from notebooks/ (papermill's cwd), so a
+    relative path given from the repository root would point elsewhere there."""
+    args = build_parser().parse_args(argv)
+    for name in PATH_FLAGS:
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import load_data
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
     started = time.monotonic()
     try:

@@ -62,18 +62,32 @@ def transport_copy(src: str | Path, dst: str | Path, *, max_side: int = 224, qua
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxrlib.transport", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    import inspect
+
+    from .cli import HelpFormatter, examples
+
+    defaults = inspect.signature(transport_copy).parameters
+    parser = argparse.ArgumentParser(prog="python -m cxrlib.transport", description=__doc__.split("\n\n    ")[0],
+                                     formatter_class=HelpFormatter,
+                                     epilog=examples("python -m cxrlib.transport ../shared/data .transport/data "
+                                                     "--max-side 224 --quality 85"))
     parser.add_argument("src", help="data folder to copy (e.g. ../shared/data)")
     parser.add_argument("dst", help="where the copy goes")
-    parser.add_argument("--max-side", type=int, default=224, help="longest image side in the copy (default 224)")
-    parser.add_argument("--quality", type=int, default=85, help="JPEG quality of re-encoded images (default 85)")
+    parser.add_argument("--max-side", type=int, default=defaults["max_side"].default,
+                        help="longest image side in the copy")
+    parser.add_argument("--quality", type=int, default=defaults["quality"].default,
+                        help="JPEG quality of re-encoded images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         record = transport_copy(args.src, args.dst, max_side=args.max_side, quality=args.quality)
     except CXRError as err:
-        print(f"cxrlib.transport: {err}", file=sys.stderr)
+        print(f"cxrlib.transport: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))
     return 0

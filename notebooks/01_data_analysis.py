@@ -139,11 +139,7 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # A class with fewer such images shows fewer.
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}}
-rng = np.random.default_rng(seed)
-shareable = licences.redistributable(table, synthetic=record["synthetic"]).to_numpy()
-picks = [i for label in ("covid", "pneumonia", "normal")
-         for rows in [np.flatnonzero((table.label.to_numpy() == label) & shareable)]
-         for i in rng.choice(rows, min(4, len(rows)), replace=False)]
+picks = licences.sample_per_class(table, per_class=4, seed=seed, synthetic=record["synthetic"])
 plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
                  f"{licences.caption(table.iloc[i], synthetic=record['synthetic'])}" for i in picks], ncols=6);
 

@@ -36,10 +36,10 @@
 
 # %% tags=["parameters"]
 profile = "quick"
-coronahack_dir = ""
-extra_covid_dir = ""
-run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
-backbone = "resnet50"
+# None = not set: the synthetic default data, and the run matrix's folder for the data in the repository.
+coronahack_dir = None
+extra_covid_dir = None
+run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
 
 # %% tags=["hide-input"]
 import json
@@ -106,7 +106,7 @@ if pretrained is None:
     display(not_run)
 else:
     weights = f"file:{pretrained / 'model.pt'}"
-    model, report = build_model(backbone, weights, num_classes=3)
+    model, report = build_model(params["config"]["backbone"], weights, num_classes=3)  # as pretrained
     total, trainable = count_parameters(model)
     print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
     print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
@@ -140,20 +140,8 @@ assert not done.empty, f"no complete runs in {run_root}"
 done.pivot_table(index=["task", "loss"], columns="init", values="macro_f1").round(3)
 
 # %% mystnb={"figure": {"caption": "Test macro-F1 of the complete runs of the run matrix, by initialisation and task.", "name": "fig-init-f1"}}
-ax = sns.pointplot(done, x="macro_f1", y="init", hue="task", linestyle="none", dodge=0.3)
-ax.set(xlim=(0, 1), title="test macro-F1 by initialisation");
+plots.by_init(done);
 
 # %% tags=["hide-input"]
-NAMES = {"chest_xray": "chest-X-ray", "imagenet": "ImageNet", "random": "random"}
-families = set(done.init_family)
-pair = next((p for p in (("chest_xray", "imagenet"), ("chest_xray", "random"), ("imagenet", "random"))
-             if set(p) <= families), None)
-ran = ", ".join(NAMES.get(f, f) for f in sorted(families))
-if pair is None:
-    display(Markdown(f"Only one initialisation has complete runs ({ran}): there is nothing to compare."))
-else:
-    if pair != ("chest_xray", "imagenet"):
-        display(Markdown(f"Initialisations with complete runs: {ran}; so the {NAMES[pair[0]]} initialisation is "
-                         f"compared with the {NAMES[pair[1]]} one."))
-    pairs = results.paired(runs, "init_family", *pair)
-    display(Markdown(results.describe(pairs, f"{NAMES[pair[0]]} initialisation", f"{NAMES[pair[1]]} initialisation")))
+init_pairs, said = results.init_comparison(runs)
+display(Markdown(said))

@@ -55,23 +55,23 @@ hold_out = None
 preprocess = None
 amp = None
 device = None
-run_dir = None  # None: ../runs/<profile>/<data tag>/<run name>
+run_dir = None  # None: runs/<profile>/<data tag>/<run name> in the repository
 
 # %% tags=["hide-input"]
 import json
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import display
 
 from cxrlib import RunConfig, book, plots
 from cxrlib.config import banner_from_record
-from cxrlib.train import default_run_dir, run
+from cxrlib.train import run
 
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
 
 # %% tags=["nbval-ignore-output", "remove-cell"]
-out = Path(run(cfg, cfg.run_dir or default_run_dir(cfg, root="../runs")))
+out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<profile>/<data tag>/<run name>
 
 # %% tags=["hide-input"]
 display(book.banner(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters

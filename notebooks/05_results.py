@@ -37,9 +37,10 @@
 
 # %% tags=["parameters"]
 profile = "quick"
-coronahack_dir = ""
-extra_covid_dir = ""
-run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+# None = not set: the synthetic default data, and the run matrix's folder for the data in the repository.
+coronahack_dir = None
+extra_covid_dir = None
+run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
 
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
@@ -130,14 +131,12 @@ results.comparison_table(focal_vs_ce)
 # ## Chest-X-ray vs. ImageNet initialisation
 #
 # The paper's question: does a ResNet50 pretrained on chest X-rays (CheXNet's data) transfer better
-# than one pretrained on ImageNet? Where no ImageNet run is complete, the chest-X-ray
-# initialisation is compared with random initialisation instead, and the sentence says so.
+# than one pretrained on ImageNet? Where one of the two has no complete run, the pair of
+# initialisations that did run is compared instead, and the text says so.
 
 # %%
-baseline = "imagenet" if "imagenet" in set(complete.init_family) else "random"
-init_pairs = results.paired(runs, "init_family", "chest_xray", baseline)
-display(Markdown(results.describe(init_pairs, "chest-X-ray initialisation",
-                                  {"imagenet": "ImageNet", "random": "random"}[baseline] + " initialisation")))
+init_pairs, said = results.init_comparison(runs)
+display(Markdown(said))
 results.comparison_table(init_pairs)
 
 # %% [markdown]

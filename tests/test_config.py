@@ -35,7 +35,7 @@ def notebook_namespace(name: str, parameters: dict) -> dict:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_papermill_profile_gives_that_profiles_settings(profile):
     cfg = RunConfig.from_parameters(notebook_namespace("03_finetune", {"profile": profile}))
-    want = PROFILES[profile]
+    want = {**RunConfig().to_dict(), **PROFILES[profile]}
     assert (cfg.profile, cfg.image_size, cfg.epochs, cfg.lr, cfg.patience) == (
         profile, want["image_size"], want["epochs"], want["lr"], want["patience"])
 
@@ -45,12 +45,27 @@ def test_parameters_the_user_sets_win_over_the_profile():
     assert (cfg.image_size, cfg.epochs) == (224, 3)
 
 
-@pytest.mark.parametrize("name", ["01_data_analysis", "03_finetune"])
-def test_parameters_cells_do_not_restate_profile_defaults(name):
+@pytest.mark.parametrize("name", ["01_data_analysis", "02_chexnet_transfer", "03_finetune", "05_results"])
+def test_parameters_cells_do_not_restate_defaults(name):
+    """Every parameter but the profile is None (not set): RunConfig, the profile or the run record decides."""
     namespace = notebook_namespace(name, {})
-    owned = {k for values in PROFILES.values() for k in values}
-    restated = {k: namespace[k] for k in owned if namespace.get(k) is not None}
-    assert not restated, f"{name} restates profile-owned defaults {restated}"
+    restated = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "profile" and v is not None}
+    assert not restated, f"{name} restates defaults {restated}"
+    assert namespace["profile"] in config.PROFILE_CHOICES
+
+
+def test_profiles_hold_only_what_differs_from_the_dataclass():
+    """A profile value equal to the field's default would be the same default written twice."""
+    for cls, profiles in ((RunConfig, PROFILES), (config.PretrainConfig, config.PRETRAIN_PROFILES)):
+        for profile, values in profiles.items():
+            same = {k: v for k, v in values.items() if v == config.field_default(cls, k)}
+            assert not same, f"{cls.__name__} profile {profile} restates {same}"
+    shared = set(RunConfig.__dataclass_fields__) & set(config.PretrainConfig.__dataclass_fields__)
+    source = Path(config.__file__).read_text()
+    pretrain_source = source[source.index("class PretrainConfig"):source.index("def __post_init__", source.index("class PretrainConfig"))]
+    for name in ("image_size", "batch_size", "lr", "backbone", "optimizer", "scheduler", "amp", "device"):
+        assert name in shared and f"{name}: " in pretrain_source
+        assert f"= RunConfig.{name}" in pretrain_source, f"PretrainConfig.{name} restates RunConfig's default"
 
 
 def test_unknown_profile_is_a_clear_error():

@@ -82,3 +82,15 @@ def test_real_coronahack_rows(real_data):
     kermany = table.patient_id.str.startswith("kermany:")
     assert ok[kermany].all() and not ok[~kermany].any()
     assert (~kermany & (table.label == "covid")).sum() > 0
+
+
+def test_sample_per_class_draws_only_publishable_images_per_label():
+    rows = _rows().assign(label=["normal", "pneumonia", "covid", "covid", "covid", "covid", "covid", "covid", "covid",
+                                 "covid", "covid", "covid", "covid", "covid", "normal", "normal", "normal"])
+    picks = licences.sample_per_class(rows, per_class=2, seed=0)
+    shown = rows.iloc[picks]
+    assert licences.redistributable(shown).all() and shown.label.value_counts().to_dict() == {
+        "covid": 2, "pneumonia": 1, "normal": 2}  # pneumonia has only one publishable image
+    assert picks == licences.sample_per_class(rows, per_class=2, seed=0)
+    assert len(licences.sample_per_class(rows, per_class=4, seed=0)) == 4 + 1 + 3  # normal: 3 of 4 publishable
+    assert len(licences.sample_per_class(rows, per_class=4, seed=0, synthetic=True)) == 4 + 1 + 4

@@ -152,3 +152,16 @@ def test_configuration_labels_use_only_columns_that_differ():
     labels = plots.configuration_labels(runs)
     assert labels.nunique() == 12 and not labels.str.contains("resnet50|seed").any()
     assert set(plots.configuration_labels(runs, by=["extra_covid"])) == {"extra COVID", "no extra COVID"}
+
+
+@pytest.mark.parametrize("tasks", [("binary",), ("binary", "multiclass")])
+def test_by_init_draws_one_task_or_several(tasks):
+    """One task used to divide by zero in seaborn's dodge (a matrix run with --tasks binary)."""
+    runs = pd.DataFrame([{"task": t, "init": i, "seed": s, "status": "complete", "macro_f1": 0.5 + 0.1 * s}
+                         for t in tasks for i in ("random", "chest X-ray") for s in (0, 1)])
+    fig = plots.by_init(runs)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "test macro-F1" and {t.get_text() for t in ax.get_yticklabels()} == {"random", "chest X-ray"}
+    assert_readable(fig)
+    with pytest.raises(CXRError, match="no column 'auroc'"):
+        plots.by_init(runs, metric="auroc")

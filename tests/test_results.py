@@ -111,6 +111,20 @@ def test_identical_runs_give_no_evidence_and_a_planted_better_run_is_found(matri
     assert "cannot be made" in results.describe(results.paired(runs, "loss", "focal", "x"), "focal", "x")
 
 
+def test_init_comparison_takes_the_papers_pair_else_says_which(matrix):
+    runs = results.load_runs(matrix)
+    pairs, text = results.init_comparison(runs, n_boot=200)
+    assert pairs.loc[0, "verdict"] == "supported" and text.startswith("binary task: chest-X-ray initialisation")
+    no_imagenet = runs[runs.init_family != "imagenet"]
+    no_imagenet = pd.concat([no_imagenet, runs[runs.init_family == "imagenet"].assign(init_family="random")])
+    pairs, text = results.init_comparison(no_imagenet, n_boot=200)
+    assert text.startswith("Initialisations with complete runs: chest-X-ray, random; so the chest-X-ray "
+                           "initialisation is compared with the random initialisation.") and len(pairs) == 1
+    pairs, text = results.init_comparison(runs[runs.init_family == "imagenet"])
+    assert pairs.empty and "Fewer than two initialisations have complete runs (ImageNet)" in text
+    assert results.comparison_table(pairs).empty
+
+
 def test_claims_table_verdicts(matrix):
     runs = results.load_runs(matrix)
     table = results.claims_table(runs, results.read_not_run(matrix), n_boot=200)
