@@ -40,23 +40,15 @@ MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
 
 def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
          bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "",
-         commit: str = "") -> dict[str, Any]:
-    """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`."""
+         commit: str = "", also: dict[str, str | Path] | None = None) -> dict[str, Any]:
+    """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`.
+
+    `also` ({name: run root}) adds run roots made apart from the matrix (e.g. an experiment trained on another
+    machine and at other settings) under `out/<name>/`; bundle.json lists their runs under `also`.
+    """
     run_root, out = Path(run_root), Path(out)
-    if not run_root.is_dir():
-        raise CXRError(f"{run_root}: no such run root")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    runs = []
-    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir()):
-        kept = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
-        kept += [p for p in run_dir.glob("external/*/*") if p.suffix in (".csv", ".json")]
-        if not kept:
-            continue
-        for path in kept:
-            target = out / "runs" / run_dir.name / path.relative_to(run_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        runs.append(_run_summary(run_dir))
+    runs = _copy_runs(run_root, out / "runs")
+    extra = {name: _copy_runs(Path(root), out / name) for name, root in (also or {}).items()}
     for name in ("matrix.json",):
         if (run_root / name).is_file():
             shutil.copyfile(run_root / name, out / name)
@@ -78,12 +70,32 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
         "wall_seconds": matrix.get("wall_seconds"),
         "not_run": matrix.get("not_run", []),
         "runs": runs,
+        "also": extra,
         "note": note,
     }
     (out / RECORD).write_text(json.dumps(record, indent=2))
     record["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     (out / RECORD).write_text(json.dumps(record, indent=2))
     return record
+
+
+def _copy_runs(run_root: Path, target_root: Path) -> list[dict[str, Any]]:
+    """Copy each run folder of `run_root` without weights; their summaries for bundle.json."""
+    if not run_root.is_dir():
+        raise CXRError(f"{run_root}: no such run root")
+    target_root.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir()):
+        kept = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+        kept += [p for p in run_dir.glob("external/*/*") if p.suffix in (".csv", ".json")]
+        if not kept:
+            continue
+        for path in kept:
+            target = target_root / run_dir.name / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        runs.append(_run_summary(run_dir))
+    return runs
 
 
 def public_chapter(source: str | Path, target: str | Path) -> Path:
@@ -273,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="free text kept in bundle.json")
     p.add_argument("--commit", default="", help="code commit, where the run folder's machine has no git checkout "
                                                 "(empty: this checkout's)")
+    p.add_argument("--also", nargs="*", default=[], metavar="NAME=RUN_ROOT",
+                   help="other run roots to include under NAME/ (e.g. an experiment run apart from the matrix)")
     r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/",
                        formatter_class=HelpFormatter, description="Puts a bundle's chapters where the book build "
                        "reads them (then: jupyter-book build .).",
@@ -286,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pack":
+            also = dict(item.partition("=")[::2] for item in args.also)
+            if not all(also) or not all(also.values()):
+                raise CXRError(f"--also {' '.join(args.also)}: give NAME=RUN_ROOT")
             record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
-                          data_dirs=args.data, note=args.note, commit=args.commit)
+                          data_dirs=args.data, note=args.note, commit=args.commit, also=also)
             print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
                   + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
         else:

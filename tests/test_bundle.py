@@ -42,8 +42,12 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     nbformat.write(nb, chapters / "05_results.ipynb")
     bench_json = tmp_path / "speed.json"
     bench_json.write_text("{}")
-    record = bundle.pack(root, tmp_path / "b", chapters=chapters, bench=[bench_json])
+    experiment = tmp_path / "cpu-lungs"
+    _run_folder(experiment, "binary-ce-lungs_removed")
+    record = bundle.pack(root, tmp_path / "b", chapters=chapters, bench=[bench_json], also={"cpu": experiment})
     out = tmp_path / "b"
+    assert [r["run"] for r in record["also"]["cpu"]] == ["binary-ce-lungs_removed"]
+    assert (out / "cpu" / "binary-ce-lungs_removed" / "metrics.json").is_file()
     assert not list(out.rglob("*.pt"))
     assert (out / "runs" / "binary-ce-a" / "external" / "nih" / "metrics.json").is_file()
     assert (out / "chapters" / "05_results.ipynb").is_file() and (out / "bench" / "speed.json").is_file()
