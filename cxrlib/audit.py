@@ -53,7 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
-from .images import ImageCache, make_transform
+from .images import ImageCache, make_transform, plant_marker
 from .metrics import bootstrap_counts, compute_metrics, majority_baseline, predictions_table
 from .models import backbone_and_head
 
@@ -326,18 +326,6 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
                      "flagged": result["verdict"] == "shortcut"})
     out = pd.DataFrame(rows).drop(columns="classes")
     out.attrs["skipped"] = skipped
-    return out
-
-
-def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.ndarray:
-    """Copies of `images` with a striped text-like block burned into the top-left corner of rows `where`:
-    the same marker the synthetic `shortcut=True` data puts on COVID images."""
-    out = np.array(images, copy=True)
-    size = out.shape[1]
-    rows, cols = slice(int(0.05 * size), max(int(0.11 * size), int(0.05 * size) + 2)), slice(int(0.05 * size), int(0.30 * size))
-    stripes = np.zeros(out.shape[1:], bool)
-    stripes[rows, cols] = (np.arange(out.shape[2]) // 2 % 2 == 0)[None, cols]
-    out[np.asarray(where, bool)[:, None, None] & stripes[None]] = value
     return out
 
 

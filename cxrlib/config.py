@@ -29,7 +29,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("cosine", "step", "none"),
     "split": ("patient", "published"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    "preprocess": ("none", "clahe", "lung_crop"),  # images.PREPROCESSORS, applied by images.make_cache
+    # images.PREPROCESSORS, applied by images.make_cache; lungs_removed_marker = the lungs-removed positive control
+    "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker"),
 }
 PREPROCESS = CHOICES["preprocess"]
 
@@ -78,7 +79,7 @@ class RunConfig:
     extra_negatives: str = ""  # ChestX-ray14-layout folder or manifest CSV of non-COVID images (e.g. NIH adults) to train and test on
     external: str = ""  # NAME=DIR_OR_CSV[,NAME=...]: sets scored at the end of the run, unseen images only
     hold_out: str = ""  # COLUMN=VALUE (e.g. country=Italy, site=sirm.org): those patients go to test only
-    preprocess: str = "none"  # none | clahe | lung_crop: applied to every image in training and evaluation
+    preprocess: str = "none"  # none | clahe | lung_crop | lungs_removed[_marker]: applied to every image in training and evaluation
     task: str = "multiclass"  # binary | multiclass
     loss: str = "ce"  # ce | weighted_ce | focal
     gamma: float = 2.0
