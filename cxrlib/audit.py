@@ -352,6 +352,19 @@ def positive_control(images: np.ndarray, groups: Sequence[Any], featurize, seed:
 # --- masking -------------------------------------------------------------------------------------
 
 
+def readable(rows: pd.DataFrame, cache: ImageCache) -> tuple[pd.DataFrame, np.ndarray]:
+    """(`rows` whose image `cache` could read, re-indexed 0..n-1, their pixels in the same order).
+
+    Unreadable files are left out with one warning naming how many and the first, so a table and its
+    pixels never fall out of step (the audit's probes, Grad-CAM samples and masked evaluation all rely on it).
+    """
+    pixels, skipped = cache.load(rows["path"].tolist())
+    if skipped:
+        warnings.warn(f"{len(skipped)} unreadable image(s) left out, e.g. {skipped[0]}", stacklevel=2)
+        rows = rows[~rows["path"].astype(str).isin({p for p, _ in skipped})]
+    return rows.reset_index(drop=True), pixels
+
+
 def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCache | int,
                     modes: Sequence[str] = MASK_MODES, task: str | None = None, refine: bool = True,
                     fill: str | int = "mean", batch_size: int = 32, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -366,11 +379,7 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     (`<metric>_ci_low/high`, `n_boot` resamples) and `baseline_macro_f1`, the macro-F1 of always
     answering the rows' majority class: a masked score at or below it is no score at all.
     """
-    cache = cache if isinstance(cache, ImageCache) else ImageCache(int(cache))
-    images, skipped = cache.load(rows["path"].tolist())
-    if skipped:
-        warnings.warn(f"evaluate_masked: {len(skipped)} unreadable image(s) left out, e.g. {skipped[0]}", stacklevel=2)
-        rows = rows[~rows["path"].astype(str).isin({p for p, _ in skipped})]
+    rows, images = readable(rows, cache if isinstance(cache, ImageCache) else ImageCache(int(cache)))
     n_out = backbone_and_head(model)[1].out_features
     if task is None:
         task = {len(c): name for name, c in CLASSES.items()}.get(n_out, "")

@@ -27,6 +27,7 @@ from .errors import CXRError
 from .results import fmt_ci
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
+AUDIT_ONLY = ("lungs_removed", "lungs_removed_marker")  # arms of this audit, not remedies: chapter 06 leaves them out
 IGNORED = ("run_dir", "device", "amp", "num_workers", "profile", "preprocess")  # not part of how a run learned
 CONTROL_AUC = 0.95  # the positive control "finds the marker" at or above this test ROC AUC (and above the baseline)
 
