@@ -471,7 +471,7 @@ class CXRDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), int(label) if label.ndim == 0 else torch.from_numpy(label), int(i)
 
 
-# --- image-level remedies for source shortcuts (RunConfig.preprocess) -----------------------------
+# --- RunConfig.preprocess: image-level remedies for source shortcuts, and the lungs-removed audit ----
 
 CLAHE_TILES = 8  # tiles per side
 CLAHE_CLIP = 0.01  # histogram cap per tile, as a share of the tile's pixels (excess spread evenly)

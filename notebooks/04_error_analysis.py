@@ -204,8 +204,9 @@ if arms.empty:
 else:
     trained = lungs_removed.arm_table(arms)
     display(book.banner(banner_from_record(arms.run_dir.iloc[0])))  # as recorded by these runs, not this notebook
-    display(Markdown("Each arm: " + lungs_removed.describe_settings(arms.config.iloc[0]) + "; test split of the run."))
-    display(lungs_removed.display_table(trained[trained.set == 0]))
+    for n, rows in arms.groupby("set"):  # one comparison per set of settings (e.g. per seed)
+        display(Markdown(f"Arms trained alike: {lungs_removed.describe_settings(rows.config.iloc[0])}; each scored on "
+                         "its own test split."), lungs_removed.display_table(trained[trained.set == n]))
     display(Markdown("\n\n".join(lungs_removed.verdicts(trained))))
 
 # %% [markdown]
