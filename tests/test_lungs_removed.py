@@ -129,6 +129,10 @@ def test_verdicts_at_chance_and_with_a_failed_or_missing_control(tmp_path, score
     _fake_run(tmp_path / "b", "lungs_removed_marker", p["chance"], y)
     text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "b")))
     assert "did not reliably learn" in text and "says nothing" in text
+    _fake_run(tmp_path / "d", "lungs_removed", p["chance"], y)
+    _fake_run(tmp_path / "d", "lungs_removed_marker", p["perfect"] * 0.4, y)  # ranks perfectly, calls nothing COVID
+    text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "d")))
+    assert "finds the marker" in text and "not above the majority class" in text
     _fake_run(tmp_path / "c", "lungs_removed", p["good"], y)
     _fake_run(tmp_path / "c", "lungs_removed_marker", p["perfect"], y, status="failed: x")
     text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "c")))
