@@ -55,7 +55,8 @@ def find_arms(root: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "config"])
     rows = []
     for n, key in enumerate(frame.loc[frame["preprocess"] == "lungs_removed", "key"].drop_duplicates()):
-        same = frame[frame["key"] == key].drop_duplicates("preprocess")
+        same = frame[frame["key"] == key].drop_duplicates("preprocess").sort_values(
+            "preprocess", key=lambda p: p.map(list(ARMS).index))  # intact, lungs removed, control
         rows += [{"set": n, "arm": ARMS[r.preprocess], **r._asdict()} for r in same.itertuples(index=False)]
     out = pd.DataFrame(rows, columns=["set", "arm", "run_dir", "preprocess", "key", "config"])
     return out.drop(columns="key")
