@@ -227,7 +227,8 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
 
 def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]:
     """`--variants`: comma-separated arms of chapter 06, each `+`-joined from negs (train with the extra adult
-    negatives), clahe / lung_crop (preprocess) and holdout:COLUMN=VALUE (a source kept out of training)."""
+    negatives), a preprocess choice (clahe, lung_crop; lungs_removed, lungs_removed_marker: chapter 4's audit) and
+    holdout:COLUMN=VALUE (a source kept out of training)."""
 
     variants = []
     for arm in filter(None, (a.strip() for a in spec.split(","))):

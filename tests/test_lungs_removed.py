@@ -147,3 +147,15 @@ def test_no_lungs_removed_run_is_a_clear_error(tmp_path, scores):
     with pytest.raises(CXRError, match="no complete lungs_removed run"):
         lungs_removed.lungs_removed_table(tmp_path)
 
+
+
+def test_the_featured_run_is_never_an_audit_arm(tmp_path):
+    from cxrlib.runs import featured_run
+
+    for preprocess in ("lungs_removed_marker", "lungs_removed", "none"):
+        cfg = RunConfig(task="multiclass", loss="focal", preprocess=preprocess)
+        run = tmp_path / cfg.run_name()
+        run.mkdir()
+        (run / "params.json").write_text(json.dumps({"config": cfg.to_dict()}))
+        (run / "status").write_text("complete")
+    assert featured_run(tmp_path).name == "multiclass-focal-resnet50-none-s0"
