@@ -9,6 +9,10 @@ template (two ellipses at standard PA positions, the left one cut by the heart) 
 shifted lungs better. Both are approximations, not segmentations: the template misses lung off its
 ellipses (wide, off-centre or rotated chests; the paediatric lungs are often wider) and both include
 some mediastinum, diaphragm or soft tissue. Treat lung-share and lungs-removed numbers as coarse.
+
+Grad-CAM comes from ResNet's layer3 by default (14x14 cells at 224 px; layer4's 7x7 cells are too coarse to
+say "inside the lungs"), and `lung_share_summary` compares its mass inside each image's mask with the mask's
+area share, with patient-bootstrap CIs.
 """
 
 from __future__ import annotations
