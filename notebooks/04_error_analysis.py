@@ -129,7 +129,9 @@ cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
 masks = explain.lung_masks(pixels, refine=True)
 assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
-display(Markdown(explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))))
+cells = meta["image_size"] // 16  # layer3's stride
+display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cells}×{cells} cells. "
+                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))))
 sample.groupby("true")[["cam_lung_share", "lung_area_share"]].agg(["mean", "count"]).round(3)
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true → predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}}
