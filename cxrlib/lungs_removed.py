@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import CXRError
+from .metrics import paired_bootstrap
 from .results import fmt_ci
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
@@ -69,8 +70,10 @@ def describe_settings(config: dict[str, Any]) -> str:
             f"`{config['profile']}`)")
 
 
-def arm_table(arms: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm of `find_arms`: test macro-F1 and ROC AUC with their 95% CIs, the majority baseline."""
+def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per arm of `find_arms`: test macro-F1 and ROC AUC with their 95% CIs, the majority baseline, and
+    `auc_vs_intact`: the ROC AUC difference from the intact arm of its set on the same test images, with a paired
+    patient-bootstrap CI (`metrics.paired_bootstrap`; absent without an intact arm or predictions.csv)."""
     rows = []
     for r in arms.itertuples():
         m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
@@ -78,8 +81,18 @@ def arm_table(arms: pd.DataFrame) -> pd.DataFrame:
         rows.append({"set": r.set, "arm": r.arm, "preprocess": r.preprocess, "n": m["n"], "n_patients": m.get("n_patients"),
                      "macro_f1": m["macro_f1"], "macro_f1_ci": ci.get("macro_f1"), "roc_auc": m.get("roc_auc"),
                      "roc_auc_ci": ci.get("roc_auc"), "baseline_macro_f1": m["majority_baseline"]["macro_f1"],
-                     "run": Path(r.run_dir).name})
+                     "run": Path(r.run_dir).name, **_versus_intact(arms, r, m["classes"], n_boot, seed)})
     return pd.DataFrame(rows)
+
+
+def _versus_intact(arms: pd.DataFrame, arm: Any, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    intact = arms[(arms["set"] == arm.set) & (arms["preprocess"] == "none")]
+    files = [Path(d) / "predictions.csv" for d in (arm.run_dir, *intact["run_dir"])]
+    if arm.preprocess == "none" or intact.empty or not all(f.is_file() for f in files):
+        return {"auc_vs_intact": None, "auc_vs_intact_ci": None}
+    pred = [pd.read_csv(f, dtype={"patient_id": str, "image_id": str}) for f in files]
+    auc = paired_bootstrap([(pred[0], pred[1])], classes, n_boot=n_boot, seed=seed)["roc_auc"]
+    return {"auc_vs_intact": auc["difference"], "auc_vs_intact_ci": auc["ci"]}
 
 
 def lungs_removed_table(root: str | Path) -> pd.DataFrame:
@@ -99,6 +112,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         "macro-F1 (95% CI)": [fmt_ci(v, c) for v, c in zip(table["macro_f1"], table["macro_f1_ci"])],
         "majority macro-F1": table["baseline_macro_f1"].map(fmt_ci),
         "ROC AUC (95% CI)": [fmt_ci(v, c) for v, c in zip(table["roc_auc"], table["roc_auc_ci"])],
+        "AUC − intact (paired 95% CI)": [fmt_ci(v, c, signed=True) if pd.notna(v) else "–"
+                                         for v, c in zip(table["auc_vs_intact"], table["auc_vs_intact_ci"])],
     }).set_index("arm")
 
 
@@ -142,6 +157,9 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             if intact is not None and intact["roc_auc"] > 0.5:
                 kept = (removed["roc_auc"] - 0.5) / (intact["roc_auc"] - 0.5)
                 share = f" It keeps {max(kept, 0.0):.0%} of the intact model's AUC above chance (intact: {_score(intact)})."
+                if pd.notna(removed.get("auc_vs_intact")):
+                    share += (" AUC difference from intact on the same test images: "
+                              f"{fmt_ci(removed['auc_vs_intact'], removed['auc_vs_intact_ci'], signed=True)} (paired).")
             lines.append(f"**Trained and tested without lungs, the model still separates the classes**: {_score(removed)}."
                          f"{share} It learned something outside the lung fields (or lung the masks missed).")
         elif works is False:

@@ -83,12 +83,14 @@ def _fake_run(root: Path, preprocess: str, p_covid: np.ndarray, y: np.ndarray, e
     run = root / "data-tag" / cfg.run_name().replace("-s0", f"-e{epochs}-s0")
     run.mkdir(parents=True)
     classes = ["non_covid", "covid"]
-    pred = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(len(y))], "true": np.array(classes)[y],
+    pred = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(y))], "patient_id": [f"p{i // 2}" for i in range(len(y))],
+                         "true": np.array(classes)[y],
                          "pred": np.array(classes)[(p_covid >= 0.5).astype(int)], "p_non_covid": 1 - p_covid,
                          "p_covid": p_covid})
     m = compute_metrics(pred, classes, n_boot=200)
     m["majority_baseline"] = majority_baseline(y, y, classes)
     (run / "metrics.json").write_text(json.dumps(m))
+    pred.to_csv(run / "predictions.csv", index=False)
     (run / "params.json").write_text(json.dumps({"config": cfg.to_dict(), "data": {"record": {"fingerprint": "abc"}}}))
     (run / "status").write_text(status)
     return run
@@ -99,7 +101,7 @@ def scores():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 60)
     return y, {"perfect": np.where(y == 1, 0.9, 0.1) + rng.uniform(-0.05, 0.05, len(y)),
-               "good": np.clip(y * 0.6 + rng.uniform(0, 0.5, len(y)), 0, 1),
+               "good": y * 0.3 + rng.uniform(0, 0.6, len(y)),  # overlapping: AUC about 0.9
                "chance": rng.uniform(0, 1, len(y))}
 
 
@@ -115,6 +117,9 @@ def test_table_and_verdicts_when_the_model_learned_outside_the_lungs(tmp_path, s
     assert (table["baseline_macro_f1"] < 0.5).all() and table.loc[2, "roc_auc"] > 0.99
     text = " ".join(lungs_removed.verdicts(table))
     assert "finds the marker" in text and "still separates the classes" in text and "keeps" in text
+    assert pd.isna(table.loc[0, "auc_vs_intact"]) and table.loc[1, "auc_vs_intact"] < 0
+    assert table.loc[1, "auc_vs_intact_ci"][1] < 0 and "(paired)" in text  # 'good' ranks worse than 'perfect'
+
     shown = lungs_removed.display_table(table)
     assert list(shown.index) == table["arm"].tolist() and "(" in shown.loc["intact", "macro-F1 (95% CI)"]
 
