@@ -26,7 +26,7 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import paired_bootstrap
-from .results import fmt_ci
+from .results import fmt_ci, read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
 AUDIT_ONLY = ("lungs_removed", "lungs_removed_marker")  # arms of this audit, not remedies: chapter 06 leaves them out
@@ -48,9 +48,7 @@ def find_arms(root: str | Path) -> pd.DataFrame:
     runs = []
     for path in sorted(Path(root).rglob("params.json")):
         params = json.loads(path.read_text())
-        status = path.parent / "status"
-        complete = status.is_file() and status.read_text().strip() == "complete"
-        if complete and params.get("config", {}).get("preprocess") in ARMS and "record" in params.get("data", {}):
+        if read_status(path.parent) == "complete" and params.get("config", {}).get("preprocess") in ARMS and "record" in params.get("data", {}):
             runs.append({"run_dir": path.parent, "preprocess": params["config"]["preprocess"],
                          "key": _settings(params), "config": params["config"]})
     frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "config"])
