@@ -53,7 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
-from .images import ImageCache, make_transform
+from .images import ImageCache, make_transform, plant_marker
 from .metrics import bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table
 from .models import backbone_and_head
 
@@ -323,18 +323,6 @@ def source_probe(table: pd.DataFrame, images: np.ndarray, features: np.ndarray |
     return out
 
 
-def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.ndarray:
-    """Copies of `images` with a striped text-like block burned into the top-left corner of rows `where`:
-    the same marker the synthetic `shortcut=True` data puts on COVID images."""
-    out = np.array(images, copy=True)
-    size = out.shape[1]
-    rows, cols = slice(int(0.05 * size), max(int(0.11 * size), int(0.05 * size) + 2)), slice(int(0.05 * size), int(0.30 * size))
-    stripes = np.zeros(out.shape[1:], bool)
-    stripes[rows, cols] = (np.arange(out.shape[2]) // 2 % 2 == 0)[None, cols]
-    out[np.asarray(where, bool)[:, None, None] & stripes[None]] = value
-    return out
-
-
 def positive_control(images: np.ndarray, groups: Sequence[Any], featurize, seed: int = 0,
                      n_permutations: int = N_PERMUTATIONS) -> pd.DataFrame:
     """Can the probe find a shortcut that is certainly there? A marker is planted on half the patients.
@@ -358,6 +346,19 @@ def positive_control(images: np.ndarray, groups: Sequence[Any], featurize, seed:
 # --- masking -------------------------------------------------------------------------------------
 
 
+def readable(rows: pd.DataFrame, cache: ImageCache) -> tuple[pd.DataFrame, np.ndarray]:
+    """(`rows` whose image `cache` could read, re-indexed 0..n-1, their pixels in the same order).
+
+    Unreadable files are left out with one warning naming how many and the first, so a table and its
+    pixels never fall out of step (the audit's probes, Grad-CAM samples and masked evaluation all rely on it).
+    """
+    pixels, skipped = cache.load(rows["path"].tolist())
+    if skipped:
+        warnings.warn(f"{len(skipped)} unreadable image(s) left out, e.g. {skipped[0]}", stacklevel=2)
+        rows = rows[~rows["path"].astype(str).isin({p for p, _ in skipped})]
+    return rows.reset_index(drop=True), pixels
+
+
 def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCache | int,
                     modes: Sequence[str] = MASK_MODES, task: str | None = None, refine: bool = True,
                     fill: str | int = "mean", batch_size: int = 32, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -372,11 +373,7 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
     (`<metric>_ci_low/high`, `n_boot` resamples) and `baseline_macro_f1`, the macro-F1 of always
     answering the rows' majority class: a masked score at or below it is no score at all.
     """
-    cache = cache if isinstance(cache, ImageCache) else ImageCache(int(cache))
-    images, skipped = cache.load(rows["path"].tolist())
-    if skipped:
-        warnings.warn(f"evaluate_masked: {len(skipped)} unreadable image(s) left out, e.g. {skipped[0]}", stacklevel=2)
-        rows = rows[~rows["path"].astype(str).isin({p for p, _ in skipped})]
+    rows, images = readable(rows, cache if isinstance(cache, ImageCache) else ImageCache(int(cache)))
     n_out = backbone_and_head(model)[1].out_features
     if task is None:
         task = {len(c): name for name, c in CLASSES.items()}.get(n_out, "")

@@ -33,7 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("cosine", "step", "none"),
     "split": ("patient", "published"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    "preprocess": ("none", "clahe", "lung_crop"),  # images.PREPROCESSORS, applied by images.make_cache
+    # images.PREPROCESSORS, applied by images.make_cache; lungs_removed_marker = the lungs-removed positive control
+    "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker"),
     "rows": ("auto", "all", "test"),  # `evaluate`: which rows of the data to score (train.evaluate)
 }
 PREPROCESS = CHOICES["preprocess"]

@@ -9,11 +9,16 @@ template (two ellipses at standard PA positions, the left one cut by the heart) 
 shifted lungs better. Both are approximations, not segmentations: the template misses lung off its
 ellipses (wide, off-centre or rotated chests; the paediatric lungs are often wider) and both include
 some mediastinum, diaphragm or soft tissue. Treat lung-share and lungs-removed numbers as coarse.
+
+Grad-CAM comes from ResNet's layer3 by default (14x14 cells at 224 px; layer4's 7x7 cells are too coarse to
+say "inside the lungs"), and `lung_share_summary` compares its mass inside each image's mask with the mask's
+area share, with patient-bootstrap CIs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -25,6 +30,7 @@ from scipy import ndimage
 
 from . import plots
 from .errors import CXRError
+from .metrics import bootstrap_counts
 from .models import gradcam_target_layer
 from .synthetic import lung_mask
 
@@ -94,20 +100,35 @@ def error_gallery(errors: pd.DataFrame, images: Sequence[np.ndarray], cams: Sequ
 # --- Grad-CAM ------------------------------------------------------------------------------------
 
 
+# Grad-CAM layers by name: the output of a stage, as (resnet50, densenet121) modules. layer3 (stride 16: 14x14 at
+# 224 px) is fine enough to say "inside the lungs"; layer4 (stride 32: 7x7) is pytorch-grad-cam's usual choice.
+CAM_LAYERS = ("layer3", "layer4")
+CAM_LAYER = "layer3"
+
+
+def cam_layer(model: torch.nn.Module, layer: str = CAM_LAYER) -> torch.nn.Module:
+    """The module whose activations Grad-CAM weighs: the last block of ResNet's `layer` or DenseNet's block."""
+    if layer not in CAM_LAYERS:
+        raise CXRError(f"Grad-CAM layer {layer!r}: choose one of {', '.join(CAM_LAYERS)}")
+    if layer == "layer4":
+        return gradcam_target_layer(model)
+    return model.layer3[-1] if model.backbone_name == "resnet50" else model.features.denseblock3
+
+
 def grad_cam(model: torch.nn.Module, batch: torch.Tensor, target_classes: Sequence[int] | None = None,
-             batch_size: int = 16) -> np.ndarray:
+             batch_size: int = 16, layer: str = CAM_LAYER) -> np.ndarray:
     """Grad-CAM of `model` for each image of `batch` (N, C, H, W): (N, H, W) float32 in [0, 1].
 
-    Each map explains `target_classes[i]` (default: the predicted class) at the layer
-    `models.gradcam_target_layer` picks, upsampled to the input size and scaled to max 1 per image
-    (an all-zero map stays 0). The target layer is 32x smaller than the input, so use 64 px or more:
-    at 32 px it is 1x1 and every map is flat (0). The model is left in eval mode.
+    Each map explains `target_classes[i]` (default: the predicted class) at `cam_layer(model, layer)`,
+    upsampled to the input size and scaled to max 1 per image (an all-zero map stays 0). layer3 is 16x
+    smaller than the input (14x14 cells at 224 px), layer4 32x; a map of 1x1 cells is flat (0).
+    The model is left in eval mode.
     """
     if batch.ndim != 4:
         raise CXRError(f"grad_cam needs a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
     if target_classes is not None and len(target_classes) != len(batch):
         raise CXRError(f"grad_cam got {len(target_classes)} target classes for {len(batch)} images")
-    cam = GradCAM(model=model, target_layers=[gradcam_target_layer(model)])
+    cam = GradCAM(model=model, target_layers=[cam_layer(model, layer)])
     maps = []
     try:  # not `with GradCAM(...)`: its __exit__ swallows IndexError
         with torch.enable_grad():  # also inside a caller's torch.no_grad()
@@ -137,6 +158,44 @@ def cam_lung_share(cams: np.ndarray, lung_masks: np.ndarray) -> np.ndarray:
     inside = (cams * masks).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / total, np.nan)
+
+
+def lung_share_summary(cams: np.ndarray, lung_masks: np.ndarray, patients: Sequence[Any], n_boot: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:
+    """Mean CAM mass inside the lungs (`cam_lung_share`) and mean lung area share over images, their difference,
+    each with a 95% percentile CI from `n_boot` resamples of patients (images of one patient move together).
+
+    A difference whose CI lies above 0 means the maps sit in the lungs more than an even spread would; below 0,
+    less. All-zero CAMs (share undefined) are left out and counted in `n_flat`.
+    """
+    masks = np.broadcast_to(np.asarray(lung_masks, dtype=bool), np.shape(cams))
+    share, area = cam_lung_share(cams, masks), masks.mean(axis=(1, 2))
+    keep = ~np.isnan(share)
+    if not keep.any():
+        raise CXRError("lung_share_summary: every CAM is all zero (is the image too small for the layer?)")
+    share, area, groups = share[keep], area[keep], np.asarray(patients)[keep]
+    weights = np.vstack([np.ones(len(share)), bootstrap_counts(groups, n_boot, seed)])
+    draws = {"cam_lung_share": weights @ share / weights.sum(axis=1), "lung_area_share": weights @ area / weights.sum(axis=1)}
+    draws["difference"] = draws["cam_lung_share"] - draws["lung_area_share"]
+    out: dict[str, Any] = {"n": int(keep.sum()), "n_patients": len(set(groups)), "n_flat": int((~keep).sum())}
+    for name, values in draws.items():
+        out[name], out[f"{name}_ci"] = float(values[0]), tuple(np.percentile(values[1:], [2.5, 97.5]).tolist())
+    return out
+
+
+def lung_share_sentence(summary: dict[str, Any]) -> str:
+    """`lung_share_summary` in words, with its verdict computed from the difference's CI."""
+    def num(name: str) -> str:
+        low, high = summary[f"{name}_ci"]
+        return f"{summary[name]:.2f} (95% CI {low:.2f}–{high:.2f})"
+
+    low, high = summary["difference_ci"]
+    verdict = ("more than an evenly spread map would put there: the maps favour the lungs" if low > 0 else
+               "less than an evenly spread map would put there: the maps favour what lies outside the lungs"
+               if high < 0 else "no different from an evenly spread map: they do not single out the lungs")
+    flat = f"; {summary['n_flat']} all-zero map(s) left out" if summary["n_flat"] else ""
+    return (f"CAM mass inside the lungs {num('cam_lung_share')} vs the lungs' area share {num('lung_area_share')}, "
+            f"over {summary['n']} images of {summary['n_patients']} patients{flat}: {verdict}.")
 
 
 # --- lung fields and masking ---------------------------------------------------------------------

@@ -29,11 +29,13 @@ from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wil
 from .config import external_sets
 from .data import read_any
 from .errors import CXRError
+from .lungs_removed import AUDIT_ONLY
 from .metrics import apply_threshold
 from .rundir import read_status
 
 OTHER_SOURCES = "test split, other sources"  # a held-out run's test images of the sources it trained on
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
+GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
 MEASURE_COLUMNS = ["run", "arm", "population", "metric", "value", "ci_low", "ci_high", "n", "ci_unit",
                    "enough", "evidence", "note"]  # fmt: skip
 
@@ -55,7 +57,7 @@ def load_arms(run_root: str | Path) -> pd.DataFrame:
         run_dir = params_file.parent
         params = json.loads(params_file.read_text())
         config = params.get("config", {})
-        if "task" not in config or read_status(run_dir) != "complete":
+        if "task" not in config or read_status(run_dir) != "complete" or config.get("preprocess") in AUDIT_ONLY:
             continue
         sources = params.get("data", {}).get("summary", {}).get("sources", {}).get("train", {})
         rows.append({"run": str(run_dir.relative_to(root)), "run_dir": str(run_dir), "arm": arm_of(config),
@@ -171,6 +173,32 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         for run, rows in table[table["arm"] == arm].groupby("run", sort=True):
             out.append(f"- **{arm}** (`{run}`): " + "; ".join(_run_sentences(rows)) + ".")
     return out
+
+
+def goal_verdict(table: pd.DataFrame) -> str:
+    """Whether a run meets the goal on sources it never trained on (`evidence`, enough images): specificity on
+    adults without COVID-19 >= GOAL["covid_specificity"] in every such population it was measured on, and
+    COVID-19 sensitivity >= GOAL["covid_sensitivity"] on a held-out source, both at the validation operating point.
+    A run lacking either measurement cannot meet it; the sentence says how many such runs there were."""
+    usable = table[table["evidence"].astype(bool) & table["enough"].astype(bool)]
+    head = (f"**Goal** (on sources never trained on: adult non-COVID specificity ≥ {GOAL['covid_specificity']:.2f} "
+            f"while COVID-19 sensitivity ≥ {GOAL['covid_sensitivity']:.2f}): ")
+    judged, lacking = [], 0
+    for run, rows in table.groupby("run", sort=True):
+        rows = usable[usable["run"] == run]
+        worst = {m: rows[rows["metric"] == m].sort_values("value").head(1) for m in GOAL}
+        if any(w.empty for w in worst.values()):
+            lacking += 1
+            continue
+        spec, sens = (worst[m].iloc[0] for m in GOAL)
+        met = spec["value"] >= GOAL["covid_specificity"] and sens["value"] >= GOAL["covid_sensitivity"]
+        judged.append(f"`{run}` ({spec['arm']}): specificity {fmt(spec)} on {spec['population']}, sensitivity "
+                      f"{fmt(sens)} on {sens['population']}: {'met' if met else 'not met'}")
+    met_by = [j for j in judged if j.endswith(": met")]
+    missing = (f" {lacking} run(s) lack one of the two measurements on an unseen source with enough images (COVID-19 "
+               "sensitivity on an unseen source needs a held-out-source run), so they cannot show it." if lacking else "")
+    verdict = f"met by {len(met_by)} run(s)." if met_by else "**not met** by any run."
+    return head + verdict + "".join(f"\n- {j}." for j in judged) + ("\n\n" if judged and missing else "") + missing
 
 
 def _run_sentences(rows: pd.DataFrame) -> list[str]:

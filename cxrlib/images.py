@@ -26,6 +26,7 @@ import pandas as pd
 import pydicom
 import torch
 from PIL import Image, ImageOps
+from scipy import ndimage
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from torchvision.transforms import v2
 
@@ -466,7 +467,8 @@ class CXRDataset(torch.utils.data.Dataset):
             )
             table = table[~table["path"].astype(str).isin(bad)]
         self.table = table.reset_index(drop=True)
-        self.images = images
+        marked = getattr(cache, "marker", False)  # the positive control: planted by label, in every split
+        self.images = plant_marker(images, self.table["label"].eq("covid").to_numpy()) if marked else images
         if targets:
             self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:
@@ -480,12 +482,13 @@ class CXRDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), int(label) if label.ndim == 0 else torch.from_numpy(label), int(i)
 
 
-# --- image-level remedies for source shortcuts (RunConfig.preprocess) -----------------------------
+# --- RunConfig.preprocess: image-level remedies for source shortcuts, and the lungs-removed audit ----
 
 CLAHE_TILES = 8  # tiles per side
 CLAHE_CLIP = 0.01  # histogram cap per tile, as a share of the tile's pixels (excess spread evenly)
 LUNG_CROP_SIZE = 128  # the lung field is estimated at this size
 LUNG_CROP_MARGIN = 0.05  # of the side, around the lung fields' bounding box
+LUNGS_REMOVED_MARGIN = 3  # pixels at LUNG_CROP_SIZE by which lungs_removed grows the mask (edges, blur)
 
 
 def clahe(img: np.ndarray, tiles: int = CLAHE_TILES, clip: float = CLAHE_CLIP) -> np.ndarray:
@@ -535,7 +538,42 @@ def lung_crop(img: np.ndarray) -> np.ndarray:
                int(left * sx):max(int(left * sx) + 1, round(right * sx))]  # fmt: skip
 
 
-PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"clahe": clahe, "lung_crop": lung_crop}
+def lungs_removed(img: np.ndarray) -> np.ndarray:
+    """The image with its estimated lung fields (explain.lung_masks, refined, at LUNG_CROP_SIZE, grown by
+    LUNGS_REMOVED_MARGIN) painted grey.
+
+    A model trained and tested on such images can only use what lies outside the lungs (age, body habitus,
+    markers, scanner processing); how well it still separates the classes measures those shortcuts.
+    """
+    from .explain import NEUTRAL_GREY, lung_masks
+
+    img = np.asarray(img, np.uint8)
+    h, w = img.shape
+    mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]
+    mask = ndimage.binary_dilation(mask, iterations=LUNGS_REMOVED_MARGIN)  # err on the side of removing lung
+    rows, cols = np.arange(h) * LUNG_CROP_SIZE // h, np.arange(w) * LUNG_CROP_SIZE // w
+    return np.where(mask[np.ix_(rows, cols)], np.uint8(NEUTRAL_GREY), img)
+
+
+MARKED = "lungs_removed_marker"  # lungs_removed + plant_marker on every COVID image (the positive control)
+
+
+def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.ndarray:
+    """Copies of uint8 `images` (N, H, W) with a striped text-like block burned into the top-left corner
+    (outside every lung mask) of rows `where`: the marker the synthetic `shortcut=True` data puts on COVID images."""
+    out = np.array(images, copy=True)
+    size = out.shape[1]
+    rows, cols = slice(int(0.05 * size), max(int(0.11 * size), int(0.05 * size) + 2)), slice(int(0.05 * size), int(0.30 * size))
+    stripes = np.zeros(out.shape[1:], bool)
+    stripes[rows, cols] = (np.arange(out.shape[2]) // 2 % 2 == 0)[None, cols]
+    out[np.asarray(where, bool)[:, None, None] & stripes[None]] = value
+    return out
+
+
+PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "clahe": clahe, "lung_crop": lung_crop, "lungs_removed": lungs_removed,
+    MARKED: lungs_removed,  # + plant_marker by label, in CXRDataset (predict has no label: no marker)
+}
 
 
 class PreprocessedCache(ImageCache):
@@ -549,8 +587,10 @@ class PreprocessedCache(ImageCache):
         if method not in PREPROCESSORS:
             raise CXRError(f"preprocess={method!r}: choose none or one of {', '.join(PREPROCESSORS)}")
         self.method = method
+        self.marker = method == MARKED
         base = Path(root or os.environ.get("CXRLIB_CACHE") or Path.home() / ".cache" / "cxrlib" / "images")
-        super().__init__(size, base / f"preprocess-{method}", workers)
+        store = "lungs_removed" if self.marker else method  # the marker is planted after loading
+        super().__init__(size, base / f"preprocess-{store}", workers)
 
     def _decode_one(self, data: bytes, path: str) -> np.ndarray:
         return resize_square(PREPROCESSORS[self.method](_decode_bytes(data, path)), self.size)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
-from .config import CHOICES, MATRIX_PROFILES, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config, with_profile
+from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config,
+                     with_profile)
 from .errors import CXRError
 from .results import load_runs
 from .rundir import check_reusable, read_status, write_status
@@ -233,8 +234,8 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
 
 def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]:
     """`--variants`: comma-separated arms of chapter 06, each `+`-joined from negs (train with the extra adult
-    negatives), clahe / lung_crop (preprocess) and holdout:COLUMN=VALUE (a source kept out of training)."""
-    from .config import PREPROCESS
+    negatives), a preprocess choice (clahe, lung_crop; lungs_removed, lungs_removed_marker: chapter 4's audit) and
+    holdout:COLUMN=VALUE (a source kept out of training)."""
 
     variants = []
     for arm in filter(None, (a.strip() for a in spec.split(","))):
@@ -371,7 +372,7 @@ def featured_run(run_root: Path) -> Path | None:
     runs = load_runs(run_root)
     if runs.empty:
         return None
-    variant = runs.run.str.contains(r"-(?:negs|holdout-[^-]+|clahe|lung_crop)-s\d+$")  # chapter 06's arms
+    variant = runs.run.str.contains(rf"-(?:negs|holdout-[^-]+|{'|'.join(PREPROCESS[1:])})-s\d+$")  # chapter 06's arms
     done = runs[(runs.status == "complete") & ~runs.run.str.endswith("-noextra") & ~variant]
     for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
                    lambda r: r.weights == "none"):

@@ -25,25 +25,28 @@
 # shown in the fine-tuning chapter (or any `run_dir`):
 #
 # 1. the false positives and false negatives, and the errors the model was surest of;
-# 2. Grad-CAM {cite:p}`selvaraju2017gradcam` maps, and how much of their mass lies in the lung fields;
+# 2. Grad-CAM {cite:p}`selvaraju2017gradcam` maps from ResNet's layer3 (16x finer than the input, 14x14
+#    cells at 224 px), and how much of their mass lies in the lung fields, with a CI;
 # 3. the shortcut audit: can the data **source** be predicted from trivial image statistics or from
 #    the model's own features? How does the model score with the **lungs removed**, or with only the
-#    lungs left?
+#    lungs left? And does a model **trained** without lungs still tell COVID-19 apart?
 # 4. subgroups (source, view, sex, age) and, when a manifest of another hospital's images is given,
 #    external validation.
 #
-# *Lung fields* here are an anatomical template (two ellipses at standard PA positions; exact for the
-# synthetic images, which are drawn inside it), optionally grown to the image's dark air-filled
-# region: an estimate, not a segmentation.
+# *Lung fields* here are estimated per image: an anatomical template (two ellipses at standard PA
+# positions; exact for the synthetic images, which are drawn inside it) grown to the image's dark
+# air-filled region. An estimate, not a segmentation.
 
 # %% tags=["parameters"]
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
-run_dir = ""  # empty: the 3-class run of run_root shown in the fine-tuning chapter
+run_dir = ""  # empty: runs.featured_run(run_root), the 3-class focal-loss run with the extra COVID images
+lungs_root = ""  # where the lungs-removed training runs are (any depth); empty: run_root
 external_manifest = ""
-n_cam = 12
+n_cam = 12  # Grad-CAM maps shown
+n_cam_share = 60  # test images whose Grad-CAM lung share is measured (a CI needs more than a handful)
 seed = 0
 
 # %% tags=["hide-input"]
@@ -54,14 +57,14 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cxrlib import audit, book, data, explain, licences, plots
+from cxrlib import audit, book, data, explain, licences, lungs_removed, plots
 from cxrlib.config import banner_from_record
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.runs import default_run_root, featured_run
 from cxrlib.evaluate import evaluate, load_model
 
 root = Path(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
-run_dir = Path(run_dir or featured_run(root) or "")  # default: the run of the fine-tuning chapter
+run_dir = Path(run_dir or featured_run(root) or "")  # the library's choice of the run to show
 assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `python -m cxrlib.runs` first"
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
@@ -115,24 +118,27 @@ else:
 # %% [markdown]
 # ## Where the model looks: Grad-CAM mass in the lung fields
 #
-# For a sample of test images per true class, the share of the Grad-CAM mass (for the predicted
-# class) inside the lung fields, next to the lung fields' share of the image: a map spread evenly
-# over the image would score exactly that area share.
+# For a sample of test images per true class, the share of the Grad-CAM mass (layer3, for the
+# predicted class) inside each image's lung fields, next to the lung fields' share of the image: a map
+# spread evenly over the image would score exactly that area share. The intervals resample patients.
 
 # %% tags=["hide-input"]
-sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam // len(classes)))
-pixels, _ = cache.load(sample.path.tolist())
+sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam_share // len(classes)))
+sample, pixels = audit.readable(sample, cache)
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
-masks = explain.lung_masks(pixels)
+masks = explain.lung_masks(pixels, refine=True)
 assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
-sample.groupby("true")[["cam_lung_share", "lung_area_share"]].mean().round(3)
+cells = meta["image_size"] // 16  # layer3's stride
+display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cells}×{cells} cells. "
+                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))))
+sample.groupby("true")[["cam_lung_share", "lung_area_share"]].agg(["mean", "count"]).round(3)
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps of the predicted class for the publishable images of the sample; each caption reads true → predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}}
-keep = shareable.loc[sample.index].to_numpy()
-plots.image_grid([pixels[i] for i in np.flatnonzero(keep)],
-                 [f"{r.true} → {r.pred} · {licences.caption(r, synthetic=synthetic)}" for _, r in sample[keep].iterrows()],
-                 ncols=6, overlays=[cams[i] for i in np.flatnonzero(keep)]) if keep.any() else None;
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true → predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}}
+keep = np.flatnonzero(licences.redistributable(sample, synthetic=synthetic).to_numpy())[:n_cam]  # publishable ones
+plots.image_grid([pixels[i] for i in keep],
+                 [f"{r.true} → {r.pred} · {licences.caption(r, synthetic=synthetic)}" for _, r in sample.iloc[keep].iterrows()],
+                 ncols=6, overlays=[cams[i] for i in keep]) if len(keep) else None;
 
 # %% [markdown]
 # ## The shortcut audit
@@ -147,9 +153,7 @@ plots.image_grid([pixels[i] for i in np.flatnonzero(keep)],
 # Rule: balanced accuracy ≥ 0.80 (or ≥ chance + 0.30) flags a shortcut.
 
 # %%
-probed = table[table.image_id.isin(predictions.image_id)].reset_index(drop=True)
-all_pixels, skipped = cache.load(probed.path.tolist())
-probed = probed[~probed.path.isin({p for p, _ in skipped})].reset_index(drop=True)
+probed, all_pixels = audit.readable(table[table.image_id.isin(predictions.image_id)], cache)
 features = audit.backbone_features(model, all_pixels)
 sizes = audit.original_sizes(probed.path)
 probe = audit.source_probe(probed, all_pixels, features=features, sizes=sizes, seed=seed)
@@ -181,7 +185,34 @@ audit.masked_table(masked)
 display(Markdown(audit.conclusion(probe, masked)))
 
 # %% [markdown]
-# ### 3. Subgroups
+# ### 3. A model trained without lungs, and its positive control
+#
+# Blanking the lungs of a model trained on whole images shows it images unlike any it learned from. The
+# cleaner test trains on lungs-removed images: the same run, identical but for `preprocess`, once intact,
+# once with every image's estimated lung fields painted grey in train, validation and test
+# (`lungs_removed`), and once more with, in addition, a marker planted on every COVID-19 image
+# (`lungs_removed_marker`, the positive control). The control must find its marker: that shows a model
+# *can* learn from lungs-removed images here, so a low score of the plain arm is not a broken pipeline.
+# A plain arm far above the majority baseline learned something outside the lung fields. The arms are
+# matched by what the runs recorded (`cxrlib.lungs_removed`); they come from
+# `python -m cxrlib.runs --variants lungs_removed,lungs_removed_marker` or three `python -m cxrlib train
+# --preprocess ...` runs.
+
+# %% tags=["hide-input"]
+arms = lungs_removed.find_arms(lungs_root or root)
+if arms.empty:
+    display(Markdown(f"No lungs-removed training runs under `{Path(lungs_root or root).name}`: run "
+                     "`python -m cxrlib.runs --variants lungs_removed,lungs_removed_marker` (same data) to add them."))
+else:
+    trained = lungs_removed.arm_table(arms)
+    display(book.banner(banner_from_record(arms.run_dir.iloc[0])))  # as recorded by these runs, not this notebook
+    for n, rows in arms.groupby("set"):  # one comparison per set of settings (e.g. per seed)
+        display(Markdown(f"Arms trained alike: {lungs_removed.describe_settings(rows.config.iloc[0])}; each scored on "
+                         "its own test split."), lungs_removed.display_table(trained[trained.set == n]))
+    display(Markdown("\n\n".join(lungs_removed.verdicts(trained))))
+
+# %% [markdown]
+# ### 4. Subgroups
 #
 # Accuracy and COVID-19 sensitivity/specificity per source, and for ieee8023 images per view, sex
 # and age band (metadata the Kermany images do not have).
@@ -196,7 +227,7 @@ pd.concat({by: audit.format_subgroups(audit.subgroup_metrics(predictions[predict
            for by in ("view", "sex", "age_band")}) if len(adults) else None
 
 # %% [markdown]
-# ### 4. External validation
+# ### 5. External validation
 #
 # With `external_manifest` set to a CSV of another hospital's images (`path,label[,patient_id,...]`),
 # the model is evaluated on all of them, with the operating threshold chosen on validation, and the

@@ -84,6 +84,7 @@ print("arms measured:", ", ".join(sorted(set(table["arm"]))) if len(table) else 
 # %%
 display(Markdown("\n".join(generalise.verdicts(table))
                  + f"\n\n(\"too few to say\": fewer than {MIN_SUBGROUP} images in the denominator.)"))
+display(Markdown(generalise.goal_verdict(table)))
 
 # %% [markdown]
 # ## The arms side by side on adults without COVID-19

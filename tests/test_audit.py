@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cxrlib import audit, data, synthetic
+from cxrlib import images as images_module
 from cxrlib.errors import CXRError
 from cxrlib.images import ImageCache
 from cxrlib.metrics import compute_metrics
@@ -223,7 +224,7 @@ def test_positive_control_finds_the_planted_marker_and_nothing_without_it(synthe
     control = audit.positive_control(images[keep], table["patient_id"][keep], stats, n_permutations=20)
     assert control.loc["planted", "flagged"] and control.loc["planted", "p_value"] < 0.05
     assert not control.loc["not planted", "flagged"] and control.loc["not planted", "verdict"] != "shortcut"
-    marked = audit.plant_marker(images[:2], np.array([True, False]))
+    marked = images_module.plant_marker(images[:2], np.array([True, False]))
     assert (marked[1] == images[1]).all() and (marked[0] != images[0]).any()
 
 
@@ -295,3 +296,18 @@ def test_masked_table_puts_intervals_beside_the_scores():
     shown = audit.masked_table(masked)
     assert shown.columns.tolist() == ["n", "macro-F1", "ROC AUC", "majority macro-F1", "macro-F1 retained"]
     assert shown.loc["lungs_removed"].tolist() == [56, "0.133 (0.057–0.200)", "0.392", "0.222", "0.731"]
+
+
+def test_readable_keeps_rows_and_pixels_in_step(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((20, 20), 40 * (i + 1), np.uint8)).save(paths[-1])
+    paths[1].write_bytes(b"not an image")
+    rows = pd.DataFrame({"path": [str(p) for p in paths], "image_id": ["a", "b", "c"]}, index=[7, 8, 9])
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        kept, pixels = audit.readable(rows, ImageCache(8, root=tmp_path / "cache"))
+    assert kept["image_id"].tolist() == ["a", "c"] and list(kept.index) == [0, 1]
+    assert pixels.shape == (2, 8, 8) and pixels[0, 0, 0] == 40 and pixels[1, 0, 0] == 120

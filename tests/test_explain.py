@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from cxrlib import explain
+from cxrlib import explain, synthetic
 from cxrlib.errors import CXRError
 from cxrlib.models import build_model
 from cxrlib.synthetic import lung_mask
@@ -128,3 +128,46 @@ def test_masking_transforms_blank_inside_or_outside_the_lungs():
         explain.mask_images(images, masks, "lungs")
     with pytest.raises(CXRError, match="fill"):
         explain.mask_images(images, masks, "lungs_only", fill=300)
+
+
+def test_grad_cam_from_layer3_resolves_what_layer4_cannot():
+    """At 32 px layer4 is 1x1 (every map flat, 0); layer3 is 2x2 and still has a shape. At 64 px layer3's
+    maps have 4x4 cells where layer4's have 2x2."""
+    torch.manual_seed(0)
+    model, _ = build_model("resnet50", "none", num_classes=2)
+    assert explain.cam_layer(model) is model.layer3[-1] and explain.cam_layer(model, "layer4") is model.layer4[-1]
+    small = torch.randn(4, 3, 32, 32)
+    assert np.all(explain.grad_cam(model, small, [0] * 4, layer="layer4") == 0)
+    assert np.ptp(explain.grad_cam(model, small, [0] * 4), axis=(1, 2)).min() > 0.1  # (class 1 of this random net: all 0)
+    fine, coarse = (explain.grad_cam(model, torch.randn(2, 3, 64, 64), [1, 1], layer=layer) for layer in ("layer3", "layer4"))
+    assert fine.shape == coarse.shape == (2, 64, 64)
+    densenet, _ = build_model("densenet121", "none", num_classes=2)
+    assert explain.cam_layer(densenet) is densenet.features.denseblock3
+    with pytest.raises(CXRError, match="layer5"):
+        explain.cam_layer(model, "layer5")
+
+
+def test_lung_share_summary_knows_maps_inside_even_and_outside_the_lungs():
+    """Maps on synthetic chest images whose answer is known: all mass in the per-image lung mask, evenly spread,
+    all outside. The CI of the difference from the area share says which, patients resampled together."""
+    rng = np.random.default_rng(0)
+    pixels = np.stack([synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=bool(i % 2)))
+                       for i in range(12)])
+    masks = explain.lung_masks(pixels, refine=True)
+    patients = np.repeat(np.arange(6), 2)
+    blur = rng.uniform(0.5, 1.0, pixels.shape)  # uneven maps, so the shares are means of something
+    inside = explain.lung_share_summary(masks * blur, masks, patients, n_boot=200)
+    even = explain.lung_share_summary(np.ones(pixels.shape), masks, patients, n_boot=200)
+    outside = explain.lung_share_summary(~masks * blur, masks, patients, n_boot=200)
+    assert inside["cam_lung_share"] == pytest.approx(1) and outside["cam_lung_share"] == pytest.approx(0)
+    assert even["cam_lung_share"] == pytest.approx(even["lung_area_share"]) == pytest.approx(masks.mean())
+    assert inside["difference_ci"][0] > 0 and outside["difference_ci"][1] < 0
+    assert inside["n"] == 12 and inside["n_patients"] == 6 and inside["lung_area_share_ci"][0] < masks.mean()
+    assert "favour the lungs" in explain.lung_share_sentence(inside)
+    assert "no different" in explain.lung_share_sentence(even)
+    assert "outside the lungs" in explain.lung_share_sentence(outside)
+    flat = explain.lung_share_summary(np.concatenate([masks * blur, np.zeros((1, *pixels.shape[1:]))]),
+                                      np.concatenate([masks, masks[:1]]), [*patients, 9], n_boot=50)
+    assert flat["n_flat"] == 1 and "1 all-zero map(s) left out" in explain.lung_share_sentence(flat)
+    with pytest.raises(CXRError, match="all zero"):
+        explain.lung_share_summary(np.zeros(pixels.shape), masks, patients)

@@ -224,3 +224,29 @@ def test_verdicts_compare_intervals():
 
 
 ARMS_INDEX = 2  # "held-out source" in generalise.ARMS
+
+
+def test_goal_verdict_needs_both_measures_on_unseen_sources():
+    def row(run, population, metric, value, n=200, evidence=True):
+        return {"run": run, "arm": "held-out source", "population": population, "metric": metric, "value": value,
+                "ci_low": value - 0.05, "ci_high": value + 0.05, "n": n, "ci_unit": "x", "enough": n >= 10,
+                "evidence": evidence, "note": ""}
+
+    good = [row("a", "external: nih", "covid_specificity", 0.85), row("a", "held-out source x", "covid_sensitivity", 0.93)]
+    text = generalise.goal_verdict(pd.DataFrame(good))
+    assert "met by 1 run(s)" in text and "`a` (held-out source): specificity 0.85" in text
+    worse = good + [row("a", "ieee8023 adults without COVID-19 (test split)", "covid_specificity", 0.7)]
+    assert "**not met** by any run" in generalise.goal_verdict(pd.DataFrame(worse))  # the worst unseen population counts
+    few = [good[0], row("a", "held-out source x", "covid_sensitivity", 1.0, n=4),
+           row("b", "own test split", "covid_sensitivity", 0.99, evidence=False), row("b", "external: nih", "covid_specificity", 0.9)]
+    text = generalise.goal_verdict(pd.DataFrame(few))
+    assert "**not met** by any run" in text and "2 run(s) lack one of the two measurements" in text
+
+
+def test_load_arms_leaves_the_lungs_removed_audit_to_chapter_04(tmp_path):
+    for preprocess in ("none", "lungs_removed", "lungs_removed_marker"):
+        run = tmp_path / preprocess
+        run.mkdir()
+        (run / "params.json").write_text(json.dumps({"config": RunConfig(preprocess=preprocess).to_dict()}))
+        (run / "status").write_text("complete")
+    assert generalise.load_arms(tmp_path)["preprocess"].tolist() == ["none"]

@@ -1,0 +1,169 @@
+"""Train on lungs removed: does a model that never sees the lungs still tell COVID from the rest?
+
+Three arms, identical but for `preprocess` (images.PREPROCESSORS), each trained and tested on its own images:
+- `none` (intact): the reference;
+- `lungs_removed`: every image's estimated lung fields (refined per-image masks) painted grey, in train, val
+  and test. A model that still separates the classes far above the majority baseline learned something
+  outside the lungs (age, body shape, markers, scanner processing);
+- `lungs_removed_marker`, the positive control: the same, plus a planted marker on every COVID image
+  (images.plant_marker, by label, in every split). It must reach a near-perfect score: that shows the
+  pipeline *can* learn from lungs-removed images, so a low score of the plain arm is not a broken pipeline.
+
+Arms are matched from what the runs recorded (params.json: every run parameter but the preprocess and
+the machine's, and the data fingerprint), so a comparison is only made between runs trained alike.
+The numbers come from each run's metrics.json: test macro-F1 and ROC AUC with patient-bootstrap 95% CIs
+and the majority-class baseline (chance AUC is 0.5). The verdicts go by AUC, which needs no threshold: a short
+run can rank the classes perfectly while its default threshold still calls every image one class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import CXRError
+from .metrics import paired_bootstrap
+from .results import fmt_ci, read_status
+
+ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
+AUDIT_ONLY = ("lungs_removed", "lungs_removed_marker")  # arms of this audit, not remedies: chapter 06 leaves them out
+IGNORED = ("run_dir", "device", "amp", "num_workers", "profile", "preprocess")  # not part of how a run learned
+CONTROL_AUC = 0.95  # the positive control "finds the marker" when its test ROC AUC CI lies at or above this
+
+
+def _settings(params: dict[str, Any]) -> tuple:
+    config = {k: v for k, v in params["config"].items() if k not in IGNORED}
+    return params["data"]["record"]["fingerprint"], json.dumps(config, sort_keys=True)
+
+
+def find_arms(root: str | Path) -> pd.DataFrame:
+    """The complete runs under `root` (any depth) that form a lungs-removed comparison, one row per arm.
+
+    Every `lungs_removed` run is joined with the intact and marker runs recorded with the same settings and
+    data; `set` numbers the comparisons. Empty when `root` holds no lungs-removed run.
+    """
+    runs = []
+    for path in sorted(Path(root).rglob("params.json")):
+        params = json.loads(path.read_text())
+        if read_status(path.parent) == "complete" and params.get("config", {}).get("preprocess") in ARMS and "record" in params.get("data", {}):
+            runs.append({"run_dir": path.parent, "preprocess": params["config"]["preprocess"],
+                         "key": _settings(params), "config": params["config"]})
+    frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "config"])
+    rows = []
+    for n, key in enumerate(frame.loc[frame["preprocess"] == "lungs_removed", "key"].drop_duplicates()):
+        same = frame[frame["key"] == key].drop_duplicates("preprocess").sort_values(
+            "preprocess", key=lambda p: p.map(list(ARMS).index))  # intact, lungs removed, control
+        rows += [{"set": n, "arm": ARMS[r.preprocess], **r._asdict()} for r in same.itertuples(index=False)]
+    out = pd.DataFrame(rows, columns=["set", "arm", "run_dir", "preprocess", "key", "config"])
+    return out.drop(columns="key")
+
+
+def describe_settings(config: dict[str, Any]) -> str:
+    """How the arms were trained, from one run's recorded config (they share it but for `preprocess`)."""
+    return (f"{config['task']} task, {config['loss']} loss, {config['backbone']} from `{config['weights']}`, "
+            f"{config['image_size']} px, {config['epochs']} epoch(s), seed {config['seed']} (profile "
+            f"`{config['profile']}`)")
+
+
+def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per arm of `find_arms`: test macro-F1 and ROC AUC with their 95% CIs, the majority baseline, and
+    `auc_vs_intact`: the ROC AUC difference from the intact arm of its set on the same test images, with a paired
+    patient-bootstrap CI (`metrics.paired_bootstrap`; absent without an intact arm or predictions.csv)."""
+    rows = []
+    for r in arms.itertuples():
+        m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
+        ci = m.get("ci", {})
+        rows.append({"set": r.set, "arm": r.arm, "preprocess": r.preprocess, "n": m["n"], "n_patients": m.get("n_patients"),
+                     "macro_f1": m["macro_f1"], "macro_f1_ci": ci.get("macro_f1"), "roc_auc": m.get("roc_auc"),
+                     "roc_auc_ci": ci.get("roc_auc"), "baseline_macro_f1": m["majority_baseline"]["macro_f1"],
+                     "run": Path(r.run_dir).name, **_versus_intact(arms, r, m["classes"], n_boot, seed)})
+    return pd.DataFrame(rows)
+
+
+def _versus_intact(arms: pd.DataFrame, arm: Any, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    intact = arms[(arms["set"] == arm.set) & (arms["preprocess"] == "none")]
+    files = [Path(d) / "predictions.csv" for d in (arm.run_dir, *intact["run_dir"])]
+    if arm.preprocess == "none" or intact.empty or not all(f.is_file() for f in files):
+        return {"auc_vs_intact": None, "auc_vs_intact_ci": None}
+    pred = [pd.read_csv(f, dtype={"patient_id": str, "image_id": str}) for f in files]
+    auc = paired_bootstrap([(pred[0], pred[1])], classes, n_boot=n_boot, seed=seed)["roc_auc"]
+    return {"auc_vs_intact": auc["difference"], "auc_vs_intact_ci": auc["ci"]}
+
+
+def lungs_removed_table(root: str | Path) -> pd.DataFrame:
+    """`arm_table(find_arms(root))`; a CXRError when `root` holds no lungs-removed run to compare."""
+    arms = find_arms(root)
+    if arms.empty:
+        raise CXRError(f"no complete lungs_removed run under {root}: train one, e.g. `python -m cxrlib.runs "
+                       "--variants lungs_removed,lungs_removed_marker` or `python -m cxrlib train --preprocess "
+                       "lungs_removed`")
+    return arm_table(arms)
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """`arm_table` for a page: scores with CIs beside the majority baseline."""
+    return pd.DataFrame({
+        "arm": table["arm"], "test images (patients)": [f"{n} ({p})" for n, p in zip(table["n"], table["n_patients"])],
+        "macro-F1 (95% CI)": [fmt_ci(v, c) for v, c in zip(table["macro_f1"], table["macro_f1_ci"])],
+        "majority macro-F1": table["baseline_macro_f1"].map(fmt_ci),
+        "ROC AUC (95% CI)": [fmt_ci(v, c) for v, c in zip(table["roc_auc"], table["roc_auc_ci"])],
+        "AUC − intact (paired 95% CI)": [fmt_ci(v, c, signed=True) if pd.notna(v) else "–"
+                                         for v, c in zip(table["auc_vs_intact"], table["auc_vs_intact_ci"])],
+    }).set_index("arm")
+
+
+def _low(ci: Any, value: float) -> float:
+    """The lower CI bound, or the value itself when there is no interval."""
+    return float(ci[0]) if isinstance(ci, (list, tuple)) and ci[0] is not None else float(value)
+
+
+def _separates(row: pd.Series) -> bool:
+    """Whether the arm ranks COVID above the rest better than chance: its ROC AUC CI lies above 0.5. AUC, not
+    macro-F1, decides: a short run can rank perfectly while its default threshold still calls every image one class."""
+    return _low(row["roc_auc_ci"], row["roc_auc"]) > 0.5
+
+
+def _score(row: pd.Series) -> str:
+    f1 = _low(row["macro_f1_ci"], row["macro_f1"]) > row["baseline_macro_f1"]
+    return (f"ROC AUC {fmt_ci(row['roc_auc'], row['roc_auc_ci'])}, macro-F1 {fmt_ci(row['macro_f1'], row['macro_f1_ci'])} "
+            f"({'above' if f1 else 'not above'} the majority class's {row['baseline_macro_f1']:.3f})")
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """Sentences computed from `arm_table`, one comparison set at a time: the control first (does the pipeline
+    learn at all without lungs?), then what the plain lungs-removed model learned, against intact."""
+    lines = []
+    for _, rows in table.groupby("set", sort=True):
+        arm = {r["preprocess"]: r for _, r in rows.iterrows()}
+        removed, control, intact = arm["lungs_removed"], arm.get("lungs_removed_marker"), arm.get("none")
+        works = None
+        if control is None:
+            lines.append("No positive-control run (`lungs_removed_marker`) with the same settings: a low score of the "
+                         "lungs-removed model could also mean that this pipeline cannot learn from such images.")
+        else:
+            works = _low(control["roc_auc_ci"], control["roc_auc"]) >= CONTROL_AUC
+            lines.append(f"Positive control (lungs removed, marker on every COVID image): {_score(control)}. "
+                         + ("The model finds the marker, so a lungs-removed model *can* learn here."
+                            if works else f"Its AUC interval does not lie at or above {CONTROL_AUC}: the pipeline "
+                            "did not reliably learn even a planted marker, so the plain arm's score is no evidence "
+                            "either way."))
+        if _separates(removed):
+            share = ""
+            if intact is not None and intact["roc_auc"] > 0.5:
+                kept = (removed["roc_auc"] - 0.5) / (intact["roc_auc"] - 0.5)
+                share = f" It keeps {max(kept, 0.0):.0%} of the intact model's AUC above chance (intact: {_score(intact)})."
+                if pd.notna(removed.get("auc_vs_intact")):
+                    share += (" AUC difference from intact on the same test images: "
+                              f"{fmt_ci(removed['auc_vs_intact'], removed['auc_vs_intact_ci'], signed=True)} (paired).")
+            lines.append(f"**Trained and tested without lungs, the model still separates the classes**: {_score(removed)}."
+                         f"{share} It learned something outside the lung fields (or lung the masks missed).")
+        elif works is False:
+            lines.append(f"Trained and tested without lungs: {_score(removed)}; with a failed control, this says nothing.")
+        else:
+            lines.append(f"Trained and tested without lungs, the model ranks no better than chance: {_score(removed)}. "
+                         "No evidence here that it learned from outside the lung fields"
+                         + ("." if works else " (but without a working control this proves little)."))
+    return lines
