@@ -26,6 +26,10 @@ reading the lungs (DeGrave et al. 2021; Roberts et al. 2021). The checks here:
    bootstrap CIs. Masks are the refined per-image estimate. `conclusion` states both in words.
 3. External validation (`external_validation_summary`) and subgroups (`subgroup_metrics`, Wilson
    intervals, "too few to say" below MIN_SUBGROUP images: `format_subgroups`).
+
+One module (about 600 lines) on purpose: the three checks share the probe features, the patient grouping and
+the verdict rule, and chapter 01, 04 and 06 read them as one audit; the training-level experiment (a model
+trained without lungs) lives apart in `lungs_removed`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ one size. Squashing (not padding or cropping) is deliberate: in CoronaHack the p
 squashed to 224x224 upstream while the adult COVID ones keep their aspect ratio, so any padding would
 hand the model the class for free, and cropping would cut lungs off wide images.
 
-One module (about 560 lines) on purpose: decoding, the cache (keyed by decode version, size and
+One module (about 600 lines) on purpose: decoding, the cache (keyed by decode version, size and
 preprocessing remedy), the transforms and the batched device path are one contract, "the pixels a model
 saw", and the device path must repeat the per-image transform's arithmetic exactly.
 """
