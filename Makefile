@@ -4,7 +4,8 @@
 #   make book CORONAHACK_DIR=/path/to/coronahack EXTRA_COVID_DIR=/path/to/covid-chestxray-dataset [PROFILE=paper]
 #                                executes on real data into a new bundle, renders it
 #             (+ CHESTXRAY14_DIR=/path/to/ChestX-ray14 or CHEST_INIT=chexnet:PATH for the chest-X-ray arm,
-#                EXTRA_NEGATIVES_DIR=/path/to/nih-chestxray14-subset for chapter 06's debiasing arms)
+#                EXTRA_NEGATIVES_DIR=/path/to/nih-chestxray14-subset for chapter 06's debiasing arms;
+#                chapter 04's lungs-removed training arms, AUDIT_VARIANTS, run in every matrix; VARIANTS= skips them)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,10 @@ PROFILE ?=
 CORONAHACK_DIR ?=
 EXTRA_COVID_DIR ?=
 EXTRA_NEGATIVES_DIR ?=
-VARIANTS ?= negs,negs+clahe
+AUDIT_VARIANTS ?= lungs_removed,lungs_removed_marker
+COMMA := ,
+VARIANTS ?= $(if $(EXTRA_NEGATIVES_DIR),negs$(COMMA)negs+clahe$(COMMA))$(AUDIT_VARIANTS)
+VARIANT_LOSSES ?= ce
 BUNDLE ?= results/paper-h200
 EXECUTE := $(strip $(PROFILE)$(CORONAHACK_DIR)$(EXTRA_COVID_DIR))
 RUN_PROFILE := $(or $(PROFILE),quick)
@@ -30,8 +34,8 @@ DATA_ARGS := --coronahack-dir "$(CORONAHACK_DIR)" --extra-covid-dir "$(EXTRA_COV
 MATRIX_ARGS := --chestxray14-dir "$(CHESTXRAY14_DIR)" --chest-init "$(CHEST_INIT)" --concurrent $(CONCURRENT) \
   $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXTRA_COVID_AXIS),--extra-covid-axis $(EXTRA_COVID_AXIS)) \
   $(if $(EXECUTOR),--executor $(EXECUTOR)) \
-  $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --variants "$(VARIANTS)" \
-    --set external=nih="$(EXTRA_NEGATIVES_DIR)")
+  $(if $(VARIANTS),--variants "$(VARIANTS)" --variant-losses $(VARIANT_LOSSES)) \
+  $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --set external=nih="$(EXTRA_NEGATIVES_DIR)")
 CHROMIUM := /usr/bin/chromium
 
 .PHONY: install book bundle runs notebooks test unit nbval check-book bench clean

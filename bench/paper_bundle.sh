@@ -26,7 +26,7 @@ timeout 120 "$py" bench/bench_speed.py --device "$device" --only ae --out "$out/
 timeout "${MATRIX_TIMEOUT:-$((budget + 240))}" "$py" -m cxrlib.runs --profile "${PROFILE:-paper}" --executor inline \
     --concurrent "${CONCURRENT:-8}" --run-root "$root" \
     --coronahack-dir "$data/coronahack" --extra-covid-dir "$data/covid-chestxray-dataset" \
-    --extra-negatives "$data/nih-chestxray14-subset" --variants "${VARIANTS:-negs,negs+clahe,holdout:country=italy}" \
+    --extra-negatives "$data/nih-chestxray14-subset" --variants "${VARIANTS:-negs,negs+clahe,holdout:country=italy,lungs_removed,lungs_removed_marker}" \
     --variant-losses focal --set "external=nih=$data/nih-chestxray14-subset" --time-budget "$budget" \
     ${SETTINGS:-} 2>&1 | tee -a "$out/log.txt" | grep -v "^ *complete\b" | tail -40
 tagged=$(ls -d "$root"/*/ | head -1)

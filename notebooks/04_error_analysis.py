@@ -41,7 +41,7 @@
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+run_root = ""  # empty: runs/<profile>/<data tag> in the repository (the run matrix's folder for this data)
 run_dir = ""  # empty: runs.featured_run(run_root), the 3-class focal-loss run with the extra COVID images
 lungs_root = ""  # where the lungs-removed training runs are (any depth); empty: run_root
 external_manifest = ""

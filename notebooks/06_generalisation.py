@@ -40,7 +40,7 @@
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-run_root = ""  # empty: ../runs/<profile>/<data tag> (the run matrix's folder for this data)
+run_root = ""  # empty: runs/<profile>/<data tag> in the repository (the run matrix's folder for this data)
 # external_dirs: NAME=DIR, where the external sets of the runs are on this machine (empty means as recorded)
 external_dirs = ""
 
