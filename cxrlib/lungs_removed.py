@@ -26,7 +26,8 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import paired_bootstrap
-from .results import fmt_ci, read_status
+from .results import fmt_ci
+from .rundir import read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
 AUDIT_ONLY = ("lungs_removed", "lungs_removed_marker")  # arms of this audit, not remedies: chapter 06 leaves them out
