@@ -165,7 +165,25 @@ def verdict_markdown(bundle: str | Path) -> str:
         said = "; ".join(f"{r.task}: **{_short(r.verdict)}**" + (f" ({r.result})" if r.result not in ("–", "") else "")
                          for r in rows.itertuples())
         lines.append(f"- {claim} — {said}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _beyond_the_paper(bundle, record)) + "\n"
+
+
+def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
+    """The generalisation goal (chapter 6) and the train-on-lungs-removed verdict (chapter 4), where the bundle
+    holds their runs: the questions the paper did not ask, computed like its claims."""
+    from . import generalise, lungs_removed
+
+    lines = []
+    table = generalise.measures(generalise.load_arms(bundle / "runs"))
+    if len(table):
+        lines.append("- Generalisation (chapter 6) — " + generalise.goal_verdict(table).split("\n")[0])
+    for root in [bundle / "runs", *(bundle / name for name in record.get("also") or {})]:
+        arms = lungs_removed.find_arms(root)
+        if len(arms):
+            said = lungs_removed.verdicts(lungs_removed.arm_table(arms))
+            settings = lungs_removed.describe_settings(arms.config.iloc[0])
+            lines.append(f"- A model trained without lungs (chapter 4; {settings}) — " + " ".join(said))
+    return [""] + lines if lines else []
 
 
 def _short(verdict: str) -> str:

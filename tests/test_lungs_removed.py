@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import audit, data, images, lungs_removed, synthetic
+from cxrlib import audit, bundle, data, images, lungs_removed, synthetic
 from cxrlib.config import RunConfig
 from cxrlib.metrics import compute_metrics, majority_baseline
 
@@ -84,7 +84,7 @@ def _fake_run(root: Path, preprocess: str, p_covid: np.ndarray, y: np.ndarray, e
     run.mkdir(parents=True)
     classes = ["non_covid", "covid"]
     pred = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(y))], "patient_id": [f"p{i // 2}" for i in range(len(y))],
-                         "true": np.array(classes)[y],
+                         "source": "coronahack", "true": np.array(classes)[y],
                          "pred": np.array(classes)[(p_covid >= 0.5).astype(int)], "p_non_covid": 1 - p_covid,
                          "p_covid": p_covid})
     m = compute_metrics(pred, classes, n_boot=200)
@@ -164,3 +164,17 @@ def test_the_featured_run_is_never_an_audit_arm(tmp_path):
         (run / "params.json").write_text(json.dumps({"config": cfg.to_dict()}))
         (run / "status").write_text("complete")
     assert featured_run(tmp_path).name == "multiclass-focal-resnet50-none-s0"
+
+
+def test_the_intro_states_the_experiment_of_a_bundle(tmp_path, scores):
+    """The book's intro reads the lungs-removed verdict from a bundle's run roots, the `also` ones included."""
+    y, p = scores
+    (tmp_path / "b" / "runs").mkdir(parents=True)
+    run = _fake_run(tmp_path, "none", p["perfect"], y)
+    run.rename(tmp_path / "b" / "runs" / run.name)  # a bundle's runs/ holds the run folders themselves
+    for arm, score in (("none", "perfect"), ("lungs_removed", "good"), ("lungs_removed_marker", "perfect")):
+        _fake_run(tmp_path / "b" / "cpu", arm, p[score], y, epochs=2)
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "also": {"cpu": []}}))
+    text = bundle.verdict_markdown(tmp_path / "b")
+    assert "A model trained without lungs (chapter 4; binary task" in text and "2 epoch(s)" in text
+    assert "still separates the classes" in text and "finds the marker" in text
