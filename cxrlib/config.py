@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("auto", "bf16", "fp16", "off"),
     # images.PREPROCESSORS, applied by images.make_cache; lungs_removed_marker = the lungs-removed positive control
     "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker"),
-    "rows": ("auto", "all", "test"),  # `evaluate`: which rows of the data to score (train.evaluate)
+    "rows": ("auto", "all", "test"),  # `evaluate`: which rows of the data to score (evaluate.evaluate)
 }
 PREPROCESS = CHOICES["preprocess"]
 
@@ -232,7 +232,7 @@ PRETRAIN_PROFILES: dict[str, dict[str, Any]] = {"quick": dict(PROFILES["quick"])
 # The run matrix: seeds per configuration (seeds 0..N-1).
 MATRIX_PROFILES: dict[str, dict[str, Any]] = {"quick": dict(seeds=1), "paper": dict(seeds=3)}
 PROFILE_CHOICES = (*PROFILES, "custom")  # `profile`: custom = no profile defaults, only the dataclass's
-# `evaluate` and `predict` from a saved model (the CLI's defaults; train.evaluate / train.predict take the same).
+# `evaluate` and `predict` from a saved model (the CLI's defaults; evaluate.evaluate / evaluate.predict take the same).
 INFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {"evaluate": dict(batch_size=64, n_boot=1000),
                                                  "predict": dict(batch_size=32)}
 

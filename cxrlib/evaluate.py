@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from . import data, distributed, images, metrics, models
 from .atomic import write_csv
-from .config import classes as task_classes
+from .config import INFERENCE_DEFAULTS, classes as task_classes
 from .errors import CXRError
 from .infer import describe_device, predict_dataset
 
@@ -33,7 +33,8 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, dict]:
 
 
 def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, str], out_dir: str | Path, *,
-             rows: str = "auto", batch_size: int = 64, device: str = "auto", n_boot: int = 1000,
+             rows: str = "auto", batch_size: int = INFERENCE_DEFAULTS["evaluate"]["batch_size"], device: str = "auto",
+             n_boot: int = INFERENCE_DEFAULTS["evaluate"]["n_boot"],
              progress: bool | None = None) -> dict[str, Any]:
     """Score a saved model on any data the data layer reads; writes out_dir/metrics.json and predictions.csv.
 
@@ -96,7 +97,8 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
     return results
 
 
-def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], *, batch_size: int = 32,
+def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], *,
+            batch_size: int = INFERENCE_DEFAULTS["predict"]["batch_size"],
             device: str = "auto") -> pd.DataFrame:
     """Class probabilities per image (JPEG, PNG or DICOM), preprocessed exactly as in training.
 
