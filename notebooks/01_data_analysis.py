@@ -138,7 +138,7 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # Kermany's CC BY 4.0 images and openly licensed ieee8023 rows; never NC, ND or unknown licences).
 # A class with fewer such images shows fewer.
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}}
+# %% mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}} tags=["hide-input"]
 picks = licences.sample_per_class(table, per_class=4, seed=seed, synthetic=record["synthetic"])
 plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
                  f"{licences.caption(table.iloc[i], synthetic=record['synthetic'])}" for i in picks], ncols=6);

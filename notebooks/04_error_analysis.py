@@ -104,7 +104,7 @@ errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) el
 worst = explain.most_confident_errors(predictions, n=8)
 worst[["image_id", "source", "true", "pred", "confidence"]].round(3)
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class; each caption reads true → predicted (confidence), then the image's source and licence.", "name": "fig-confident-errors"}}
+# %% mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class; each caption reads true \u2192 predicted (confidence), then the image's source and licence.", "name": "fig-confident-errors"}} tags=["hide-input"]
 cache = ImageCache(meta["image_size"])
 shown = worst[licences.redistributable(worst, synthetic=synthetic)]
 if len(shown):
@@ -134,7 +134,7 @@ display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cell
                  + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))))
 sample.groupby("true")[["cam_lung_share", "lung_area_share"]].agg(["mean", "count"]).round(3)
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true → predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}}
+# %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true \u2192 predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input"]
 keep = np.flatnonzero(licences.redistributable(sample, synthetic=synthetic).to_numpy())[:n_cam]  # publishable ones
 plots.image_grid([pixels[i] for i in keep],
                  [f"{r.true} → {r.pred} · {licences.caption(r, synthetic=synthetic)}" for _, r in sample.iloc[keep].iterrows()],
