@@ -198,6 +198,23 @@ def lung_share_sentence(summary: dict[str, Any]) -> str:
             f"over {summary['n']} images of {summary['n_patients']} patients{flat}: {verdict}.")
 
 
+def lung_share_by_group(cams: np.ndarray, lung_masks: np.ndarray, patients: Sequence[Any], groups: Sequence[Any],
+                        seed: int = 0) -> str:
+    """One `lung_share_sentence` per group (e.g. per true class), as Markdown bullets: a pooled verdict can hide
+    a class whose maps sit outside the lungs."""
+    groups = np.asarray(groups)
+    lines = []
+    for group in sorted(set(groups.tolist())):
+        at = groups == group
+        try:
+            said = lung_share_sentence(lung_share_summary(cams[at], np.asarray(lung_masks)[at],
+                                                          np.asarray(patients)[at], seed=seed))
+        except CXRError:
+            said = "every map is all zero: no share to report."
+        lines.append(f"- **{group}**: {said}")
+    return "\n".join(lines)
+
+
 # --- lung fields and masking ---------------------------------------------------------------------
 
 

@@ -131,7 +131,8 @@ assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
 cells = meta["image_size"] // 16  # layer3's stride
 display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cells}×{cells} cells. "
-                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))))
+                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))
+                 + "\n\nBy true class:\n\n" + explain.lung_share_by_group(cams, masks, sample.patient_id, sample["true"], seed)))
 sample.groupby("true")[["cam_lung_share", "lung_area_share"]].agg(["mean", "count"]).round(3)
 
 # %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true \u2192 predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input"]

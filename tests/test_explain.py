@@ -171,3 +171,20 @@ def test_lung_share_summary_knows_maps_inside_even_and_outside_the_lungs():
     assert flat["n_flat"] == 1 and "1 all-zero map(s) left out" in explain.lung_share_sentence(flat)
     with pytest.raises(CXRError, match="all zero"):
         explain.lung_share_summary(np.zeros(pixels.shape), masks, patients)
+
+
+def test_lung_share_by_group_shows_a_class_whose_maps_sit_outside_the_lungs():
+    """A pooled verdict can favour the lungs while one class's maps lie outside them: each group gets its own."""
+    rng = np.random.default_rng(1)
+    pixels = np.stack([synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=bool(i % 2)))
+                       for i in range(16)])
+    masks = explain.lung_masks(pixels, refine=True)
+    labels = np.array(["covid"] * 4 + ["normal"] * 12)
+    cams = np.where((labels == "covid")[:, None, None], ~masks, masks) * rng.uniform(0.5, 1.0, pixels.shape)
+    cams[-1] = 0  # one all-zero map among the normals
+    patients = np.arange(16)
+    assert "favour the lungs" in explain.lung_share_sentence(explain.lung_share_summary(cams, masks, patients))
+    text = explain.lung_share_by_group(cams, masks, patients, labels)
+    covid, normal = text.split("\n")
+    assert covid.startswith("- **covid**") and "outside the lungs" in covid
+    assert normal.startswith("- **normal**") and "favour the lungs" in normal and "1 all-zero" in normal
