@@ -33,7 +33,7 @@ import torch
 
 from cxrlib import distributed, images, models
 from cxrlib.infer import amp_dtype, describe_device
-from cxrlib.loop import FitOptions, fit
+from cxrlib.loop import FitOptions, fit, train_step
 from cxrlib.chestxray14 import FINDINGS
 from cxrlib.pretrain import finding_scores
 
@@ -73,13 +73,7 @@ def bench_model(backbone: str, batch: int, size: int, device: torch.device, seco
     autocast = dict(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def step() -> None:
-        with torch.autocast(**autocast):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, x, y, loss_fn, optimizer, scaler, dtype)
 
     def forward() -> None:
         with torch.no_grad(), torch.autocast(**autocast):

@@ -170,14 +170,7 @@ def fit(
                                                                       drop_last, loader_rng)
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}", disable=not show, leave=False, total=n_batches):
             x, y = to_device(batch[0], device, opts.channels_last), batch[1].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
+            loss_sum += train_step(net, x, y, loss_fn, optimizer, scaler, dtype) * len(y)
             seen += len(y)
         if scheduler is not None:
             scheduler.step()
@@ -223,6 +216,20 @@ def fit(
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in save_module.state_dict().items()}
     return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_score"], best_state,
                      state["stopped"])
+
+
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimiser step under autocast (`dtype`, None = fp32); the loss, detached. `fit` and the benchmarks
+    time the same step."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = net(x)
+    loss = loss_fn(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 def make_optimizer(params: Sequence[nn.Parameter], opts: FitOptions) -> torch.optim.Optimizer:
