@@ -57,7 +57,8 @@ from sklearn.preprocessing import StandardScaler
 from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .explain import MASK_MODES, lung_masks, mask_images
-from .images import ImageCache, make_transform, plant_marker
+from .images import DeviceBatches, ImageCache, make_transform, plant_marker
+from .infer import forward_all
 from .metrics import bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table
 from .models import backbone_and_head
 
@@ -142,16 +143,12 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def _apply(module: torch.nn.Module, images: np.ndarray, input_spec: str, batch_size: int) -> np.ndarray:
     """`module` over uint8 images in batches, after the model's own evaluation transform."""
-    transform, device = make_transform(input_spec, train=False), _device(module)
-    module.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.stack([transform(img) for img in images[start:start + batch_size]]).to(device)
-        out.append(module(x).float().cpu().numpy())
-    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+    device = _device(module)
+    pixels = DeviceBatches(torch.from_numpy(np.ascontiguousarray(images, np.uint8)), torch.zeros(len(images)),
+                           device, make_transform(input_spec, train=False))
+    return forward_all(module, pixels, batch_size=batch_size, device=device)[0].numpy()
 
 
 def backbone_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
