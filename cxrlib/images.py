@@ -576,6 +576,17 @@ PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def preprocess_store(method: str) -> str:
+    """The cache store of a remedy, named with the settings its output depends on, so that changing
+    one (say LUNGS_REMOVED_MARGIN) starts a new store instead of reusing stale images. The marked
+    arm shares lungs_removed's store: its marker is planted after loading."""
+    settings = {"clahe": f"tiles{CLAHE_TILES}-clip{CLAHE_CLIP}",
+                "lung_crop": f"at{LUNG_CROP_SIZE}-margin{LUNG_CROP_MARGIN}",
+                "lungs_removed": f"at{LUNG_CROP_SIZE}-grow{LUNGS_REMOVED_MARGIN}"}
+    method = "lungs_removed" if method == MARKED else method
+    return f"{method}-{settings[method]}"
+
+
 class PreprocessedCache(ImageCache):
     """An ImageCache of images passed through one remedy before resizing, in a store of its own.
 
@@ -589,8 +600,7 @@ class PreprocessedCache(ImageCache):
         self.method = method
         self.marker = method == MARKED
         base = Path(root or os.environ.get("CXRLIB_CACHE") or Path.home() / ".cache" / "cxrlib" / "images")
-        store = "lungs_removed" if self.marker else method  # the marker is planted after loading
-        super().__init__(size, base / f"preprocess-{store}", workers)
+        super().__init__(size, base / f"preprocess-{preprocess_store(method)}", workers)
 
     def _decode_one(self, data: bytes, path: str) -> np.ndarray:
         return resize_square(PREPROCESSORS[self.method](_decode_bytes(data, path)), self.size)

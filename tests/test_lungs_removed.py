@@ -178,3 +178,12 @@ def test_the_intro_states_the_experiment_of_a_bundle(tmp_path, scores):
     text = bundle.verdict_markdown(tmp_path / "b")
     assert "A model trained without lungs (chapter 4; binary task" in text and "2 epoch(s)" in text
     assert "still separates the classes" in text and "finds the marker" in text
+
+
+def test_each_remedy_caches_under_its_own_settings(tmp_path, monkeypatch):
+    assert images.PreprocessedCache(SIZE, "lungs_removed_marker", root=tmp_path).dir == \
+        images.PreprocessedCache(SIZE, "lungs_removed", root=tmp_path).dir  # the marker is planted after loading
+    stores = {m: images.preprocess_store(m) for m in ("clahe", "lung_crop", "lungs_removed")}
+    assert len(set(stores.values())) == 3
+    monkeypatch.setattr(images, "LUNGS_REMOVED_MARGIN", images.LUNGS_REMOVED_MARGIN + 1)
+    assert images.preprocess_store("lungs_removed") != stores["lungs_removed"]  # a new margin, a new store
