@@ -198,11 +198,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.from_parameters(vars(args))  # a bad value fails here, before torch is imported
     from .rundir import read_status
-    from .train import default_run_dir, run
+    from .train import default_run_dir, load_data, run
 
-    target = default_run_dir(cfg)
+    loaded = None if cfg.run_dir else load_data(cfg)  # read once: it names the folder and trains the model
+    target = default_run_dir(cfg, loaded and loaded.record)
     existed = read_status(target) == "complete"
-    run_dir = run(cfg, target, resume=args.resume, progress=args.progress)
+    run_dir = run(cfg, target, resume=args.resume, progress=args.progress, loaded=loaded)
     if os.environ.get("RANK", "0") != "0":
         return 0
     m = json.loads((run_dir / "metrics.json").read_text())

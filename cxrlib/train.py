@@ -32,16 +32,18 @@ TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating p
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, *, root: str | Path = "runs", resume: bool = False,
-        progress: bool | None = None) -> Path:
+        progress: bool | None = None, loaded: LoadedData | None = None) -> Path:
     """Train, evaluate and write the run folder of `cfg`; a complete folder is returned untouched.
 
     The book must never retrain what exists, so a folder whose status is "complete" is only checked
     (same parameters, same data fingerprint) and returned. `resume=True` continues from
     checkpoint-last.pt of an interrupted run and ends with the same numbers as an uninterrupted one.
     Under `torchrun` every rank calls this; rank 0 alone writes. Without `run_dir` (or cfg.run_dir) the
-    folder is `default_run_dir(cfg, root=root)`, and the data are read once for its name and the training.
+    folder is `default_run_dir(cfg, root=root)`, and the data are read once for its name and the training;
+    `loaded` (load_data(cfg), when the caller has read it already) saves that read.
     """
-    loaded = None if (run_dir or cfg.run_dir) else load_data(cfg)  # the default folder is named by the data
+    if loaded is None and not (run_dir or cfg.run_dir):
+        loaded = load_data(cfg)  # the default folder is named by the data
     run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record, root))
     if reuse(cfg, run_dir, lambda: (loaded or load_data(cfg)).record):
         return run_dir

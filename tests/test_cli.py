@@ -74,6 +74,20 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
     assert "p_covid" in capsys.readouterr().out  # the table form
 
 
+def test_train_without_out_reads_the_data_once(tmp_path, monkeypatch, capsys):
+    """The default folder is named by the data's fingerprint; that read also feeds the training."""
+    csv = tiny_manifest(tmp_path / "hospital", per_class=3, seed=0)
+    reads = []
+    monkeypatch.setattr(train, "load_data", lambda cfg, real=train.load_data: reads.append(1) or real(cfg))
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--task", "binary", "--weights", "none", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "4", "--manifest", str(csv), "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 0 and len(reads) == 1
+    assert "run folder: runs/custom/" in capsys.readouterr().out
+    assert cli.main(argv) == 0 and len(reads) == 2  # a complete folder: read once to check its fingerprint
+    assert "already complete" in capsys.readouterr().out
+
+
 def test_train_flags_are_the_runconfig_fields():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
