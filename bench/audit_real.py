@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrlib import audit, data, explain
+from cxrlib import audit, data, explain, lungfields
 from cxrlib.evaluate import load_model
 from cxrlib.rundir import read_status
 from cxrlib.images import ImageCache, make_transform
@@ -67,7 +67,7 @@ def model_audit(run: Path, table: pd.DataFrame, seed: int, n_cam: int) -> dict:
     pick = np.sort(rng.choice(len(test), size=min(n_cam, len(test)), replace=False))
     transform = make_transform(meta["input_spec"], train=False)
     cams = explain.grad_cam(model, torch.stack([transform(img) for img in images[pick]]))
-    masks = explain.lung_masks(images[pick])
+    masks = lungfields.lung_masks(images[pick])
     share = explain.cam_lung_share(cams, masks)
     labels = test["label"].to_numpy()[pick]
     return {

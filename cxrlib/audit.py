@@ -19,7 +19,7 @@ reading the lungs (DeGrave et al. 2021; Roberts et al. 2021). The checks here:
    patient-bootstrap CI. A positive control (`positive_control`) plants a corner marker on half the
    patients: a probe that cannot find it is blind, and its "none" verdicts mean nothing.
 2. Masking (`evaluate_masked`). The model's metrics on intact images, with the lung fields blanked,
-   and with everything but the lung fields blanked (masks: explain.lung_masks). A model that keeps
+   and with everything but the lung fields blanked (masks: lungfields.lung_masks). A model that keeps
    its score with the lungs removed is reading something other than the lungs. Both masked kinds are
    unlike any training image (a large flat patch), so a collapse, especially lungs-only, proves
    little; a score that survives is the finding, judged against the majority-class baseline with
@@ -56,7 +56,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
-from .explain import MASK_MODES, lung_masks, mask_images
+from .lungfields import MASK_MODES, lung_masks, mask_images
 from .images import DeviceBatches, ImageCache, make_transform, plant_marker
 from .infer import forward_all
 from .metrics import bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table
@@ -367,8 +367,8 @@ def evaluate_masked(model: torch.nn.Module, rows: pd.DataFrame, cache: ImageCach
 
     `rows` are table rows (path, label, ids) or a predictions table (path, true, ids: a run's
     predictions.csv); `cache` an ImageCache or the image size to cache at.
-    Masks come from `explain.lung_masks(images, refine)` and are painted before normalisation
-    (`explain.mask_images`). `task` defaults to the one matching the model's output width.
+    Masks come from `lungfields.lung_masks(images, refine)` and are painted before normalisation
+    (`lungfields.mask_images`). `task` defaults to the one matching the model's output width.
     `f1_retained` = macro-F1 / intact macro-F1: near 1 with the lungs removed means the model does
     not need the lungs for its score (a shortcut). Each mode has patient-bootstrap 95% CIs
     (`<metric>_ci_low/high`, `n_boot` resamples) and `baseline_macro_f1`, the macro-F1 of always

@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 
 from .config import classes, encode_labels
 from .errors import CXRError
+from .lungfields import NEUTRAL_GREY, lung_masks
 
 # Model input conventions. "imagenet": torchvision weights; "xrv": TorchXRayVision models, which take
 # one channel scaled to [-1024, 1024].
@@ -520,12 +521,10 @@ def clahe(img: np.ndarray, tiles: int = CLAHE_TILES, clip: float = CLAHE_CLIP) -
 
 
 def lung_crop(img: np.ndarray) -> np.ndarray:
-    """The image cropped to its estimated lung fields (explain.lung_masks, refined) plus a small margin.
+    """The image cropped to its estimated lung fields (lungfields.lung_masks, refined) plus a small margin.
 
     Cuts away borders, corners, neck and abdomen, where markers, text and collimation edges sit.
     """
-    from .explain import lung_masks  # explain imports the model code; only this remedy needs it
-
     img = np.asarray(img, np.uint8)
     h, w = img.shape
     mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]
@@ -539,14 +538,12 @@ def lung_crop(img: np.ndarray) -> np.ndarray:
 
 
 def lungs_removed(img: np.ndarray) -> np.ndarray:
-    """The image with its estimated lung fields (explain.lung_masks, refined, at LUNG_CROP_SIZE, grown by
+    """The image with its estimated lung fields (lungfields.lung_masks, refined, at LUNG_CROP_SIZE, grown by
     LUNGS_REMOVED_MARGIN) painted grey.
 
     A model trained and tested on such images can only use what lies outside the lungs (age, body habitus,
     markers, scanner processing); how well it still separates the classes measures those shortcuts.
     """
-    from .explain import NEUTRAL_GREY, lung_masks
-
     img = np.asarray(img, np.uint8)
     h, w = img.shape
     mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cxrlib import audit, book, data, explain, licences, lungs_removed, plots
+from cxrlib import audit, book, data, explain, licences, lungfields, lungs_removed, plots
 from cxrlib.config import banner_from_record
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.runs import default_run_root, featured_run
@@ -126,7 +126,7 @@ else:
 sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam_share // len(classes)))
 sample, pixels = audit.readable(sample, cache)
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
-masks = explain.lung_masks(pixels, refine=True)
+masks = lungfields.lung_masks(pixels, refine=True)
 assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
 cells = meta["image_size"] // 16  # layer3's stride

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from cxrlib import explain, synthetic
+from cxrlib import explain, lungfields, synthetic
 from cxrlib.errors import CXRError
 from cxrlib.models import build_model
 from cxrlib.synthetic import lung_mask
@@ -100,34 +100,34 @@ def test_lung_masks_template_and_refinement():
     wide = ndimage.binary_dilation(template, iterations=4)  # lungs wider than the template
     images = np.full((2, 64, 64), 200, np.uint8)
     images[0][wide] = 40
-    masks = explain.lung_masks(images)
+    masks = lungfields.lung_masks(images)
     assert masks.shape == (2, 64, 64) and masks.dtype == bool
     assert (masks == template).all()
-    refined = explain.lung_masks(images, refine=True)
+    refined = lungfields.lung_masks(images, refine=True)
     assert (refined[0] >= template).all()  # grows the template, never shrinks it
     assert (refined[0] & wide).sum() > 0.9 * wide.sum() and refined[0].sum() < 1.1 * wide.sum()
     assert (refined[1] == template).all()  # no dark lungs to find: the template
     with pytest.raises(CXRError, match="square"):
-        explain.lung_masks(np.zeros((1, 32, 48), np.uint8))
+        lungfields.lung_masks(np.zeros((1, 32, 48), np.uint8))
 
 
 def test_masking_transforms_blank_inside_or_outside_the_lungs():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
-    masks = explain.lung_masks(images)
-    removed = explain.mask_images(images, masks, "lungs_removed")
-    only = explain.mask_images(images, masks, "lungs_only", fill="grey")
+    masks = lungfields.lung_masks(images)
+    removed = lungfields.mask_images(images, masks, "lungs_removed")
+    only = lungfields.mask_images(images, masks, "lungs_only", fill="grey")
     for i in range(3):
         inside, outside = masks[i], ~masks[i]
         assert removed[i][inside].std() == 0 and (removed[i][outside] == images[i][outside]).all()
         assert removed[i][inside][0] == round(images[i].mean())  # fill: the image's own mean
         assert (only[i][outside] == 128).all() and (only[i][inside] == images[i][inside]).all()
     assert removed.shape == images.shape and removed.dtype == np.uint8
-    assert (explain.mask_images(images, masks, "intact") == images).all()
+    assert (lungfields.mask_images(images, masks, "intact") == images).all()
     with pytest.raises(CXRError, match="mask mode"):
-        explain.mask_images(images, masks, "lungs")
+        lungfields.mask_images(images, masks, "lungs")
     with pytest.raises(CXRError, match="fill"):
-        explain.mask_images(images, masks, "lungs_only", fill=300)
+        lungfields.mask_images(images, masks, "lungs_only", fill=300)
 
 
 def test_grad_cam_from_layer3_resolves_what_layer4_cannot():
@@ -153,7 +153,7 @@ def test_lung_share_summary_knows_maps_inside_even_and_outside_the_lungs():
     rng = np.random.default_rng(0)
     pixels = np.stack([synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=bool(i % 2)))
                        for i in range(12)])
-    masks = explain.lung_masks(pixels, refine=True)
+    masks = lungfields.lung_masks(pixels, refine=True)
     patients = np.repeat(np.arange(6), 2)
     blur = rng.uniform(0.5, 1.0, pixels.shape)  # uneven maps, so the shares are means of something
     inside = explain.lung_share_summary(masks * blur, masks, patients, n_boot=200)
@@ -178,7 +178,7 @@ def test_lung_share_by_group_shows_a_class_whose_maps_sit_outside_the_lungs():
     rng = np.random.default_rng(1)
     pixels = np.stack([synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=bool(i % 2)))
                        for i in range(16)])
-    masks = explain.lung_masks(pixels, refine=True)
+    masks = lungfields.lung_masks(pixels, refine=True)
     labels = np.array(["covid"] * 4 + ["normal"] * 12)
     cams = np.where((labels == "covid")[:, None, None], ~masks, masks) * rng.uniform(0.5, 1.0, pixels.shape)
     cams[-1] = 0  # one all-zero map among the normals
