@@ -180,8 +180,10 @@ def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
     for root in [bundle / "runs", *(bundle / name for name in record.get("also") or {})]:
         arms = lungs_removed.find_arms(root)
         if len(arms):
-            said = lungs_removed.verdicts(lungs_removed.arm_table(arms))
-            settings = lungs_removed.describe_settings(arms.config.iloc[0])
+            table = lungs_removed.arm_table(arms)
+            pooled = lungs_removed.across_seeds(table)  # repeats: their tally, not each seed's sentences
+            said = pooled if len(pooled) == table["experiment"].nunique() else lungs_removed.verdicts(table)
+            settings = lungs_removed.describe_settings(arms.config.iloc[0], sorted(arms.config.map(lambda c: c["seed"]).unique()))
             lines.append(f"- A model trained without lungs (chapter 4; {settings}) — " + " ".join(said))
     return [""] + lines if lines else []
 

@@ -35,8 +35,8 @@ IGNORED = ("run_dir", "device", "amp", "num_workers", "profile", "preprocess")  
 CONTROL_AUC = 0.95  # the positive control "finds the marker" when its test ROC AUC CI lies at or above this
 
 
-def _settings(params: dict[str, Any]) -> tuple:
-    config = {k: v for k, v in params["config"].items() if k not in IGNORED}
+def _settings(params: dict[str, Any], but: tuple[str, ...] = ()) -> tuple:
+    config = {k: v for k, v in params["config"].items() if k not in IGNORED + but}
     return params["data"]["record"]["fingerprint"], json.dumps(config, sort_keys=True)
 
 
@@ -44,29 +44,34 @@ def find_arms(root: str | Path) -> pd.DataFrame:
     """The complete runs under `root` (any depth) that form a lungs-removed comparison, one row per arm.
 
     Every `lungs_removed` run is joined with the intact and marker runs recorded with the same settings and
-    data; `set` numbers the comparisons. Empty when `root` holds no lungs-removed run.
+    data; `set` numbers the comparisons, `experiment` numbers the sets that differ only by their seed (repeats of
+    one experiment, pooled by `across_seeds`). Empty when `root` holds no lungs-removed run.
     """
     runs = []
     for path in sorted(Path(root).rglob("params.json")):
         params = json.loads(path.read_text())
         if read_status(path.parent) == "complete" and params.get("config", {}).get("preprocess") in ARMS and "record" in params.get("data", {}):
             runs.append({"run_dir": path.parent, "preprocess": params["config"]["preprocess"],
-                         "key": _settings(params), "config": params["config"]})
-    frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "config"])
+                         "key": _settings(params), "experiment": _settings(params, but=("seed",)),
+                         "config": params["config"]})
+    frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "experiment", "config"])
     rows = []
     for n, key in enumerate(frame.loc[frame["preprocess"] == "lungs_removed", "key"].drop_duplicates()):
         same = frame[frame["key"] == key].drop_duplicates("preprocess").sort_values(
             "preprocess", key=lambda p: p.map(list(ARMS).index))  # intact, lungs removed, control
         rows += [{"set": n, "arm": ARMS[r.preprocess], **r._asdict()} for r in same.itertuples(index=False)]
-    out = pd.DataFrame(rows, columns=["set", "arm", "run_dir", "preprocess", "key", "config"])
+    out = pd.DataFrame(rows, columns=["set", "arm", "run_dir", "preprocess", "key", "experiment", "config"])
+    out["experiment"] = pd.factorize(out["experiment"])[0]
     return out.drop(columns="key")
 
 
-def describe_settings(config: dict[str, Any]) -> str:
-    """How the arms were trained, from one run's recorded config (they share it but for `preprocess`)."""
+def describe_settings(config: dict[str, Any], seeds: list[int] | None = None) -> str:
+    """How the arms were trained, from one run's recorded config (they share it but for `preprocess`); `seeds`
+    names the seeds of repeats pooled together instead of the config's own."""
+    seeds = sorted(seeds or [config["seed"]])
+    said = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
     return (f"{config['task']} task, {config['loss']} loss, {config['backbone']} from `{config['weights']}`, "
-            f"{config['image_size']} px, {config['epochs']} epoch(s), seed {config['seed']} (profile "
-            f"`{config['profile']}`)")
+            f"{config['image_size']} px, {config['epochs']} epoch(s), {said} (profile `{config['profile']}`)")
 
 
 def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -77,7 +82,8 @@ def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
     for r in arms.itertuples():
         m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
         ci = m.get("ci", {})
-        rows.append({"set": r.set, "arm": r.arm, "preprocess": r.preprocess, "n": m["n"], "n_patients": m.get("n_patients"),
+        rows.append({"set": r.set, "experiment": r.experiment, "seed": r.config["seed"], "task": r.config["task"],
+                     "arm": r.arm, "preprocess": r.preprocess, "n": m["n"], "n_patients": m.get("n_patients"),
                      "macro_f1": m["macro_f1"], "macro_f1_ci": ci.get("macro_f1"), "roc_auc": m.get("roc_auc"),
                      "roc_auc_ci": ci.get("roc_auc"), "baseline_macro_f1": m["majority_baseline"]["macro_f1"],
                      "run": Path(r.run_dir).name, **_versus_intact(arms, r, m["classes"], n_boot, seed)})
@@ -138,6 +144,8 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     learn at all without lungs?), then what the plain lungs-removed model learned, against intact."""
     lines = []
     for _, rows in table.groupby("set", sort=True):
+        if table["set"].nunique() > 1:
+            lines.append(f"**{rows['task'].iloc[0].capitalize()} task, seed {rows['seed'].iloc[0]}.**")
         arm = {r["preprocess"]: r for _, r in rows.iterrows()}
         removed, control, intact = arm["lungs_removed"], arm.get("lungs_removed_marker"), arm.get("none")
         works = None
@@ -167,4 +175,27 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             lines.append(f"Trained and tested without lungs, the model ranks no better than chance: {_score(removed)}. "
                          "No evidence here that it learned from outside the lung fields"
                          + ("." if works else " (but without a working control this proves little)."))
+    return lines + across_seeds(table)
+
+
+def across_seeds(table: pd.DataFrame) -> list[str]:
+    """One sentence per experiment repeated with several seeds (`arm_table` rows of sets that differ only by
+    their seed): in how many seeds the control found its marker and the lungs-removed model separated the
+    classes, and the range of its paired AUC difference from intact. One seed can be luck; this says whether
+    the verdict held across repeats."""
+    lines = []
+    for _, rows in table.groupby("experiment", sort=True):
+        seeds = sorted(rows["seed"].unique())
+        if len(seeds) < 2:
+            continue
+        removed = rows[rows["preprocess"] == "lungs_removed"]
+        control = rows[rows["preprocess"] == "lungs_removed_marker"]
+        found = sum(_low(r.roc_auc_ci, r.roc_auc) >= CONTROL_AUC for r in control.itertuples())
+        separates = sum(_separates(r) for _, r in removed.iterrows())
+        diff = removed["auc_vs_intact"].dropna()
+        spread = (f"; its AUC minus the intact model's on the same test images ranges from {diff.min():+.3f} to "
+                  f"{diff.max():+.3f} (paired, {len(diff)} seed(s))" if len(diff) else "")
+        lines.append(f"**Over {len(seeds)} seeds ({rows['task'].iloc[0]} task, seeds {', '.join(map(str, seeds))})**: "
+                     f"the control found its marker in {found} of {len(control)}; trained and tested without lungs, "
+                     f"the model separated the classes in {separates} of {len(removed)}{spread}.")
     return lines

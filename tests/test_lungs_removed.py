@@ -187,3 +187,35 @@ def test_each_remedy_caches_under_its_own_settings(tmp_path, monkeypatch):
     assert len(set(stores.values())) == 3
     monkeypatch.setattr(images, "LUNGS_REMOVED_MARGIN", images.LUNGS_REMOVED_MARGIN + 1)
     assert images.preprocess_store("lungs_removed") != stores["lungs_removed"]  # a new margin, a new store
+
+
+def test_repeats_with_other_seeds_are_tallied(tmp_path, scores):
+    """Sets that differ only by their seed are one experiment: each keeps its table and verdicts, labelled by
+    seed, and a tally says in how many seeds each verdict held; the book's intro gives only the tally."""
+    y, p = scores
+    root = tmp_path / "b" / "cpu"
+    for seed, removed in ((0, "good"), (1, "chance")):
+        for arm, score in (("none", "perfect"), ("lungs_removed", removed), ("lungs_removed_marker", "perfect")):
+            run = _fake_run(tmp_path / f"s{seed}", arm, p[score], y, epochs=2)
+            params = json.loads((run / "params.json").read_text())
+            params["config"]["seed"] = seed
+            (run / "params.json").write_text(json.dumps(params))
+            (root / f"s{seed}").mkdir(parents=True, exist_ok=True)
+            run.rename(root / f"s{seed}" / run.name)
+    table = lungs_removed.lungs_removed_table(root)
+    assert table["set"].nunique() == 2 and table["experiment"].nunique() == 1 and sorted(table["seed"].unique()) == [0, 1]
+    said = lungs_removed.verdicts(table)
+    assert "**Binary task, seed 0.**" in said and "**Binary task, seed 1.**" in said
+    tally = said[-1]
+    assert tally.startswith("**Over 2 seeds (binary task, seeds 0, 1)**")
+    assert "found its marker in 2 of 2" in tally and "separated the classes in 1 of 2" in tally and "paired, 2 seed(s)" in tally
+    config = {"task": "binary", "loss": "ce", "backbone": "resnet50", "weights": "none", "image_size": 64,
+              "epochs": 2, "seed": 0, "profile": "quick"}
+    assert lungs_removed.describe_settings(config).endswith(", seed 0 (profile `quick`)")
+    assert lungs_removed.describe_settings(config, [1, 0]).endswith(", seeds 0, 1 (profile `quick`)")
+    (tmp_path / "b" / "runs").mkdir()
+    run = _fake_run(tmp_path / "paper", "none", p["perfect"], y)
+    run.rename(tmp_path / "b" / "runs" / run.name)  # the bundle's own matrix
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "also": {"cpu": []}}))
+    text = bundle.verdict_markdown(tmp_path / "b")
+    assert "seeds 0, 1" in text and "Over 2 seeds" in text and "seed 1.**" not in text
