@@ -193,8 +193,9 @@ def across_seeds(table: pd.DataFrame) -> list[str]:
         found = sum(_low(r.roc_auc_ci, r.roc_auc) >= CONTROL_AUC for r in control.itertuples())
         separates = sum(_separates(r) for _, r in removed.iterrows())
         diff = removed["auc_vs_intact"].dropna()
-        spread = (f"; its AUC minus the intact model's on the same test images ranges from {diff.min():+.3f} to "
-                  f"{diff.max():+.3f} (paired, {len(diff)} seed(s))" if len(diff) else "")
+        spread = (f"; its AUC minus the intact model's on the same test images ranges from "
+                  f"{fmt_ci(diff.min(), signed=True)} to {fmt_ci(diff.max(), signed=True)} (paired, {len(diff)} seed(s))"
+                  if len(diff) else "")
         lines.append(f"**Over {len(seeds)} seeds ({rows['task'].iloc[0]} task, seeds {', '.join(map(str, seeds))})**: "
                      f"the control found its marker in {found} of {len(control)}; trained and tested without lungs, "
                      f"the model separated the classes in {separates} of {len(removed)}{spread}.")

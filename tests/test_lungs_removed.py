@@ -209,6 +209,7 @@ def test_repeats_with_other_seeds_are_tallied(tmp_path, scores):
     tally = said[-1]
     assert tally.startswith("**Over 2 seeds (binary task, seeds 0, 1)**")
     assert "found its marker in 2 of 2" in tally and "separated the classes in 1 of 2" in tally and "paired, 2 seed(s)" in tally
+    assert "ranges from −0." in tally  # typeset like every other signed difference
     config = {"task": "binary", "loss": "ce", "backbone": "resnet50", "weights": "none", "image_size": 64,
               "epochs": 2, "seed": 0, "profile": "quick"}
     assert lungs_removed.describe_settings(config).endswith(", seed 0 (profile `quick`)")
