@@ -174,16 +174,16 @@ def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
     from . import generalise, lungs_removed
 
     lines = []
-    table = generalise.measures(generalise.load_arms(bundle / "runs"))
-    if len(table):
-        lines.append("- Generalisation (chapter 6) — " + generalise.goal_verdict(table).split("\n")[0])
+    measures = generalise.measures(generalise.load_arms(bundle / "runs"))
+    if len(measures):
+        lines.append("- Generalisation (chapter 6) — " + generalise.goal_verdict(measures).split("\n")[0])
     for root in [bundle / "runs", *(bundle / name for name in record.get("also") or {})]:
         arms = lungs_removed.find_arms(root)
         if len(arms):
             table = lungs_removed.arm_table(arms)
             pooled = lungs_removed.across_seeds(table)  # repeats: their tally, not each seed's sentences
             said = pooled if len(pooled) == table["experiment"].nunique() else lungs_removed.verdicts(table)
-            settings = lungs_removed.describe_settings(arms.config.iloc[0], sorted(arms.config.map(lambda c: c["seed"]).unique()))
+            settings = lungs_removed.describe_settings(arms.config.iloc[0], table["seed"].unique().tolist())
             lines.append(f"- A model trained without lungs (chapter 4; {settings}) — " + " ".join(said))
     return [""] + lines if lines else []
 
