@@ -132,7 +132,7 @@ class RunConfig:
     num_workers: int = 0  # data-loader worker processes
     run_dir: str = ""  # the run folder; empty: runs/<profile>/<data tag>/<run name>
     profile: str = "custom"  # the defaults under the parameters actually set (custom: none)
-    extra_covid_train: bool = True  # False: ieee8023-only images leave train/val after the split (same test set)
+    extra_covid_train: bool = True  # False: the ieee8023-only COVID-19 images leave training only (same val and test)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -161,7 +161,8 @@ class RunConfig:
             weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
         arms = ["negs" if self.extra_negatives else "",  # the generalisation arms (chapter 06) get their own folders
                 f"holdout-{re.sub(r'[^A-Za-z0-9.]+', '_', self.hold_out)}" if self.hold_out else "",
-                self.preprocess if self.preprocess != "none" else ""]
+                self.preprocess if self.preprocess != "none" else "",
+                "" if self.weighted_sampler else "unweighted"]
         return "-".join([self.task, self.loss, self.backbone, weights, *filter(None, arms), f"s{self.seed}"]) + (
             "" if self.extra_covid_train else "-noextra")
 

@@ -304,6 +304,16 @@ def split_table(
     return out
 
 
+def without_extra_covid(table: pd.DataFrame) -> pd.Series:
+    """Rows a run with extra_covid_train=False keeps: all but the ieee8023-only COVID-19 images of the train split.
+
+    Validation and test stay those of the run with the extra images, so early stopping, the threshold and the
+    scored images are the same on both sides of the comparison; only the training images differ.
+    """
+    extra = table["source"].eq("ieee8023") & table["label"].eq("covid") & table["split"].eq("train")
+    return ~extra
+
+
 def check_no_leakage(table: pd.DataFrame) -> None:
     """CXRError if a patient, or an image (same `image_hash`, else same file content), is in two splits."""
     if "split" not in table.columns:

@@ -234,8 +234,8 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
 
 def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]:
     """`--variants`: comma-separated arms of chapter 06, each `+`-joined from negs (train with the extra adult
-    negatives), a preprocess choice (clahe, lung_crop; lungs_removed, lungs_removed_marker: chapter 4's audit) and
-    holdout:COLUMN=VALUE (a source kept out of training)."""
+    negatives), unweighted (no class-balanced sampling: claim (c)), a preprocess choice (clahe, lung_crop;
+    lungs_removed, lungs_removed_marker: chapter 4's audit) and holdout:COLUMN=VALUE (a source kept out of training)."""
 
     variants = []
     for arm in filter(None, (a.strip() for a in spec.split(","))):
@@ -245,12 +245,14 @@ def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]
                 if not extra_negatives:
                     raise CXRError(f"--variants {arm}: 'negs' needs --extra-negatives DIR")
                 values["extra_negatives"] = extra_negatives
+            elif part == "unweighted":
+                values["weighted_sampler"] = False
             elif part in PREPROCESS and part != "none":
                 values["preprocess"] = part
             elif part.startswith("holdout:") and "=" in part:
                 values["hold_out"] = part.split(":", 1)[1]
             else:
-                raise CXRError(f"--variants: unknown part {part!r} of {arm!r}; use negs, "
+                raise CXRError(f"--variants: unknown part {part!r} of {arm!r}; use negs, unweighted, "
                                f"{', '.join(p for p in PREPROCESS if p != 'none')} or holdout:COLUMN=VALUE")
         variants.append(values)
     return variants

@@ -389,3 +389,14 @@ def test_real_patient_split(real_table):
     assert any("170 patient(s) had images in both TRAIN and TEST" in n for n in published.attrs["notes"])
     assert (published.loc[published["published_split"] == "train", "split"] != "test").all()
     assert os.environ.get("CXRLIB_CACHE")  # the session's own cache, never the user's
+
+
+def test_without_extra_covid_drops_only_the_extra_covid_training_images():
+    from cxrlib.data import without_extra_covid
+
+    table = pd.DataFrame({"source": ["ieee8023", "ieee8023", "ieee8023", "ieee8023", "coronahack"],
+                          "label": ["covid", "covid", "covid", "pneumonia", "covid"],
+                          "split": ["train", "val", "test", "train", "train"]})
+    kept = table[without_extra_covid(table)]
+    assert len(kept) == 4 and not ((kept.source == "ieee8023") & (kept.label == "covid") & (kept.split == "train")).any()
+    assert kept[kept.split != "train"].equals(table[table.split != "train"])  # validation and test unchanged

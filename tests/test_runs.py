@@ -168,21 +168,23 @@ def test_concurrent_workers_give_the_numbers_of_one_by_one(tmp_path, one_thread)
     with_extra, without = (pd.read_csv(two / n / "predictions.csv") for n in names)
     assert with_extra.image_id.tolist() == without.image_id.tolist()  # same test images: paired comparisons
     sources = [json.loads((two / n / "params.json").read_text())["data"]["summary"]["sources"] for n in names]
-    assert sources[0]["train"].get("ieee8023", 0) > 0 and sources[1]["train"].get("ieee8023", 0) == 0
+    assert sources[0]["train"].get("ieee8023", 0) > sources[1]["train"].get("ieee8023", 0)  # fewer trained on ...
+    assert sources[0]["val"] == sources[1]["val"]  # ... and the same validation images (early stopping, threshold)
 
 
 def test_variants_follow_the_core_runs_of_each_seed(tmp_path):
     data = {"coronahack_dir": "C", "extra_covid_dir": "E"}
-    variants = runs.parse_variants("negs,negs+clahe,holdout:country=italy", extra_negatives="N")
+    variants = runs.parse_variants("negs,negs+clahe,holdout:country=italy,unweighted", extra_negatives="N")
     assert variants == [{"extra_negatives": "N"}, {"extra_negatives": "N", "preprocess": "clahe"},
-                        {"hold_out": "country=italy"}]
+                        {"hold_out": "country=italy"}, {"weighted_sampler": False}]
     configs = runs.matrix("paper", tmp_path, data, ["none"], ["binary"], ["ce", "focal"], seeds=2,
                           variants=variants, variant_losses=("focal",))
     names = [c.run_name() for c in configs]
-    assert len(names) == len(set(names)) == 2 * (2 + 3)
-    assert [c.seed for c in configs] == [0] * 5 + [1] * 5  # a time budget cuts whole seeds, variants included
-    assert all(c.loss == "focal" and c.extra_covid_train for c in configs[2:5])
+    assert len(names) == len(set(names)) == 2 * (2 + 4)
+    assert [c.seed for c in configs] == [0] * 6 + [1] * 6  # a time budget cuts whole seeds, variants included
+    assert all(c.loss == "focal" and c.extra_covid_train for c in configs[2:6])
     assert names[3] == "binary-focal-resnet50-none-negs-clahe-s0"
+    assert names[5] == "binary-focal-resnet50-none-unweighted-s0" and not configs[5].weighted_sampler
     with pytest.raises(CXRError, match="needs --extra-negatives"):
         runs.parse_variants("negs")
     with pytest.raises(CXRError, match="unknown part 'flip'"):
