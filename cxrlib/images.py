@@ -432,13 +432,13 @@ class DeviceBatches:
         return None
 
 
-def warm_cache(table: pd.DataFrame, image_size: int, root: str | Path | None = None) -> dict[str, int]:
-    """Decode every image of `table` at `image_size` into the on-disk cache, once, before a run matrix.
+def warm_cache(paths: Sequence[str], image_size: int, root: str | Path | None = None) -> dict[str, int]:
+    """Decode every image at `image_size` into the on-disk cache, once, before a run matrix's workers start.
 
     Runs then only memory-map their pixels. Returns {"images", "decoded", "unreadable"} counts.
     """
     cache = ImageCache(image_size, root)
-    pixels, skipped = cache.load(table["path"].tolist())
+    pixels, skipped = cache.load(list(paths))
     return {"images": len(pixels), "decoded": cache.decoded_count, "unreadable": len(skipped)}
 
 

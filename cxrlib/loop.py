@@ -35,21 +35,22 @@ from .rundir import BEST, LAST
 
 @dataclass
 class FitOptions:
-    """How `fit` trains. `monitor` is the key of score_fn's dict that picks the best epoch (higher is better)."""
+    """How `fit` trains. `monitor` is the key of score_fn's dict that picks the best epoch (higher is better).
+    The fields a run also has take RunConfig's defaults (never restated here; tests/test_config.py checks)."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # cosine | step (x0.1 every third of the epochs) | none
-    patience: int = 5  # epochs without a better monitor before stopping; 0 disables
+    epochs: int = RunConfig.epochs
+    batch_size: int = RunConfig.batch_size
+    optimizer: str = RunConfig.optimizer  # adamw | sgd (momentum 0.9)
+    lr: float = RunConfig.lr
+    weight_decay: float = RunConfig.weight_decay
+    scheduler: str = RunConfig.scheduler  # cosine | step (x0.1 every third of the epochs) | none
+    patience: int = RunConfig.patience  # epochs without a better monitor before stopping; 0 disables
     monitor: str = "macro_f1"
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | fp16 | off: see infer.amp_dtype
+    seed: int = RunConfig.seed
+    device: str = RunConfig.device
+    amp: str = RunConfig.amp  # auto | bf16 | fp16 | off: see infer.amp_dtype
     channels_last: bool = True
-    num_workers: int = 0
+    num_workers: int = RunConfig.num_workers
     device_batches: bool = True  # gather and augment batches on the device (images.DeviceBatches) where possible
     eval_batch_size: int = 256  # validation and test forwards: no gradients, so larger batches
     progress: bool | None = None  # None: bars on a terminal or in a notebook, off in logs

@@ -9,6 +9,13 @@ The run folder is the contract between training and the notebooks and the book; 
     predictions.csv  the test split, one row per image (metrics.predictions_table)
     metrics.json     metrics on test + validation-chosen threshold + majority baseline + provenance
     status           "running", then "complete" written last; "failed: <reason>" when an exception escapes
+    manifest.json    written just before "complete": every file the run holds, with its size and SHA-256
+
+"Complete" means whole: `read_status` reports a complete folder whose files no longer match its manifest
+(a truncated metrics.json, a deleted predictions.csv, a cut model.pt) as "damaged: <file>: <what>", so the
+matrix reruns it and every reader treats it as unfinished, naming the file. A folder of the earlier layout
+(no manifest) is whole when its result files are present and its JSON parses. `locked` serialises two
+matrix commands on one folder: the second waits, then finds the run complete and skips it.
 
 torch is imported inside `running` only, so that the results chapter reads statuses without it.
 """
@@ -16,6 +23,8 @@ torch is imported inside `running` only, so that the results chapter reads statu
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,10 +43,98 @@ NOT_IDENTITY = ("run_dir", "device", "num_workers", "profile", "coronahack_dir",
                 "extra_negatives", "external")
 
 
+MANIFEST = "manifest.json"
+RESULT_FILES = ("params.json", "metrics.json", "predictions.csv")  # what every complete fine-tuning run holds
+LOCK = ".lock"
+# Not in the manifest: the status and lock, the resume checkpoint (deleted on completion) and papermill's notebook
+# (papermill writes it once more after the run inside it has completed).
+UNSEALED = ("status", MANIFEST, LOCK, LAST, "notebook.ipynb")
+
+
 def read_status(run_dir: str | Path) -> str:
-    """A run folder's status file: complete | running | failed: <reason> | missing."""
+    """A run folder's status file: complete | running | failed: <reason> | missing | damaged: <file>: <what>
+    (a complete folder whose files do not match its manifest, checked by size; `damage` also checks hashes)."""
     path = Path(run_dir) / "status"
-    return path.read_text().strip() if path.is_file() else "missing"
+    status = path.read_text().strip() if path.is_file() else "missing"
+    if status == "complete":
+        why = damage(run_dir, hashes=False)
+        return f"damaged: {why}" if why else status
+    return status
+
+
+def seal(run_dir: str | Path) -> dict[str, Any]:
+    """Record what the complete run holds (every file but the status, lock and resume checkpoint)."""
+    run_dir = Path(run_dir)
+    files = {str(p.relative_to(run_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(run_dir.rglob("*"))
+             if p.is_file() and p.name not in UNSEALED}
+    record = {"files": files}
+    write_text(run_dir / MANIFEST, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def damage(run_dir: str | Path, hashes: bool = True) -> str:
+    """"" when a complete folder is whole, else what is wrong, naming the file. Files a results bundle leaves out
+    on purpose (the weights) are listed under "left_out" by bundle pack and not expected."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / MANIFEST
+    if not manifest.is_file():  # the earlier layout: result files present and parseable
+        if not (run_dir / "params.json").is_file() and not (run_dir / "metrics.json").is_file():
+            return ""  # not a fine-tuning folder this module can judge (e.g. a pretraining folder of old)
+        for name in RESULT_FILES:
+            if not (run_dir / name).is_file():
+                return f"{name}: missing"
+        for name in ("params.json", "metrics.json"):
+            try:
+                json.loads((run_dir / name).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                return f"{name}: not valid JSON ({err})"
+        return ""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"{MANIFEST}: unreadable ({err})"
+    for name, want in files.items():
+        path = run_dir / name
+        if not path.is_file():
+            return f"{name}: missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name}: {size} bytes, {want['bytes']} when the run completed"
+        if hashes and _sha256(path) != want["sha256"]:
+            return f"{name}: contents changed since the run completed"
+    return ""
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run file's JSON, with an error that names the file (never a bare JSONDecodeError deep in a chapter)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise CXRError(f"{path}: missing; rerun the run (python -m cxrlib.runs) or restore the file") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise CXRError(f"{path}: not valid JSON ({err}); the run folder is damaged: rerun it") from err
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path) -> Iterator[None]:
+    """An exclusive lock on the run folder for the block: a second process on the same folder waits here."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_status(run_dir: str | Path, status: str) -> None:
@@ -47,8 +144,8 @@ def write_status(run_dir: str | Path, status: str) -> None:
 def reuse(cfg: Any, run_dir: str | Path, data_record: Callable[[], dict] | None = None) -> bool:
     """True when `run_dir` is complete: it is then returned untouched, after checking that it was made with
     `cfg.to_dict()` (and the fingerprint of `data_record()`: data are read only to check a complete folder)."""
-    if read_status(run_dir) != "complete":
-        return False
+    if read_status(run_dir) != "complete" or damage(run_dir):
+        return False  # a damaged folder is trained again (running() clears its outputs)
     check_reusable(cfg, Path(run_dir), data_record() if data_record else None)
     return True
 
@@ -74,12 +171,13 @@ def running(run_dir: str | Path, device: str = "auto", *, resume: bool = False,
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume or not (run_dir / LAST).is_file():
-                for name in outputs:
+                for name in (*outputs, MANIFEST):
                     (run_dir / name).unlink(missing_ok=True)
             write_status(run_dir, "running")
         distributed.barrier()
         yield info
         if info.is_main:
+            seal(run_dir)
             write_status(run_dir, "complete")
         ok = True
     except BaseException as err:
@@ -97,7 +195,7 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
     params_file = run_dir / "params.json"
     if not params_file.is_file():
         return
-    params = json.loads(params_file.read_text())
+    params = read_json(params_file)
     saved, wanted = params.get("config", {}), cfg.to_dict()
     diff = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in wanted
             if k not in NOT_IDENTITY and k in saved and saved[k] != wanted[k]]

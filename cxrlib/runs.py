@@ -32,16 +32,13 @@ from .atomic import write_text
 from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config,
                      with_profile)
 from .errors import CXRError
+from .paths import GENERATED, NOTEBOOKS, ROOT
 from .results import load_runs
-from .rundir import check_reusable, read_status, write_status
+from .rundir import check_reusable, damage, locked, read_status, write_status
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
-GENERATED = ROOT / "book" / "generated"
 FINETUNE = "03_finetune"
 CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results", "06_generalisation")
-TASKS = ("binary", "multiclass")
-LOSSES = ("ce", "focal")
+PAPER_LOSSES = ("ce", "focal")  # the losses the paper compares (CHOICES["loss"] also has weighted_ce)
 ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper compares
 EXTRA_AXIS = {"both": (True, False), "with": (True,), "without": (False,)}
 MATRIX_FILE = "matrix.json"
@@ -200,7 +197,8 @@ def resolve_arms(args: argparse.Namespace, root: Path, synthetic: bool, override
 # --- the matrix ----------------------------------------------------------------------------------
 
 
-def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str], tasks=TASKS, losses=LOSSES,
+def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str], tasks=CHOICES["task"],
+           losses=PAPER_LOSSES,
            seeds: int | None = None, extra_covid_train: tuple[bool, ...] = (True,),
            variants: list[dict[str, Any]] = (), variant_losses: tuple[str, ...] | None = None,
            **overrides) -> list[RunConfig]:
@@ -294,17 +292,28 @@ def execute_run(cfg: RunConfig, executor: str = "papermill", data_record: dict |
     """Train and evaluate one configuration (03_finetune through papermill, or train.run in-process); failures
     are kept in the folder. A complete folder is reused only if its parameters and data match. A run that
     would start after `deadline` (time.time()) is not started: its status says so and no folder is made."""
-    from . import train
-
     run_dir, start = Path(cfg.run_dir), time.monotonic()
     if deadline is not None and time.time() > deadline and read_status(run_dir) != "complete":
         return RunStatus(run_dir.name, run_dir, NOT_STARTED)
-    if read_status(run_dir) == "complete":
+    with locked(run_dir):  # a second matrix on the same root waits here, then finds the run complete
+        return _execute_locked(cfg, run_dir, executor, data_record, start)
+
+
+def _execute_locked(cfg: RunConfig, run_dir: Path, executor: str, data_record: dict | None,
+                    start: float) -> RunStatus:
+    from . import train
+
+    status = read_status(run_dir)
+    if status == "complete" and damage(run_dir):
+        status = f"damaged: {damage(run_dir)}"
+    if status == "complete":
         try:
             check_reusable(cfg, run_dir, data_record)
         except CXRError as err:
             return RunStatus(run_dir.name, run_dir, f"failed: not reused: {err}")
         return RunStatus(run_dir.name, run_dir, "complete")
+    if status.startswith("damaged: "):
+        print(f"  {run_dir.name}: {status}; training it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")  # what was asked for, so a run that fails early is still listed
     try:
@@ -326,14 +335,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def warm_cache(table_paths: list[str], image_sizes: set[int]) -> None:
-    """Decode every image once per size before the workers start, so they only read the cache."""
-    from .images import ImageCache
-
-    for size in sorted(image_sizes):
-        ImageCache(size).load(table_paths)
-
-
 def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_record: dict,
                 table_paths: list[str], deadline: float | None = None) -> list[RunStatus]:
     """Run the configurations one by one, or in `concurrent` spawned worker processes taking them in turn;
@@ -344,7 +345,10 @@ def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_r
 
     if concurrent <= 1:
         return [show(execute_run(cfg, executor, data_record, deadline)) for cfg in configs]
-    warm_cache(table_paths, {cfg.image_size for cfg in configs})
+    from .images import warm_cache
+
+    for size in sorted({cfg.image_size for cfg in configs}):  # decoded once, before the workers: they only read
+        warm_cache(table_paths, size)
     threads = max(1, (os.cpu_count() or 1) // concurrent)
     with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
@@ -374,8 +378,8 @@ def featured_run(run_root: Path) -> Path | None:
     runs = load_runs(run_root)
     if runs.empty:
         return None
-    variant = runs.run.str.contains(rf"-(?:negs|holdout-[^-]+|{'|'.join(PREPROCESS[1:])})-s\d+$")  # chapter 06's arms
-    done = runs[(runs.status == "complete") & ~runs.run.str.endswith("-noextra") & ~variant]
+    # the paper's set-up with the extra COVID images, by the parameters each run recorded (never its folder name)
+    done = runs[(runs.status == "complete") & runs.paper_arm & runs.extra_covid_train.map(bool)]
     for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
                    lambda r: r.weights == "none"):
         pick = done[(done.task == "multiclass") & (done.loss == "focal") & prefer(done)]
@@ -441,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 to pretrain the chest-X-ray arm on")
     p.add_argument("--chest-init", default="",
                    help="a ready chest-X-ray init: chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(CHOICES['task'])}")
-    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
+    p.add_argument("--tasks", default=",".join(CHOICES["task"]), help=f"comma-separated, of {', '.join(CHOICES['task'])}")
+    p.add_argument("--losses", default=",".join(PAPER_LOSSES), help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
     p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for, comma-separated")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds 0..N-1 per configuration (default: " +

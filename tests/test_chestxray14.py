@@ -180,7 +180,8 @@ def test_pretrain_one_process_writes_a_complete_run_folder(nih, tmp_path):
     cfg = PretrainConfig(chestxray14=str(nih), backbone="densenet121", class_weighted=True, **TINY)
     out = pretrain(cfg, tmp_path / "run", progress=False)
     assert (out / "status").read_text() == "complete\n"
-    assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "metrics.json", "params.json", "status"}
+    assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "metrics.json", "params.json", "status",
+                                               "manifest.json"}  # manifest.json: what "complete" holds (rundir.seal)
     result = json.loads((out / "metrics.json").read_text())
     assert set(result["per_finding_auroc"]) == set(FINDINGS) and "mean_auroc" in result
     finite = [v for v in result["per_finding_auroc"].values() if v is not None]
@@ -225,6 +226,8 @@ SPY = """
 """
 
 
+@pytest.mark.slow
+@pytest.mark.torchrun
 def test_torchrun_two_gloo_processes_rank0_writes_and_result_fine_tunes(nih, tmp_path):
     spy = tmp_path / "spy.py"
     spy.write_text(textwrap.dedent(SPY))

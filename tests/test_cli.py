@@ -48,9 +48,12 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
     m = json.loads((tmp_path / "external" / "metrics.json").read_text())
     assert m["n"] == 9 and m["rows"] == "auto" and "macro_f1" in m and m["checkpoint"].endswith("model.pt")
     assert m["rows_note"].startswith("left out 0 of 9")
-    # On the training data, only the images the model never saw are scored: the run's own test split.
+    # On the training data, only the images the model never saw are scored: the run's own test split. The same
+    # computation by construction: training scores its test split in fp32 (whatever amp trained in) in batches of
+    # eval_batch_size (256: the whole split), and so does evaluate here. A smaller batch or bf16 would pick other
+    # CPU kernels (bf16 autocast on an AVX512-BF16 CPU moved p_covid by 2e-4); 1e-6 allows float32 rounding only.
     assert cli.main(["evaluate", "--checkpoint", str(out / "model.pt"), "--manifest", str(train_csv),
-                     "--out", str(tmp_path / "same"), "--n-boot", "20", "--batch-size", "4"]) == 0
+                     "--out", str(tmp_path / "same"), "--n-boot", "20", "--batch-size", "256"]) == 0
     again, original = (pd.read_csv(d / "predictions.csv") for d in (tmp_path / "same", out))
     assert again.image_id.tolist() == original.image_id.tolist()
     pd.testing.assert_frame_equal(again, original, atol=1e-6)

@@ -113,3 +113,22 @@ def test_a_freeze_outside_the_choices_fails_when_the_config_is_made():
     """stage7 used to pass validation and fail only after the data had loaded."""
     with pytest.raises(CXRError, match=r"freeze='stage7': choose one of none, backbone, stage1"):
         RunConfig(freeze="stage7")
+
+
+def test_fit_options_take_the_run_defaults_not_restate_them():
+    """Every FitOptions field that RunConfig also has defaults to RunConfig's value, written as a reference."""
+    from cxrlib import loop
+
+    source = Path(loop.__file__).read_text()
+    body = source[source.index("class FitOptions"):source.index("@classmethod", source.index("class FitOptions"))]
+    shared = set(loop.FitOptions.__dataclass_fields__) & set(RunConfig.__dataclass_fields__)
+    assert len(shared) >= 11
+    for name in shared:
+        assert f"{name}: " in body and f"= RunConfig.{name}" in body, f"FitOptions.{name} restates RunConfig's default"
+        assert config.field_default(loop.FitOptions, name) == config.field_default(RunConfig, name)
+
+
+def test_preprocess_choices_and_preprocessors_are_one_list():
+    from cxrlib import images
+
+    assert config.CHOICES["preprocess"] == ("none", *images.PREPROCESSORS)  # same names, same order

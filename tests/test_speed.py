@@ -192,9 +192,9 @@ def test_bf16_cpu_fit_is_close_to_fp32():
 
 def test_warm_cache_decodes_once(splits):
     table = pd.concat(splits.values())
-    first = images.warm_cache(table, 24)
+    first = images.warm_cache(table["path"], 24)
     assert first == {"images": len(table), "decoded": len(table), "unreadable": 0}
-    assert images.warm_cache(table, 24)["decoded"] == 0
+    assert images.warm_cache(table["path"], 24)["decoded"] == 0
 
 
 @cuda

@@ -1,0 +1,87 @@
+"""The run folder's record of itself: a complete run is whole, a damaged one is named and rerun, two matrices
+on one folder train it once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from cxrlib import results, rundir, runs
+from cxrlib.config import RunConfig
+from cxrlib.errors import CXRError
+
+
+def _complete(run, seal: bool = True):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "params.json").write_text(json.dumps({"config": {"task": "binary", "loss": "ce", "weights": "none",
+                                                            "seed": 0}}))
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.8, "macro": {"precision": 0.8,
+                                                  "recall": 0.8}, "per_class": {}, "classes": ["non_covid", "covid"]}))
+    (run / "predictions.csv").write_text("image_id,true,pred\na,covid,covid\n")
+    (run / "history.csv").write_text("epoch\n1\n")
+    (run / "model.pt").write_bytes(b"w" * 5000)
+    if seal:
+        rundir.seal(run)
+    rundir.write_status(run, "complete")
+    return run
+
+
+def test_a_sealed_run_is_whole_and_each_damage_is_named(tmp_path):
+    run = _complete(tmp_path / "run")
+    assert rundir.read_status(run) == "complete" and rundir.damage(run) == ""
+    manifest = json.loads((run / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"params.json", "metrics.json", "predictions.csv", "history.csv", "model.pt"}
+
+    (run / "metrics.json").write_text('{"accuracy": 0.9')  # truncated
+    assert rundir.read_status(run).startswith("damaged: metrics.json: 16 bytes")
+    _complete(run)
+    (run / "predictions.csv").unlink()
+    assert rundir.read_status(run) == "damaged: predictions.csv: missing"
+    _complete(run)
+    (run / "model.pt").write_bytes(b"w" * 1000)  # cut to 1,000 bytes
+    assert rundir.read_status(run) == "damaged: model.pt: 1000 bytes, 5000 when the run completed"
+    _complete(run)
+    (run / "model.pt").write_bytes(b"x" * 5000)  # same size, other bytes: only the hash sees it
+    assert rundir.read_status(run) == "complete"
+    assert rundir.damage(run) == "model.pt: contents changed since the run completed"
+
+
+def test_a_run_of_the_earlier_layout_still_reads(tmp_path):
+    run = _complete(tmp_path / "old", seal=False)
+    assert not (run / "manifest.json").exists() and rundir.read_status(run) == "complete"
+    (run / "metrics.json").write_text("{")
+    assert rundir.read_status(run).startswith("damaged: metrics.json: not valid JSON")
+
+
+def test_readers_report_a_damaged_run_by_name_instead_of_crashing(tmp_path):
+    _complete(tmp_path / "good")
+    _complete(tmp_path / "bad")
+    (tmp_path / "bad" / "metrics.json").write_text("{")
+    table = results.load_runs(tmp_path).set_index("run")
+    assert table.loc["good", "status"] == "complete" and table.loc["good", "accuracy"] == 0.9
+    assert table.loc["bad", "status"].startswith("damaged: metrics.json")
+    with pytest.raises(CXRError, match=r"bad/metrics.json: not valid JSON"):
+        rundir.read_json(tmp_path / "bad" / "metrics.json")
+
+
+def test_the_matrix_reruns_a_damaged_run_and_two_matrices_train_a_folder_once(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(cfg, run_dir, progress=None):  # stands in for train.run: slow enough for the second to wait
+        trained.append(run_dir.name)
+        time.sleep(0.3)
+        _complete(run_dir)
+
+    monkeypatch.setattr("cxrlib.train.run", fake_run)
+    cfg = RunConfig(task="binary", weights="none", run_dir=str(tmp_path / "binary-ce-resnet50-none-s0"))
+    workers = [threading.Thread(target=runs.execute_run, args=(cfg, "inline")) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert trained == ["binary-ce-resnet50-none-s0"]  # the second waited on the lock, then found it complete
+    (tmp_path / "binary-ce-resnet50-none-s0" / "predictions.csv").unlink()
+    assert runs.execute_run(cfg, "inline").status == "complete" and len(trained) == 2  # damaged: trained again
