@@ -1,19 +1,40 @@
-"""What makes an executed chapter read like a published one: the data banner, and a tidy notebook
-(parameter cells removed from the page, no progress-bar widgets)."""
+"""What makes an executed chapter read like a published one: the data banner, numbered tables that read
+(`Tables`), a tidy notebook (parameter cells removed from the page, no progress-bar widgets), and launch
+buttons that open a notebook the repository holds (`setup`, a Sphinx extension)."""
 
 from __future__ import annotations
 
 import html
+import math
+import numbers
 import re
 from pathlib import Path
+from typing import Any
 
 import nbformat
+import numpy as np
+import pandas as pd
 from IPython.display import HTML
 from markdown_it import MarkdownIt
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository (cxrlib is installed editable: `pip install -e .`)
+from .paths import ROOT
+
 HIDDEN_TAGS = ("parameters", "injected-parameters")  # papermill's tags; Jupyter Book removes `remove-cell`
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+GENERATED, PAIRED = "book/generated/", "notebooks/"  # where the book's chapters are executed / the tracked notebooks
+# Inline so that a table reads the same in Jupyter and in the built book: cells wrap at spaces and long tokens
+# at their <wbr> (`_breakable`), so a table fits a 420 px phone; the wrapper scrolls sideways only as a last resort.
+# Not `overflow-wrap: anywhere`: it lets the table shrink short words to a letter a line ("pneumoni|a").
+TABLE_CSS = """<style>
+.cxr-table-wrap { max-width: 100%; overflow-x: auto; margin: 0.5em 0 1.2em; }
+.cxr-table { border-collapse: collapse; max-width: 100%; font-size: 0.9em; }
+.cxr-table caption, .cxr-table-wrap .cxr-caption { caption-side: top; text-align: left; padding: 0 0 0.4em; }
+.cxr-table th, .cxr-table td { padding: 0.25em 0.6em; text-align: left; vertical-align: top;
+  word-wrap: break-word; overflow-wrap: break-word; border-bottom: 1px solid #ccc; }
+.cxr-table th { border-bottom: 2px solid #888; }
+.cxr-table td.cxr-num { text-align: right; font-variant-numeric: tabular-nums; }
+@media (max-width: 600px) { .cxr-table { font-size: 0.78em; } .cxr-table th, .cxr-table td { padding: 0.2em 0.3em; } }
+</style>"""
 
 
 def repo_path(*parts: str) -> Path:
@@ -31,7 +52,8 @@ def banner(text: str, kind: str = "note") -> HTML:
     match = re.match(r"\s*\*\*(.+?)\*\*\s*(.*)", text, re.S) or re.match(r"\s*(.+?\.)\s+(.*)", text, re.S)
     title, body = (match.group(1), match.group(2)) if match else (text, "")
     body_html = MarkdownIt().render(body) if body else ""
-    return HTML(f'<div class="admonition {html.escape(kind)}">\n<p class="admonition-title">{html.escape(title)}</p>\n'
+    title_html = MarkdownIt().renderInline(title)  # `code` in a title renders as code (escaped like the body)
+    return HTML(f'<div class="admonition {html.escape(kind)}">\n<p class="admonition-title">{title_html}</p>\n'
                 f"{body_html}</div>")
 
 
@@ -52,3 +74,112 @@ def tidy_notebook(path: str | Path) -> Path:
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
     return path
+
+
+class TableHTML(HTML):
+    """IPython's HTML with a text/plain form: `print`, nbval and plain-text front ends see the table, not
+    "<IPython.core.display.HTML object>"."""
+
+    def __init__(self, data: str, text: str):
+        super().__init__(data)
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _breakable(text: str, longest: int = 16) -> str:
+    """`text` as HTML in which a token longer than `longest` characters may break after / _ - . or, failing
+    those, every `longest` characters: a long file name wraps inside its cell; a short word never breaks."""
+    def pieces(token: str) -> list[str]:
+        return [p[i:i + longest] for p in re.split(r"(?<=[/_.\-])", token) for i in range(0, len(p), longest)]
+
+    return "".join("<wbr>".join(map(html.escape, pieces(w))) if len(w) > longest and not w.isspace()
+                   else html.escape(w) for w in re.split(r"(\s+)", text))
+
+
+def _cell(value: Any, column: str) -> str:
+    """One cell as the reader sees it: 3 decimals, '–' for missing, yes/no; a list of numbers is refused,
+    because only the caller knows whether it is an interval (results.fmt_ci) or something else."""
+    if isinstance(value, (list, tuple, np.ndarray, pd.Series)):
+        items = list(value)
+        if any(isinstance(v, numbers.Number) for v in items):
+            raise TypeError(f"column {column!r} holds a list of numbers ({str(value)[:60]}): format it first, "
+                            "e.g. results.fmt_ci(value, ci) for an interval")
+        return ", ".join(_cell(v, column) for v in items) or "–"
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return f"{value:.3f}".replace("-", "−") if math.isfinite(value) else "–"  # U+2212, as results.fmt_ci
+    return str(value)
+
+
+class Tables:
+    """Numbered tables of one chapter: `tables = Tables(5)`, then `tables(frame, "caption")` shows
+    "Table 5.1. caption" above the frame, every cell in full.
+
+    Numbered here, not by Sphinx, because a notebook's HTML output is not a docutils table. Full text and
+    fixed formats because pandas' own repr cuts long cells ("..."), prints floats to 6 digits, NaN and
+    "Empty DataFrame", none of which reads on a page.
+    """
+
+    def __init__(self, chapter: int | str):
+        self.chapter, self.count = chapter, 0
+
+    def __call__(self, frame: pd.DataFrame | pd.Series, caption: str, index: bool = False,
+                 empty: str = "Nothing to show.") -> TableHTML:
+        """The table as HTML (with its own CSS) and plain text. `index=True` shows the index (each level of a
+        MultiIndex) as leading columns; a frame without rows shows `empty` under the caption."""
+        self.count += 1
+        number = f"Table {self.chapter}.{self.count}."
+        frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
+        if index:
+            names = [n if n is not None else ("" if frame.index.nlevels == 1 else f"level {i}")
+                     for i, n in enumerate(frame.index.names)]
+            frame = frame.rename_axis(names).reset_index()
+        anchor = f"table-{self.chapter}-{self.count}"
+        head = f'<span class="cxr-table-number">{number}</span> {_breakable(caption)}'
+        if frame.empty:
+            return TableHTML(f'<div class="cxr-table-wrap" id="{anchor}">{TABLE_CSS}<p class="cxr-caption">{head}'
+                             f'</p><p class="cxr-table-empty">{html.escape(empty)}</p></div>',
+                             f"{number} {caption}\n{empty}")
+        columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
+        shown = pd.DataFrame({i: [_cell(v, name) for v in frame.iloc[:, i]] for i, name in enumerate(columns)},
+                             index=range(len(frame))).set_axis(columns, axis=1)  # by position: names may repeat
+        numeric = [pd.api.types.is_numeric_dtype(d) and not pd.api.types.is_bool_dtype(d) for d in frame.dtypes]
+        td = ['<td class="cxr-num">' if num else "<td>" for num in numeric]
+        rows = "".join("<tr>" + "".join(f"{t}{_breakable(v)}</td>" for t, v in zip(td, row)) + "</tr>\n"
+                       for row in shown.itertuples(index=False))
+        header = "".join(f"<th>{_breakable(c)}</th>" for c in columns)
+        return TableHTML(f'<div class="cxr-table-wrap">{TABLE_CSS}<table class="cxr-table" id="{anchor}">'
+                         f"<caption>{head}</caption>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}</tbody>"
+                         f"</table></div>", f"{number} {caption}\n{shown.to_string(index=False)}")
+
+
+def launch_target(url: str, pagename: str) -> str:
+    """`url` (a Binder/Colab/JupyterHub launch link of `pagename`) aimed at the paired notebook git tracks,
+    notebooks/<chapter>.ipynb, instead of book/generated/<chapter>.ipynb, which is a build product (404)."""
+    paired = f"{PAIRED}{Path(pagename).name}.ipynb"
+    if not pagename.startswith(GENERATED) or not (ROOT / paired).is_file():
+        return url
+    return url.replace(f"{pagename}.ipynb", paired)
+
+
+def _retarget_launch_buttons(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    """html-page-context handler: rewrites the launch buttons sphinx-book-theme put into the context."""
+    for group in context.get("header_buttons", []):
+        if group.get("label") == "launch-buttons":
+            for button in group.get("buttons", []):
+                if "url" in button:
+                    button["url"] = launch_target(button["url"], pagename)
+
+
+def setup(app: Any) -> dict:
+    """Sphinx extension (`_config.yml`: sphinx.extra_extensions): after sphinx-book-theme's own handler
+    (priority 501) has made the launch buttons, point them at the tracked notebooks."""
+    app.connect("html-page-context", _retarget_launch_buttons, priority=510)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

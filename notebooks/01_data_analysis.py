@@ -45,6 +45,7 @@ from cxrlib.config import classes, data_banner, data_record, encode_labels
 from cxrlib.images import ImageCache
 
 cfg = RunConfig.from_parameters(globals())
+tables = book.Tables(1)  # "Table 1.n." captions, full cell text
 coronahack_dir, extra_covid_dir, task, seed, image_size = (cfg.coronahack_dir, cfg.extra_covid_dir, cfg.task,
                                                            cfg.seed, cfg.image_size)
 table, report = data.load_table(coronahack_dir, extra_covid_dir)
@@ -68,7 +69,8 @@ for note in summary["notes"]:
     print("note:", note.split(" in /")[0])
 
 # %%
-table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame()
+tables(table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame(),
+       "Images per source, class and subtype, after removing the copies shared by the two sources.", index=True)
 
 # %% [markdown]
 # ## The imbalance
@@ -82,8 +84,9 @@ n_classes = len(classes(task))
 imbalance = pd.DataFrame({
     "train images": np.bincount(train_labels, minlength=n_classes),
     "sampling weight": data.class_weights(train_labels, n_classes),
-}, index=classes(task))
-imbalance
+}, index=pd.Index(classes(task), name="class"))
+tables(imbalance, "Training images per class, and the weight with which training draws each class's images "
+       "(inversely proportional to its frequency).", index=True)
 
 # %% mystnb={"figure": {"caption": "Images per class and source, after removing the copies shared by the two sources.", "name": "fig-data-class-source"}}
 sns.countplot(table, y="label", hue="source", order=["covid", "pneumonia", "normal"]).set_title("images per class and source");
@@ -93,8 +96,8 @@ sns.countplot(table, y="label", hue="source", order=["covid", "pneumonia", "norm
 
 # %%
 duplicates = pd.DataFrame(report.duplicates, columns=["removed", "kept (copy of)"])
-print(f"{len(duplicates)} duplicate image(s) removed")
-duplicates.head(10)
+tables(duplicates.head(10), f"Images removed as copies of an image in the other source: the first "
+       f"{min(len(duplicates), 10)} of {len(duplicates)}.", empty="No image was found in both sources.")
 
 # %% [markdown]
 # ## The patient-disjoint split
@@ -103,11 +106,17 @@ duplicates.head(10)
 # numbers. We re-split by patient from a seed, stratified by label and source: every split holds
 # every class, no patient (and no image) is on two sides — checked by `data.check_no_leakage`.
 
-# %% tags=["nbval-check-output"]
-pd.DataFrame(summary["counts"]).fillna(0).astype(int)
+# %% tags=["nbval-check-output", "remove-cell"]
+# What nbval compares, as plain text (the same on every machine); the page shows the table below.
+for split, counts in summary["counts"].items():
+    print(f"{split}: {summary['patients'][split]} patients;", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
-# %% tags=["nbval-check-output"]
-pd.Series(summary["patients"], name="patients")
+# %%
+split_counts = pd.DataFrame(summary["counts"]).fillna(0).astype(int)
+split_counts.loc["all classes"] = split_counts.sum()
+split_counts.loc["patients"] = pd.Series(summary["patients"])
+tables(split_counts.rename_axis(None), f"The patient-disjoint split (seed {seed}): images per class, and "
+       "patients, in each split.", index=True)
 
 # %% [markdown]
 # ## How the images differ by source
@@ -122,7 +131,13 @@ cache = ImageCache(image_size)
 pixels, skipped = cache.load(list(table.path))
 stats = audit.image_statistics(pixels, parts=("whole", "border")).set_index(table.index)
 look = pd.concat([table[["source", "label"]], sizes, stats[["whole_mean", "whole_std", "border_mean"]]], axis=1)
-look.groupby(["source", "label"])[["width", "height", "aspect", "whole_mean", "border_mean"]].median().round(2)
+medians = look.groupby(["source", "label"])[["width", "height", "aspect", "whole_mean", "border_mean"]].median()
+pixels_text = lambda v: "–" if pd.isna(v) else f"{v:g}"  # medians of whole pixels: 143 or 134.5, not 143.000
+tables(medians.assign(width=medians.width.map(pixels_text), height=medians.height.map(pixels_text))
+       .rename(columns={"width": "width (px)", "height": "height (px)", "whole_mean": "mean intensity",
+                        "border_mean": "border mean intensity"}),
+       "Medians per source and class: width, height and aspect ratio of the images as stored; mean intensity "
+       "(0–255) of the whole image and of its border strip after resizing.", index=True)
 
 # %% mystnb={"figure": {"caption": "Aspect ratio (width / height) of the images as stored, per class (panels) and source (colour).", "name": "fig-data-aspect"}}
 fig = sns.displot(look, x="aspect", hue="source", col="label", kind="hist", height=2.6, facet_kws={"sharey": False})
@@ -153,7 +168,8 @@ plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
 
 # %%
 probe = audit.source_probe(table.reset_index(drop=True), pixels, sizes=sizes.reset_index(drop=True), seed=seed)
-audit.probe_table(probe)
+tables(audit.probe_table(probe), "How well trivial image statistics predict the source (origin) and the "
+       "COVID-19 label: balanced accuracy with patient-grouped cross-validation, against chance.")
 
 # %% tags=["hide-input"]
 display(Markdown(audit.probe_lines(probe)))
