@@ -23,14 +23,22 @@ from typing import Any
 import pandas as pd
 
 from .errors import CXRError
+from . import metrics
+from .atomic import write_text
 from .metrics import PAIRED, paired_bootstrap
-from .rundir import read_status
+from .paths import ROOT
+from .rundir import read_json, read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
 # A factor that is a derived column also frees the columns it is derived from.
 DERIVED_FROM = {"init_family": ("init",), "debiased": ("extra_negatives",)}
-SHOWN = ("task", "loss", "init", "extra_covid_train", "debiased", "seed", "image_size", "epochs")
+SHOWN = ("arm", "task", "loss", "init", "extra_covid_train", "seed", "image_size", "epochs")
+COLUMN_WORDS = {"extra_covid_train": "extra COVID in training", "image_size": "image size (px)"}  # for readers
+PAPER_ARM = "paper set-up"  # the paper's own design: no hold-out, preprocessing, extra negatives; weighted sampling
+UNWEIGHTED = "paper set-up, without weighted sampling"  # claim (c)'s other arm
+PREPROCESS_WORDS = {"clahe": "CLAHE", "lung_crop": "lung crop", "lungs_removed": "lungs removed",
+                    "lungs_removed_marker": "lungs removed + marker (control)"}
 METRIC_NAMES = {"macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity", "roc_auc": "ROC AUC",
                 "accuracy": "accuracy"}
 ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per (factor, value)
@@ -43,13 +51,25 @@ ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per 
 
 
 def init_name(weights: str) -> str:
-    """Human name of a weights spec: random, ImageNet, or chest X-ray (with its source)."""
+    """Human name of a weights spec: random init, ImageNet, or chest X-ray (with its source)."""
     kind, _, rest = weights.partition(":")
     if kind == "none":
-        return "random"
+        return "random init"
     if kind == "imagenet":
         return "ImageNet"
     return f"chest X-ray ({kind}: {Path(rest).parent.name if kind == 'file' else Path(rest).stem or rest})"
+
+
+def arm_name(params: dict[str, Any]) -> str:
+    """A run's arm in words, from its recorded parameters: "paper set-up", or what departs from it
+    ("held-out source: country=italy", "adult negatives + CLAHE", "lungs removed", "paper set-up, without
+    weighted sampling"). Task, loss, initialisation, seed and the extra-COVID axis are runs of one arm."""
+    preprocess = params.get("preprocess") or "none"
+    words = [f"held-out source: {params['hold_out']}" if params.get("hold_out") else "",
+             "adult negatives" if params.get("extra_negatives") else "",
+             PREPROCESS_WORDS.get(preprocess, preprocess) if preprocess != "none" else ""]
+    departures = ["without weighted sampling"] if params.get("weighted_sampler") is False else []
+    return ", ".join([" + ".join(filter(None, words)) or PAPER_ARM, *departures])
 
 
 def init_family(weights: str) -> str:
@@ -66,10 +86,10 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
     rows = []
     for run_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
         if (run_dir / "params.json").is_file():  # written by training
-            params = json.loads((run_dir / "params.json").read_text())
+            params = read_json(run_dir / "params.json")
             params = params.get("config", params)
         elif (run_dir / "config.json").is_file():  # written by the run matrix before training starts
-            params = json.loads((run_dir / "config.json").read_text())
+            params = read_json(run_dir / "config.json")
         else:
             continue
         if "task" not in params:  # e.g. the ChestX-ray14 pretraining folder
@@ -93,10 +113,12 @@ def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
 
 
 def public_text(text: str) -> str:
-    """A recorded message fit for the published book: home folders as `~`, temporary folders as `…/<last two
-    parts>` (the machine that ran the matrix is not the reader's)."""
+    """A recorded message fit for the published book: the repository's folders relative to it, home folders as
+    `~`, temporary and work folders (/tmp, /work, /mnt, ...) as `…/<last two parts>` (the machine that ran the matrix is not the reader's)."""
+    text = text.replace(f"{ROOT}/", "")  # the repository's own folders, relative to it
     text = re.sub(r"(?<![\w.~])/(?:root|home/[^/\s]+)(?=/)", "~", text)
-    return re.sub(r"(?<![\w.~])/tmp(?:/[^/\s'\")]+)*?((?:/[^/\s'\")]+){1,2})(?=[\s'\")]|$)", r"…\1", text)
+    return re.sub(r"(?<![\w.~])/(?:tmp|work|mnt|srv|scratch)(?:/[^/\s'\")]+)*?((?:/[^/\s'\")]+){1,2})(?=[\s'\")]|$)",
+                  r"…\1", text)
 
 
 def fmt_ci(value: Any, ci: Any = None, signed: bool = False) -> str:
@@ -130,16 +152,16 @@ def narrow(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it)."""
-    columns = [c for c in (*SHOWN, "status") if c in runs and (c != "debiased" or runs[c].any())]
-    return runs[columns].sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
-                                      if c in runs]).reset_index(drop=True)
+    columns = [c for c in (*SHOWN, "status") if c in runs]
+    table = runs[columns].sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
+                                       if c in runs]).reset_index(drop=True)
+    return table.rename(columns=COLUMN_WORDS)
 
 
 def arms_table(runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = ()) -> pd.DataFrame:
     """One row per arm of the matrix (task, loss, init, extra COVID): complete/failed runs and seeds; then the
     arms that were not run, with the reason matrix.json gives."""
-    keys = [c for c in ("task", "loss", "init", "extra_covid_train") if c in runs]
-    keys += ["debiased"] if "debiased" in runs and runs.debiased.any() else []
+    keys = [c for c in ("arm", "task", "loss", "init", "extra_covid_train") if c in runs]
     rows = []
     for arm, sub in runs.groupby(keys, dropna=False, sort=True) if not runs.empty else ():
         done = sub.status == "complete"
@@ -158,21 +180,29 @@ def paper_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     Accuracy, macro-F1 and AUC with patient-bootstrap 95 % CIs; failed runs stay, with their status.
     """
     out = []
-    for _, r in _task_runs(runs, task).iterrows():
+    auc = "ROC AUC" if task == "binary" else "ROC AUC (macro one-vs-rest)"
+    for _, r in _task_runs(paper_runs(runs), task).iterrows():
         row = {**_index(r), "status": r.status}
         if r.status == "complete":
             row.update({"accuracy": fmt_ci(r.accuracy, r.get("accuracy_ci")),
                         "macro precision": fmt_ci(r.macro_precision), "macro recall": fmt_ci(r.macro_recall),
                         "macro F1": fmt_ci(r.macro_f1, r.get("macro_f1_ci")),
-                        "ROC AUC": fmt_ci(r.roc_auc, r.get("roc_auc_ci"))})
+                        auc: fmt_ci(r.roc_auc, r.get("roc_auc_ci"))})
+            if task != "binary":  # the macro AUC averages three one-vs-rest AUCs; COVID's own is the paper's question
+                row["COVID-vs-rest AUC"] = fmt_ci(r.get("covid_auc"))
         out.append(row)
     return _indexed(out)
+
+
+def paper_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the paper's own set-up (its tables and claims), without chapter 06's arms or claim (c)'s."""
+    return runs[runs.paper_arm.astype(bool)] if "paper_arm" in runs else runs
 
 
 def class_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     """Per class of one task: precision, recall (sensitivity) and specificity with Wilson 95 % CIs, and F1."""
     out = []
-    for _, r in _task_runs(runs, task).iterrows():
+    for _, r in _task_runs(paper_runs(runs), task).iterrows():
         if r.status != "complete":
             continue
         for cls in r.classes:
@@ -206,7 +236,7 @@ def paired(
         for m in PAIRED:
             r = result[m]
             row.update({f"{m}_a": r["a"], f"{m}_b": r["b"], f"{m}_difference": r["difference"],
-                        f"{m}_ci": tuple(r["ci"]), f"{m}_ahead": r["ahead"]})
+                        f"{m}_ci": tuple(r["ci"]), f"{m}_ahead": r["ahead"], f"{m}_p": r.get("p_value")})
         row["mcnemar_p"] = tuple(p["mcnemar"]["p_value"] for p in result["pairs"])
         row["verdict"] = verdict(row["macro_f1_ci"])
         rows.append(row)
@@ -306,24 +336,81 @@ def claims_table(
     the opposite direction; "no evidence of a difference" when it contains 0; "not testable here (why)" when
     the runs it needs are missing (with matrix.json's reason where it gives one).
     """
-    if "paper_arm" in runs:  # the paper's claims are about its set-up, not chapter 06's debiasing arms
-        runs = runs[runs.paper_arm.astype(bool)]
-    tasks = sorted(runs.task.dropna().unique()) if not runs.empty else []
+    paper = paper_runs(runs)
+    with_unweighted = runs[runs.arm.isin([PAPER_ARM, UNWEIGHTED])] if "arm" in runs else runs  # claim (c)'s two arms
+    tasks = sorted(paper.task.dropna().unique()) if not paper.empty else []
     rows = []
     for task in tasks:
-        sub = runs[runs.task == task]
-        for claim, factor, a, b in (
+        sub = paper[paper.task == task]
+        for claim, factor, a, b, pool in (
             ("(a) chest-X-ray (CheXNet) pretraining beats ImageNet initialisation", "init_family", "chest_xray",
-             "imagenet"),
-            ("(b) focal loss beats cross-entropy", "loss", "focal", "ce"),
-            ("(c) weighted sampling handles the class imbalance", "weighted_sampler", True, False),
+             "imagenet", sub),
+            ("(b) focal loss beats cross-entropy", "loss", "focal", "ce", sub),
+            ("(c) weighted sampling handles the class imbalance", "weighted_sampler", True, False,
+             with_unweighted[with_unweighted.task == task]),
         ):
-            rows.append({"claim": claim, "task": task, **_paired_claim(sub, factor, a, b, not_run, n_boot, seed)})
+            rows.append({"claim": claim, "task": task, **_paired_claim(pool, factor, a, b, not_run, n_boot, seed)})
         rows.append({"claim": "(b) … most once extra COVID-19 images are added", "task": task,
                      **_interaction_claim(sub, not_run, n_boot, seed)})
         rows.append({"claim": "(d) high accuracy (read here: above always predicting the majority class)",
                      "task": task, **_accuracy_claim(sub)})
-    return pd.DataFrame(rows, columns=["claim", "task", "tested by", "result", "verdict"])
+    table = pd.DataFrame(rows, columns=["claim", "task", "tested by", "seeds", "result", "p", "verdict"])
+    table["seeds"] = table["seeds"].fillna("–")
+    table["p (Holm)"] = metrics.holm([p if _finite(p) else None for p in table["p"]])
+    return table
+
+
+def claims_for_reading(claims: pd.DataFrame) -> pd.DataFrame:
+    """The claims table for the page: p-values as text ("–" where a claim has no paired test), in reading order."""
+    out = claims.copy()
+    for column in ("p", "p (Holm)"):
+        out[column] = [fmt_p(p) for p in out[column]]
+    out["verdict"] = [v if len(v) < 90 else v.split(" (", 1)[0] + " (why: \"What ran, and what did not\" above)"
+                      for v in out["verdict"]]  # the arms' full reasons are in that table, said once
+    return out[["claim", "task", "verdict", "result", "seeds", "p", "p (Holm)", "tested by"]]
+
+
+def fmt_p(p: Any) -> str:
+    """A p-value for readers: two significant digits, "< 0.001" below that; "–" when there is none."""
+    if not _finite(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def holm_sentence(claims: pd.DataFrame, level: float = 0.05) -> str:
+    """How many of the family's tested claims keep p < level after Holm's adjustment, said once."""
+    tested = claims[[_finite(p) for p in claims["p (Holm)"]]]
+    if tested.empty:
+        return "No claim had a paired test here, so there is no family of p-values to adjust."
+    kept = int((tested["p (Holm)"] < level).sum())
+    return (f"The {len(tested)} paired tests (claims × tasks) form one family: after Holm's adjustment, {kept} of "
+            f"them keep p < {level}. The p-values are two-sided paired-bootstrap ones, read from the same "
+            f"resamples as the intervals; claim (d) compares each run's own interval with a fixed baseline and "
+            f"has no p-value.")
+
+
+def save_claims(claims: pd.DataFrame, runs: pd.DataFrame, path: str | Path) -> Path:
+    """claims.json: the claims, their verdicts and what stands behind them, as data for the book's first page."""
+    done = runs[runs.status == "complete"] if not runs.empty else runs
+    record = {"claims": json.loads(claims.to_json(orient="records")),
+              "holm": holm_sentence(claims),
+              "runs": {"complete": int(len(done)), "all": int(len(runs)),
+                       "seeds": sorted({int(s) for s in done.seed.dropna()}) if len(done) else [],
+                       "epochs": sorted({int(e) for e in done.epochs.dropna()}) if len(done) else [],
+                       "epochs_run": sorted({int(e) for e in done.epochs_run.dropna()})
+                       if "epochs_run" in done and len(done) else [],
+                       "image_size": sorted({int(e) for e in done.image_size.dropna()}) if len(done) else [],
+                       "inits": sorted(set(done.init)) if len(done) else [],
+                       "arms": sorted(set(done.arm)) if "arm" in done and len(done) else []}}
+    return write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
+def read_claims(path: str | Path) -> dict[str, Any]:
+    """A claims.json, with an error that names the file when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CXRError(f"{path}: cannot read the claims ({err}); re-execute the results chapter") from err
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -334,8 +421,8 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     weights = params.get("weights", "none")
     row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs",
                                       "weighted_sampler", "extra_negatives")}
-    row["paper_arm"] = not (params.get("extra_negatives") or params.get("hold_out")
-                            or params.get("preprocess", "none") != "none")  # chapter 06's arms are not the paper's
+    row["arm"] = arm_name(params)
+    row["paper_arm"] = row["arm"] == PAPER_ARM  # chapter 06's arms and claim (c)'s unweighted arm are not the paper's
     row["extra_covid_train"] = params.get("extra_covid_train", True)  # before the axis existed: always True
     row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=init_name(weights),
                init_family=init_family(weights), debiased=bool(params.get("extra_negatives")))
@@ -344,11 +431,12 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
                        "extra_covid_train": row["extra_covid_train"], "debiased": row["debiased"]}
     metrics_file = run_dir / "metrics.json"
     if row["status"] == "complete" and metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
+        m = read_json(metrics_file)
         row.update(classes=m.get("classes"), accuracy=m["accuracy"], macro_precision=m["macro"]["precision"],
                    macro_recall=m["macro"]["recall"], macro_f1=m["macro_f1"],
                    covid_sensitivity=m.get("covid_sensitivity"), roc_auc=m.get("roc_auc"),
-                   majority_accuracy=m.get("majority_baseline", {}).get("accuracy"))
+                   covid_auc=(m.get("roc_auc_per_class") or {}).get("covid"),
+                   majority_accuracy=m.get("majority_baseline", {}).get("accuracy"), epochs_run=m.get("epochs_run"))
         for name, ci in m.get("ci", {}).items():
             row[f"{name}_ci"] = tuple(ci) if ci else None
         wilson = m.get("wilson", {}).get("per_class", {})
@@ -374,9 +462,16 @@ def _paired_claim(runs: pd.DataFrame, factor: str, a: Any, b: Any, not_run, n_bo
                 "result": "–", "verdict": f"not testable here ({_why_missing(runs, factor, (a, b), not_run)})"}
     r = result.iloc[0]
     return {"tested by": f"{r['pairs']} paired run(s): {_label(factor, a)} vs {_label(factor, b)}",
+            "seeds": _seed_count(r["seeds"]),
             "result": f"Δ macro-F1 {fmt_ci(r['macro_f1_difference'], r['macro_f1_ci'], signed=True)}; "
                       f"ahead in {r['macro_f1_ahead']} of {r['pairs']}",
-            "verdict": r["verdict"]}
+            "p": r["macro_f1_p"], "verdict": r["verdict"]}
+
+
+def _seed_count(seeds: Sequence[Any]) -> str:
+    """"1 seed (0)" / "3 seeds (0, 1, 2)": how many seeds stand behind a verdict."""
+    kept = sorted({int(s) for s in seeds})
+    return f"{len(kept)} seed{'s' if len(kept) != 1 else ''} ({', '.join(map(str, kept))})" if kept else "–"
 
 
 def _interaction_claim(runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> dict:
@@ -402,6 +497,7 @@ def _interaction_claim(runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> d
     result = paired_bootstrap(pairs, both["classes_with"].iloc[0], n_boot=n_boot, seed=seed,
                               coef=[1 / m] * m + [-1 / m] * m)["macro_f1"]
     return {"tested by": f"{m} set(s) of 4 runs: (focal − CE with extra COVID) − (focal − CE without)",
+            "seeds": _seed_count(both.seed), "p": result.get("p_value"),
             "result": f"Δ of Δ macro-F1 {fmt_ci(result['difference'], result['ci'], signed=True)}",
             "verdict": verdict(result["ci"])}
 
@@ -425,6 +521,7 @@ def _accuracy_claim(runs: pd.DataFrame) -> dict:
         said = "no evidence of a difference"
     worst = chosen.accuracy.idxmin()
     return {"tested by": f"{len(chosen)} run(s), {which}, vs always the majority class",
+            "seeds": _seed_count(chosen.seed),
             "result": f"lowest accuracy {fmt_ci(chosen.accuracy[worst], chosen.accuracy_ci[worst])} vs majority "
                       f"{fmt_ci(chosen.majority_accuracy[worst])}",
             "verdict": said}

@@ -375,3 +375,15 @@ def test_paired_bootstrap_refuses_different_test_data():
         M.paired_bootstrap([(a, a.assign(image_id=a["image_id"] + "x"))], BINARY, n_boot=10)
     with pytest.raises(CXRError, match="2 coefficients for 1 pairs"):
         M.paired_bootstrap([(a, a)], BINARY, n_boot=10, coef=[1, -1])
+
+
+def test_holm_and_bootstrap_p():
+    from cxrlib.metrics import bootstrap_p, holm
+
+    adjusted = holm([0.01, 0.04, None, 0.03])
+    assert adjusted[2] is None and adjusted[0] == pytest.approx(0.03)  # smallest of 3: times 3
+    assert adjusted[3] == pytest.approx(0.06) and adjusted[1] == pytest.approx(0.06)  # step-down, monotone
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+    assert bootstrap_p(np.full(999, 0.2)) == pytest.approx(2 / 1000)  # never 0
+    assert bootstrap_p(np.linspace(-1, 1, 1001)) == 1.0
+    assert bootstrap_p(np.array([np.nan])) is None

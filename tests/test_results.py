@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cxrlib import metrics, results
+from cxrlib.errors import CXRError
 
 BINARY = ["non_covid", "covid"]
 CHEST = "file:/runs/pretrain-chestxray14-resnet50/model.pt"
@@ -70,7 +71,7 @@ def test_load_runs_reads_old_and_new_params(tmp_path):
     (old / "params.json").write_text(json.dumps({"task": "multiclass", "loss": "focal", "weights": "none", "seed": 3}))
     (old / "status").write_text("failed: killed\n")
     runs = results.load_runs(tmp_path).set_index("run")
-    assert runs.loc["old", "extra_covid_train"] and runs.loc["old", "init"] == "random"  # before the axis: True
+    assert runs.loc["old", "extra_covid_train"] and runs.loc["old", "init"] == "random init"  # before the axis: True
     new = runs.drop(index="old").iloc[0]
     assert not new.extra_covid_train and new.init_family == "chest_xray" and new.classes == BINARY
     assert new.covid_recall_wilson[0] < new.covid_recall < new.covid_recall_wilson[1]
@@ -160,7 +161,9 @@ def test_arms_and_run_tables(matrix):
     assert arms.note.iloc[-1] == "not run: no extra_covid_dir given"
     assert "out of memory" in " ".join(arms.note)
     table = results.run_table(runs)
-    assert list(table.columns[:3]) == ["task", "loss", "init"] and len(table) == 9 and table.shape[1] <= 8
+    assert list(table.columns[:4]) == ["arm", "task", "loss", "init"] and len(table) == 9 and table.shape[1] <= 9
+    assert "extra COVID in training" in table.columns  # headers in words
+    assert set(table.arm) == {"paper set-up"}
     paper = results.paper_table(runs, "binary")
     assert paper.shape[1] <= 8 and "failed: out of memory" in set(paper.status)
     assert paper.loc[("ce", "ImageNet", "yes", 0), "accuracy"].count("(") == 1  # value (low–high)
@@ -199,3 +202,39 @@ def test_narrow_says_the_constant_levels_and_columns_once():
     assert one.equals(frame.iloc[:1]) and text == ""
     alike = frame.assign(accuracy="0.5")
     assert results.narrow(alike)[0].shape[1] == 1  # one column always stays
+
+
+def test_claim_c_pairs_the_unweighted_arm_and_every_claim_says_its_seeds_and_p(tmp_path):
+    """Claim (c) pairs the paper set-up with the unweighted arm; that arm stays out of the paper's tables; every
+    verdict shows its seed count; the family's p-values are Holm-adjusted; claims.json reads back."""
+    for seed in (0, 1):
+        make_run(tmp_path, weights="none", seed=seed, skill=0.9, pred_seed=seed)
+        make_run(tmp_path, weights="none", seed=seed, weighted_sampler=False, skill=0.55, pred_seed=20 + seed)
+    runs = results.load_runs(tmp_path)
+    assert sorted(runs.arm) == ["paper set-up"] * 2 + ["paper set-up, without weighted sampling"] * 2
+    assert len(results.paper_table(runs, "binary")) == 2  # the paper's tables: its own arm only
+    table = results.claims_table(runs, n_boot=200)
+    row = table[table.claim.str.startswith("(c)")].iloc[0]
+    assert row.verdict == "supported" and row.seeds == "2 seeds (0, 1)" and row.p < 0.05
+    assert "ahead in 2 of 2" in row.result
+    tested = [p for p in table["p"] if p == p]
+    assert table["p (Holm)"].dropna().ge(pd.Series(tested).values).all()  # Holm never lowers a p
+    assert (table.seeds != "").all() and not table.seeds.isna().any()
+    shown = results.claims_for_reading(table)
+    assert shown["p"].str.match(r"^(–|< 0\.001|[0-9.e-]+)$").all()
+    path = results.save_claims(table, runs, tmp_path / "claims.json")
+    back = results.read_claims(path)
+    assert back["runs"]["seeds"] == [0, 1] and len(back["claims"]) == len(table)
+    assert back["claims"][2]["verdict"] == "supported" and "Holm" in back["holm"]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CXRError, match="bad.json"):
+        results.read_claims(tmp_path / "bad.json")
+
+
+def test_arm_names_are_words():
+    assert results.arm_name({}) == "paper set-up"
+    assert results.arm_name({"extra_negatives": "/n", "preprocess": "clahe"}) == "adult negatives + CLAHE"
+    assert results.arm_name({"hold_out": "country=italy"}) == "held-out source: country=italy"
+    assert results.arm_name({"preprocess": "lungs_removed", "weighted_sampler": True}) == "lungs removed"
+    assert results.arm_name({"weighted_sampler": False}) == "paper set-up, without weighted sampling"
+    assert results.init_name("none") == "random init"
