@@ -414,21 +414,26 @@ def probe_table(probe: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+MODE_WORDS = {"intact": "intact", "lungs_removed": "lung fields blanked", "lungs_only": "only the lung fields kept"}
+
+
 def masked_table(masked: pd.DataFrame) -> pd.DataFrame:
-    """`evaluate_masked` narrow enough for a page: one row per mode, scores with their CIs, the majority
-    baseline and the share of macro-F1 retained."""
+    """`evaluate_masked` narrow enough for a page: one row per way the test images were shown (in words), scores with
+    their CIs, the majority baseline and the share of macro-F1 retained."""
     from .results import fmt_ci
 
-    out = masked[["n"]].copy()
-    for name, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("covid_sensitivity", "COVID sensitivity"),
-                        ("covid_specificity", "COVID specificity"), ("roc_auc", "ROC AUC")):
+    out = pd.DataFrame({"test images shown": [MODE_WORDS.get(m, str(m).replace("_", " ")) for m in masked.index]})
+    if "n" in masked:
+        out["images"] = masked["n"].to_numpy()
+    for name, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("covid_sensitivity", "COVID-19 sensitivity"),
+                        ("covid_specificity", "COVID-19 specificity"), ("roc_auc", "ROC AUC")):
         if name in masked:
             cis = (zip(masked[f"{name}_ci_low"], masked[f"{name}_ci_high"]) if f"{name}_ci_low" in masked
                    else [None] * len(masked))
             out[label] = [fmt_ci(value, ci) for value, ci in zip(masked[name], cis)]
-    for name, label in (("baseline_macro_f1", "majority macro-F1"), ("f1_retained", "macro-F1 retained")):
+    for name, label in (("baseline_macro_f1", "majority-class macro-F1"), ("f1_retained", "macro-F1 retained")):
         if name in masked:
-            out[label] = masked[name].map(fmt_ci)
+            out[label] = [fmt_ci(v) for v in masked[name]]
     return out
 
 
@@ -438,12 +443,14 @@ def probe_lines(probe: pd.DataFrame) -> str:
 
 
 def _probe_line(r: pd.Series) -> str:
+    from .results import fmt_ci
+
     subset = f" ({r['subset']})" if "subset" in r and r["subset"] != "all images" else ""
-    ci = f" [95% CI {r['ci_low']:.2f}–{r['ci_high']:.2f}]" if pd.notna(r.get("ci_low", np.nan)) else ""
-    null = (f"; permuted targets reach {r['null_p95']:.2f} (95th pct), p = {r['p_value']:.3f}"
+    ci = (r["ci_low"], r["ci_high"]) if pd.notna(r.get("ci_low", np.nan)) else None
+    null = (f"; permuted targets reach {r['null_p95']:.3f} (95th percentile), p = {r['p_value']:.3f}"
             if pd.notna(r.get("p_value", np.nan)) else "")
-    return (f"- {r['features']} → {r['target']}{subset}: balanced accuracy {r['balanced_accuracy']:.2f}{ci} "
-            f"(chance {r['chance_balanced_accuracy']:.2f}{null}), AUC {r['auc']:.2f}: **{r['verdict']}**.")
+    return (f"- {r['features']} → {r['target']}{subset}: balanced accuracy {fmt_ci(r['balanced_accuracy'], ci)} "
+            f"(chance {r['chance_balanced_accuracy']:.3f}{null}), AUC {r['auc']:.3f}: **{r['verdict']}**.")
 
 
 def _masked_reading(masked: pd.DataFrame) -> tuple[float, bool, str]:
@@ -460,14 +467,14 @@ def _masked_reading(masked: pd.DataFrame) -> tuple[float, bool, str]:
         lowest = removed.get("macro_f1_ci_low", np.nan)
         beats = bool((lowest if pd.notna(lowest) else removed["macro_f1"]) > base)
         kept = (removed["macro_f1"] - base) / (intact["macro_f1"] - base) if intact["macro_f1"] > base else 0.0
-        ref = (f" against {base:.2f} for always answering the majority class ("
+        ref = (f" against {base:.3f} for always answering the majority class ("
                + ("above it" if beats else "no better") + ")")
-    ci = (f" [95% CI {removed['macro_f1_ci_low']:.2f}–{removed['macro_f1_ci_high']:.2f}]"
+    ci = (f" ({removed['macro_f1_ci_low']:.3f}–{removed['macro_f1_ci_high']:.3f}, 95% CI)"
           if pd.notna(removed.get("macro_f1_ci_low", np.nan)) else "")
     share = "of its score above the baseline" if ref else "retained"
-    text = (f"- With the lung fields blanked, macro-F1 goes from {intact['macro_f1']:.2f} to {removed['macro_f1']:.2f}"
-            f"{ci}{ref}; {max(kept, 0.0):.0%} {share}. COVID-19 sensitivity goes from {intact['covid_sensitivity']:.2f} "
-            f"to {removed['covid_sensitivity']:.2f} at specificity {removed['covid_specificity']:.2f}.")
+    text = (f"- With the lung fields blanked, macro-F1 goes from {intact['macro_f1']:.3f} to {removed['macro_f1']:.3f}"
+            f"{ci}{ref}; {max(kept, 0.0):.0%} {share}. COVID-19 sensitivity goes from {intact['covid_sensitivity']:.3f} "
+            f"to {removed['covid_sensitivity']:.3f} at specificity {removed['covid_specificity']:.3f}.")
     return float(kept), beats, text
 
 

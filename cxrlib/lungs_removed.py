@@ -26,7 +26,7 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import paired_bootstrap
-from .results import fmt_ci
+from .results import fmt_ci, init_name
 from .rundir import read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
@@ -70,7 +70,10 @@ def describe_settings(config: dict[str, Any], seeds: list[int] | None = None) ->
     names the seeds of repeats pooled together instead of the config's own."""
     seeds = sorted(seeds or [config["seed"]])
     said = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
-    return (f"{config['task']} task, {config['loss']} loss, {config['backbone']} from `{config['weights']}`, "
+    loss = {"ce": "cross-entropy", "focal": "focal", "weighted_ce": "class-weighted cross-entropy"}.get(
+        config["loss"], config["loss"])
+    backbone = {"resnet50": "ResNet50", "densenet121": "DenseNet121"}.get(config["backbone"], config["backbone"])
+    return (f"{config['task']} task, {loss} loss, {backbone} ({init_name(config['weights'])}), "
             f"{config['image_size']} px, {config['epochs']} epoch(s), {said} (profile `{config['profile']}`)")
 
 
@@ -140,7 +143,8 @@ def _finds_marker(row: pd.Series) -> bool:
 
 def _score(row: pd.Series) -> str:
     f1 = _low(row["macro_f1_ci"], row["macro_f1"]) > row["baseline_macro_f1"]
-    return (f"ROC AUC {fmt_ci(row['roc_auc'], row['roc_auc_ci'])}, macro-F1 {fmt_ci(row['macro_f1'], row['macro_f1_ci'])} "
+    auc = "macro one-vs-rest ROC AUC" if row.get("task", "binary") != "binary" else "ROC AUC"  # 3 classes: their mean
+    return (f"{auc} {fmt_ci(row['roc_auc'], row['roc_auc_ci'])}, macro-F1 {fmt_ci(row['macro_f1'], row['macro_f1_ci'])} "
             f"({'above' if f1 else 'not above'} the majority class's {row['baseline_macro_f1']:.3f})")
 
 

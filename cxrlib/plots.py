@@ -21,16 +21,19 @@ warnings.filterwarnings("ignore", message="constrained_layout not applied")
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import RocCurveDisplay
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from .errors import CXRError
 
 PAGE_WIDTH_IN = 7.5  # the book's text column at 100 dpi; wider figures get scaled down (and their text with them)
 LOG_SCALE_RATIO = 5.0  # a loss curve goes log-scale when its first epoch is this many times the rest's largest
 CAM_CMAP = "jet"
+CAM_PANEL_IN = 2.5  # the smallest Grad-CAM panel that can be read (inches at page width)
+CAPTION_PT = 10
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "covid_sensitivity": "COVID-19 sensitivity",
                 "roc_auc": "ROC AUC", "macro_precision": "macro precision", "macro_recall": "macro recall"}
-CONFIG_COLUMNS = ("loss", "init", "extra_covid", "backbone", "image_size", "epochs")  # what tells runs apart
+CONFIG_COLUMNS = ("arm", "loss", "init", "extra_covid_train", "backbone", "image_size", "epochs")  # what tells runs apart
+COLUMN_WORDS = {"extra_covid_train": "extra COVID", "image_size": "image size"}
 SERIES_NAMES = {"train_loss": "training", "val_loss": "validation", "val_macro_f1": "macro-F1",
                 "val_accuracy": "accuracy", "val_mean_auroc": "mean AUROC"}
 
@@ -50,10 +53,13 @@ def dwarfs_rest(values: Sequence[float], ratio: float = LOG_SCALE_RATIO) -> bool
 
 def training_curves(history: pd.DataFrame) -> plt.Figure:
     """Losses (log scale when the first epoch dwarfs the rest) and validation scores per epoch,
-    from a run's history.csv; any `val_*` column other than the loss counts as a score."""
+    from a run's history.csv; any `val_*` column other than the loss counts as a score (of more than four, only
+    the named summaries of SERIES_NAMES, e.g. the mean AUROC rather than one line per finding)."""
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 3.4), layout="constrained")
     loss_cols = [c for c in ("train_loss", "val_loss") if c in history]
     score_cols = [c for c in history if c.startswith("val_") and c != "val_loss"]
+    if len(score_cols) > 4:  # e.g. pretraining's 14 per-finding AUROCs: their summary (mean AUROC) reads, 15 lines do not
+        score_cols = [c for c in score_cols if c in SERIES_NAMES] or score_cols[:4]
     for col in loss_cols:
         ax_loss.plot(history["epoch"], history[col], marker="o", label=_words(col))
     if any(dwarfs_rest(history[c]) for c in loss_cols):
@@ -75,23 +81,39 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = min(PAGE_WIDTH_IN, 1.3 * len(classes) + 2.5)
     fig, ax = plt.subplots(figsize=(side, side * 0.8), layout="constrained")
+    names = [class_words(c) for c in classes]
     sns.heatmap(share, annot=counts, fmt="d", cmap="Blues", vmin=0, vmax=1, annot_kws={"fontsize": 12},
-                cbar_kws={"label": "share of the true class"}, xticklabels=classes, yticklabels=classes, ax=ax)
+                cbar_kws={"label": "share of the true class"}, xticklabels=names, yticklabels=names, ax=ax)
     ax.set(xlabel="predicted class", ylabel="true class", title=title or "Confusion matrix (test split)")
     return fig
 
 
+def class_words(name: str) -> str:
+    """A class as the book writes it: "COVID-19", "not COVID-19", "pneumonia", "normal"."""
+    return {"covid": "COVID-19", "non_covid": "not COVID-19"}.get(name, name.replace("_", " "))
+
+
 def roc_curves(predictions: pd.DataFrame, classes: Sequence[str]) -> plt.Figure:
-    """One-vs-rest ROC curve per class present in the test set (binary: the COVID class only)."""
-    fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
+    """One-vs-rest ROC curve per class present in the test set (binary: the COVID class only), each labelled with
+    its AUC to 3 decimals; with three classes the title gives the macro one-vs-rest AUC, their mean (the
+    "ROC AUC" of a 3-class run)."""
+    fig, ax = plt.subplots(figsize=(5, 4.8), layout="constrained")
     shown = ["covid"] if len(classes) == 2 else list(classes)
+    aucs = []
     for name in shown:
         y = (predictions["true"] == name).to_numpy()
         if 0 < y.sum() < len(y):
-            RocCurveDisplay.from_predictions(y, predictions[f"p_{name}"], name=name, ax=ax)
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", label="chance")
-    ax.set(title="ROC curves (test split, one class vs. the rest)", xlabel="false-positive rate (1 − specificity)",
+            fpr, tpr, _ = roc_curve(y, predictions[f"p_{name}"])
+            aucs.append(roc_auc_score(y, predictions[f"p_{name}"]))
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{class_words(name)} vs rest (AUC {aucs[-1]:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", label="chance (AUC 0.500)")
+    ax.legend(loc="lower right", fontsize=10)
+    title = ("ROC curve (test split, COVID-19 vs the rest)" if len(classes) == 2 else
+             "ROC curves (test split, each class vs the rest)"
+             + (f"\nmacro one-vs-rest AUC {np.mean(aucs):.3f} (mean of {len(aucs)})" if aucs else ""))
+    ax.set(title=title, xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (1 − specificity)",
            ylabel="true-positive rate (sensitivity)")
+    ax.set_aspect("equal")
     return fig
 
 
@@ -109,16 +131,34 @@ def reliability(curve: dict, ece: float | None) -> plt.Figure:
 
 
 def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], ncols: int = 6,
-               overlays: Sequence[np.ndarray] | None = None) -> plt.Figure:
-    """A grid of grayscale images with captions (wrapped to the panel), optionally each with a
-    heat-map overlay in [0, 1] and one colour bar saying what the colours mean."""
+               overlays: Sequence[np.ndarray] | None = None, min_panel_in: float | None = None) -> plt.Figure:
+    """A grid of grayscale images with captions (each line wrapped to the panel, given the height its lines need so
+    no caption runs into a panel), optionally each with a heat-map overlay in [0, 1] and one colour bar under the
+    grid saying what the colours mean.
+
+    `min_panel_in`: the smallest width of a panel, in inches at page width; fewer than `ncols` columns are used when
+    `ncols` would make panels narrower. With overlays it defaults to CAM_PANEL_IN (2.5 in): a Grad-CAM map smaller
+    than that cannot be read. A panel is never wider than a full row of such panels would make it, so one image
+    is not blown up to the page width (at 100 dpi a 2.5 in panel is 250 px: thumbnails stay at most 256 px).
+    """
     n = len(images)
+    if len(captions) != n or (overlays is not None and len(overlays) != n):
+        raise CXRError(f"image_grid got {n} images, {len(captions)} captions and "
+                       f"{'no' if overlays is None else len(overlays)} overlays: pass one of each per image")
+    smallest = min_panel_in if min_panel_in is not None else (CAM_PANEL_IN if overlays is not None else 0.0)
+    ncols = max(1, min(ncols, int(PAGE_WIDTH_IN // smallest) if smallest else ncols))
+    panel = PAGE_WIDTH_IN / ncols  # as wide as in a full row, even when fewer images fill it
     ncols = max(1, min(ncols, n))
     nrows = max(1, int(np.ceil(n / ncols)))
-    panel = PAGE_WIDTH_IN / (ncols + (0.4 if overlays is not None else 0))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH_IN, (panel + 0.55) * nrows), squeeze=False,
-                             layout="constrained")
-    per_line = max(8, int(panel * 72 / (0.6 * 10)))  # characters of 10 pt text that fit a panel
+    per_line = max(8, int(panel * 72 / (0.6 * CAPTION_PT)))  # characters of CAPTION_PT text that fit a panel
+    wrapped = ["\n".join(textwrap.fill(part, per_line) or " " for part in str(c).split("\n")) for c in captions]
+    lines = max([c.count("\n") + 1 for c in wrapped] or [1])
+    caption_in = lines * CAPTION_PT * 1.3 / 72 + 0.12
+    bar_label = textwrap.fill("Grad-CAM weight of the predicted class (0 = none, 1 = strongest)",
+                              int(panel * ncols * 72 / (0.6 * CAPTION_PT)))
+    bar_in = 0.6 + (bar_label.count("\n") + 1) * CAPTION_PT * 1.3 / 72 if overlays is not None else 0.0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols, nrows * (panel + caption_in) + bar_in),
+                             squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -126,18 +166,19 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], ncols: int
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         if overlays is not None:
             ax.imshow(overlays[i], cmap=CAM_CMAP, alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(textwrap.fill(captions[i], per_line), fontsize=10)
+        ax.set_title(wrapped[i], fontsize=CAPTION_PT)
     if overlays is not None:
         mappable = ScalarMappable(Normalize(0, 1), CAM_CMAP)
-        bar = fig.colorbar(mappable, ax=axes, shrink=min(1.0, 2.5 / (panel * nrows)), fraction=0.05)
-        bar.set_label("Grad-CAM weight (0 = none, 1 = strongest)", fontsize=10)
-        bar.ax.tick_params(labelsize=10)
+        bar = fig.colorbar(mappable, ax=axes, location="bottom", shrink=min(0.8, 4.5 / (panel * ncols) + 0.2),
+                           aspect=30, pad=0.02)
+        bar.set_label(bar_label, fontsize=CAPTION_PT)
+        bar.ax.tick_params(labelsize=CAPTION_PT)
     return fig
 
 
 def _level(column: str, value) -> str:
     """One configuration value in words: "focal", "extra COVID", "no extra COVID", "image size 224"."""
-    words = column.replace("_", " ").replace("covid", "COVID")
+    words = COLUMN_WORDS.get(column, column.replace("_", " "))
     if isinstance(value, (bool, np.bool_)):
         return words if value else f"no {words}"
     return str(value) if isinstance(value, str) else f"{words} {value}"
@@ -192,20 +233,78 @@ def run_comparison(runs: pd.DataFrame, metric: str = "macro_f1", by: Sequence[st
         ax.set_yticks(range(len(configs)), configs)
         ax.set_ylim(len(configs) - 0.5, -0.5)
         ax.set_xlim(0, 1.02)
-    fig.supxlabel(f"test {_words(metric)}\n(dot: one run, bar: its patient-level 95% CI, |: mean over seeds)",
-                  fontsize=11)
+    several = (done.groupby(["task", "configuration"]).size() > 1).any() if len(done) else False
+    fig.supxlabel(f"test {_words(metric)}\n(dot: one run, bar: its patient-level 95% CI"
+                  + (", |: mean over seeds)" if several else ")"), fontsize=11)
     return fig
 
 
 def by_init(runs: pd.DataFrame, metric: str = "macro_f1") -> plt.Figure:
-    """The complete runs' test metric by initialisation: mean over seeds with its spread (seaborn's pointplot),
-    one colour per task, dodged only when there are several tasks."""
+    """The complete runs' test metric by initialisation, one panel per task (`run_comparison`): every run a dot
+    with its patient-level 95% CI, rows labelled by the initialisation and by whatever else differs between the
+    runs (loss, extra COVID images, ...), so no row mixes unlike runs; a mean over seeds is drawn only where a row
+    has several seeds. Pass the runs to compare (e.g. only the paper's set-up)."""
     if metric not in runs:
         raise CXRError(f"by_init: no column {metric!r} in the runs table (columns: {', '.join(runs.columns)})")
-    done = runs[runs.status == "complete"]
-    fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 1.6 + 0.5 * max(1, done["init"].nunique())), layout="constrained")
-    sns.pointplot(done, x=metric, y="init", hue="task", linestyle="none",
-                  dodge=0.3 if done["task"].nunique() > 1 else False, ax=ax)
-    ax.set(xlim=(0, 1), xlabel=f"test {_words(metric)}", ylabel="initialisation",
-           title=f"test {_words(metric)} by initialisation")
+    others = [c for c in CONFIG_COLUMNS if c != "init" and c in runs and runs[c].astype(str).nunique() > 1]
+    return run_comparison(runs, metric, by=["init", *others])
+
+
+VERDICT_COLOURS = {"met": "#1a9850", "not met": "#d73027", "undecided": "#6f6f6f", "too few to say": "#b0b0b0",
+                   "": "#4575b4"}  # a verdict on a goal (generalise.goal_word); "" where a row has no goal
+
+
+def forest(table: pd.DataFrame, goals: dict[str, float] | None = None, *,
+           label: Sequence[str] = ("label", "population"), metric_names: dict[str, str] | None = None,
+           colour: str = "verdict", wrap: int = 46) -> plt.Figure:
+    """A forest plot: one row per line of `table`, in its order, with `value` as a dot and `ci_low`–`ci_high`
+    (its 95% interval) as a bar; one panel per `metric` (x from 0 to 1), each with a dashed vertical line at
+    its goal (`goals`: metric -> goal) and the goal in its title.
+
+    Rows are labelled by the `label` columns, one per line, wrapped at `wrap` characters; a row without a
+    finite value keeps its place and label, with no dot. Dots are coloured by `colour` (a verdict, see
+    VERDICT_COLOURS) and hollow where `enough` is False (too few images to say). The layout is constrained,
+    so no label is cut at the figure's edge.
+    """
+    goals = dict(goals or {})
+    names = {**METRIC_NAMES, "covid_specificity": "specificity", **(metric_names or {})}
+    metrics = list(dict.fromkeys(table["metric"])) or ["covid_specificity"]
+    labels = ["\n".join(textwrap.fill(str(r[c]), wrap) for c in label) for _, r in table.iterrows()]
+    lines = [lab.count("\n") + 1 for lab in labels]
+    heights = [max(1.0, sum(0.17 * n + 0.14 for n, m in zip(lines, table["metric"]) if m == metric))
+               for metric in metrics]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(PAGE_WIDTH_IN, 1.4 + sum(h + 0.9 for h in heights)),
+                             height_ratios=heights, squeeze=False, layout="constrained")
+    shown: dict[str, str] = {}
+    for ax, metric in zip(axes[:, 0], metrics):
+        rows = [(lab, r) for lab, (_, r) in zip(labels, table.iterrows()) if r["metric"] == metric]
+        for y, (_, r) in enumerate(rows):
+            verdict = str(r.get(colour, "") if pd.notna(r.get(colour, "")) else "")
+            c = VERDICT_COLOURS.get(verdict, "C0")
+            if pd.notna(r["value"]):
+                has_ci = pd.notna(r["ci_low"]) and pd.notna(r["ci_high"])
+                err = [[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]] if has_ci else None
+                ax.errorbar(r["value"], y, xerr=err, fmt="o", color=c, ecolor=c, elinewidth=2, capsize=3,
+                            markersize=7, markerfacecolor=c if r.get("enough", True) else "white")
+                shown.setdefault(verdict, c)
+        ax.set_yticks(range(len(rows)), [lab for lab, _ in rows], fontsize=10)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xlim(0, 1.02)
+        title = names.get(metric, _words(metric))
+        title = title[0].upper() + title[1:]
+        if metric in goals:
+            ax.axvline(goals[metric], ls="--", color="black", lw=1.3, gid="goal")
+            title += f" (goal ≥ {goals[metric]:.2f}: dashed line)"
+        ax.set_title(title, loc="left", fontsize=11)
+        ax.set_xlabel(f"{names.get(metric, _words(metric))} at the validation operating point", fontsize=10)
+        ax.tick_params(axis="x", labelsize=10)
+    if shown:
+        from matplotlib.lines import Line2D
+
+        order = [v for v in VERDICT_COLOURS if v in shown] + [v for v in shown if v not in VERDICT_COLOURS]
+        handles = [Line2D([], [], marker="o", ls="none", color=shown[v], markersize=7) for v in order]
+        words = [v or "no goal (not adults)" for v in order]
+        fig.legend(handles, words, loc="outside lower center", ncols=min(len(order), 3), fontsize=10,
+                   title="verdict (dot: estimate, bar: 95% interval, hollow: too few images)",
+                   title_fontsize=10, frameon=False)
     return fig

@@ -31,8 +31,12 @@
 # | `torchxrayvision:NAME` | TorchXRayVision's DenseNet121/ResNet50 {cite:p}`cohen2022xrv` (1-channel inputs in [-1024, 1024]) |
 # | `file:PATH` | a ResNet50 (or DenseNet121) pretrained on ChestX-ray14 by `python -m cxrlib pretrain` |
 #
-# The run matrix uses the third: this book pretrains its own ResNet50 on ChestX-ray14 (on the
-# synthetic default, a synthetic ChestX-ray14 in the NIH layout), so the whole path is executable.
+# The run matrix (`python -m cxrlib.runs`) builds the chest-X-ray arm by the third route when it is
+# given real ChestX-ray14 (`--chestxray14-dir`), or takes a ready init by the first two
+# (`--chest-init`); on the synthetic default data it pretrains on a synthetic ChestX-ray14 and says so.
+# It skips an arm whose weights it cannot get, and records why. Which initialisations ran for this
+# book, and which did not, is read below from what the runs recorded (their `params.json` and the
+# matrix's `matrix.json`), never assumed.
 
 # %% tags=["parameters"]
 profile = "quick"
@@ -45,6 +49,7 @@ run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m 
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
@@ -55,26 +60,54 @@ from cxrlib.errors import CXRError
 from cxrlib.models import build_model, count_parameters, transfer_check
 from cxrlib.runs import chest_pretraining, default_run_root
 
+INIT_WORDS = {"random": "random init", "imagenet": "ImageNet", "chest_xray": "chest X-ray"}  # the paper's three arms
+LOSS_WORDS = {"ce": "cross-entropy", "focal": "focal"}
+tables = book.Tables(2)
+
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
 display(book.banner(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
+runs = results.load_runs(run_root)
+done = runs[runs.status == "complete"]
+assert not done.empty, f"no complete runs in {run_root}"
+paper = done[done.paper_arm.astype(bool)].assign(init=lambda r: r.init_family.map(INIT_WORDS))  # the paper's set-up
+not_run = {e["arm"]: e for e in results.read_not_run(run_root)}
+ran = [f for f in INIT_WORDS if f in set(done.init_family)]
+chest_sources = sorted(set(done.loc[done.init_family == "chest_xray", "init"]))
+
+
+def _count(family: str) -> str:
+    n, in_paper = int((done.init_family == family).sum()), int((paper.init == INIT_WORDS[family]).sum())
+    return f"{INIT_WORDS[family]} ({n} complete run{'s' if n != 1 else ''}, {in_paper} of them the paper's set-up)"
+
+
+said = [f"**Initialisations that ran:** {', '.join(_count(f) for f in ran)}."]
+said += [f"**{INIT_WORDS.get(arm, arm)[0].upper() + INIT_WORDS.get(arm, arm)[1:]} did not run.** {e['reason'][0].upper() + e['reason'][1:]}."
+         + (f" The command that would run it: `{e['command']}`." if e["command"] else "")
+         for arm, e in not_run.items() if arm not in ran]
+if chest_sources:  # init_name: "chest X-ray (file: <pretraining folder>)", "chest X-ray (chexnet: <file>)", ...
+    said.append("The chest-X-ray runs started from " + "; ".join(f"`{s[len('chest X-ray ('):-1]}`" for s in chest_sources)
+                + ".")
+display(Markdown("\n\n".join(said)))
+if ran == ["random"]:
+    display(book.banner(
+        "**Every verdict in this book is about a randomly initialised ResNet50.** Neither ImageNet nor chest-X-ray "
+        "weights could be loaded for these runs (the reasons are above), so every score, comparison and verdict in "
+        "the chapters that follow is that of a ResNet50 trained from random weights on the fine-tuning data alone. "
+        "The paper's question, whether CheXNet pretraining beats ImageNet pretraining, cannot be answered here.",
+        kind="warning"))
 try:
     pretrained = chest_pretraining(run_root)
-except CXRError:  # the matrix did not run the chest-X-ray arm: say why (as matrix.json records it) and how to run it
+except CXRError:  # no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm (none ran, or it came from --chest-init)
     pretrained = None
-    why = next((e for e in results.read_not_run(run_root) if e["arm"] == "chest_xray"),
-               {"reason": "the run matrix recorded no cxrlib ChestX-ray14 pretraining behind it", "command": ""})
-    display(book.banner(f"**The chest-X-ray arm did not run.** Why: {why['reason']}."
-                        + (f" The command that would run it: `{why['command']}`." if why["command"] else "")
-                        + " Stages 1 and 2 below are skipped; the comparison shows the initialisations that ran.",
-                        kind="warning"))
-not_run = Markdown("*Skipped: the chest-X-ray arm did not run (see the box above).*")
+skipped = Markdown("*Skipped: " + ("the chest-X-ray arm did not run (see above)." if "chest_xray" not in ran else
+                                   "the chest-X-ray arm used a ready init, not a cxrlib pretraining.") + "*")
 if pretrained is not None:
     params = json.loads((pretrained / "params.json").read_text())
     pre_metrics = json.loads((pretrained / "metrics.json").read_text())
     display(Markdown(
-        f"**Pretraining: {'synthetic ChestX-ray14 pretraining (NIH layout)' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
+        f"**Pretraining: {'synthetic ChestX-ray14 images (NIH layout), so this arm tests the code path, not CheXNet' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
         f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
-        f"initialised from `{params['config']['weights']}`."))
+        f"starting from {results.init_name(params['config']['weights'])}."))
 
 # %% [markdown]
 # ## Stage 1: ChestX-ray14 pretraining
@@ -84,13 +117,15 @@ if pretrained is not None:
 
 # %%
 if pretrained is None:
-    display(not_run)
+    display(skipped)
 else:
-    auroc = pd.Series(pre_metrics["per_finding_auroc"], name="test AUROC").to_frame()
-    auroc.loc["mean"] = pre_metrics["mean_auroc"]
-    display(auroc.round(3))
+    auroc = pd.DataFrame({"finding": [f.replace("_", " ") for f in pre_metrics["per_finding_auroc"]],
+                          "test AUROC": list(pre_metrics["per_finding_auroc"].values())})
+    auroc.loc[len(auroc)] = ["mean over the 14 findings", pre_metrics["mean_auroc"]]
+    display(tables(auroc, "ChestX-ray14 pretraining: test AUROC per finding (– where the test list has no "
+                          "positive or no negative image of it)."))
 
-# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) and validation scores per epoch.", "name": "fig-pretrain-loss"}}
+# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) and the validation mean AUROC over the 14 findings, per epoch.", "name": "fig-pretrain-loss"}}
 if pretrained is not None:
     plots.training_curves(pd.read_csv(pretrained / "history.csv"));
 
@@ -103,45 +138,67 @@ if pretrained is not None:
 
 # %%
 if pretrained is None:
-    display(not_run)
+    display(skipped)
 else:
     weights = f"file:{pretrained / 'model.pt'}"
     model, report = build_model(params["config"]["backbone"], weights, num_classes=3)  # as pretrained
     total, trainable = count_parameters(model)
-    print(f"source: {Path(report.source.split(': ', 1)[-1]).name}")
-    print(f"tensors loaded: {len(report.loaded)}, re-initialised (the new head): {report.reinitialised}")
-    print(f"parameters: {total:,}")
+    display(Markdown(f"The 3-class model loads {len(report.loaded)} tensors from "
+                     f"`{Path(report.source.split(': ', 1)[-1]).name}`; only the new head "
+                     f"({', '.join(f'`{k}`' for k in report.reinitialised)}) starts from random weights. "
+                     f"Parameters: {total:,}."))
 
 # %% tags=["hide-input", "nbval-check-output"]
 if pretrained is not None:
     check = transfer_check(model, weights)
     assert (check.max_abs_diff_to_file == 0).all(), "a backbone tensor differs from the checkpoint"
     assert (check.mean_abs_diff_to_random_init > 0).all(), "a backbone tensor equals a random init"
-    display(pd.DataFrame({
+    display(tables(pd.DataFrame({
         "backbone tensors compared": [len(check)],
         "identical to the checkpoint": [int((check.max_abs_diff_to_file == 0).sum())],
         "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
-    }))
+    }), "Every transferred backbone tensor is the checkpoint's, and none is a random initialisation."))
 
 # %% mystnb={"figure": {"caption": "Mean absolute difference between each transferred backbone tensor and the same tensor freshly initialised at random (log scale).", "name": "fig-transfer-vs-random"}}
 if pretrained is not None:
-    ax = sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30)
-    ax.set(title="every transferred tensor differs from a random init", xlabel="mean |transferred − random init|");
+    fig, ax = plt.subplots(figsize=(plots.PAGE_WIDTH_IN, 3.4), layout="constrained")
+    sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30, ax=ax)
+    ax.set(title="every transferred tensor differs from a random initialisation",
+           xlabel="mean absolute difference from a fresh random initialisation (log scale)",
+           ylabel="backbone tensors");
 
 # %% [markdown]
 # ## The initialisations compared on the task
 #
-# From the run matrix: the same task, loss and schedule, differing only in the initialisation.
+# From the run matrix, only the runs of the paper's own set-up: no held-out source, no preprocessing,
+# no extra negative images, no lungs-removed training, weighted sampling on. Within a row, the runs
+# share task, loss, extra COVID-19 images and schedule, and differ only in the initialisation (and
+# the seed).
 
 # %%
-runs = results.load_runs(run_root)
-done = runs[runs.status == "complete"]
-assert not done.empty, f"no complete runs in {run_root}"
-done.pivot_table(index=["task", "loss"], columns="init", values="macro_f1").round(3)
+cells = (paper.groupby(["task", "loss", "extra_covid_train", "init"], sort=True)["macro_f1"]
+         .agg(["mean", "min", "max", "count"]).reset_index())
+cells["text"] = [f"{r['mean']:.3f} (1 seed)" if r["count"] == 1 else
+                 f"{r['mean']:.3f} (mean of {r['count']} seeds, range {r['min']:.3f}–{r['max']:.3f})"
+                 for _, r in cells.iterrows()]
+pivot = cells.pivot(index=["task", "loss", "extra_covid_train"], columns="init", values="text")
+pivot = pivot[[INIT_WORDS[f] for f in INIT_WORDS if INIT_WORDS[f] in pivot.columns]].reset_index()
+pivot = pivot.assign(loss=pivot.loss.map(LOSS_WORDS).fillna(pivot.loss),
+                     extra_covid_train=pivot.extra_covid_train.map({True: "with", False: "without"}))
+pivot = pivot.rename(columns={"extra_covid_train": "extra COVID-19 training images"}).rename_axis(columns=None)
+tables(pivot.fillna("not run"), "Test macro-F1 of the paper set-up's complete runs, by initialisation; each cell "
+       "names the number of seeds behind it (a mean, with the range, when there are several).",
+       empty="No run of the paper's set-up is complete.")
 
-# %% mystnb={"figure": {"caption": "Test macro-F1 of the complete runs of the run matrix, by initialisation and task.", "name": "fig-init-f1"}}
-plots.by_init(done);
+# %% mystnb={"figure": {"caption": "Test macro-F1 of the paper set-up's complete runs by initialisation, one panel per task; each row an initialisation with the settings that differ between rows; each dot one run with its patient-level 95% CI (the axis label says whether a mean over seeds is drawn).", "name": "fig-init-f1"}}
+if len(paper):
+    plots.by_init(paper.assign(loss=paper.loss.map({"ce": "cross-entropy loss", "focal": "focal loss"}).fillna(paper.loss)));
 
 # %% tags=["hide-input"]
-init_pairs, said = results.init_comparison(runs)
+if len(paper):
+    seeds = paper.groupby(["task", "init", "loss", "extra_covid_train"]).seed.nunique()
+    display(Markdown(f"Each row of the figure holds {seeds.min()} seed{'s' if seeds.min() != 1 else ''}"
+                     + (f" (up to {seeds.max()})" if seeds.max() != seeds.min() else "")
+                     + (": every dot is a single run, and no mean is drawn." if seeds.max() == 1 else ".")))
+init_pairs, said = results.init_comparison(runs[runs.paper_arm.astype(bool)])
 display(Markdown(said))

@@ -62,13 +62,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
-from cxrlib import RunConfig, book, plots
+from cxrlib import RunConfig, book, explain, plots
 from cxrlib.config import banner_from_record
 from cxrlib.train import run
 
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
+tables = book.Tables(3)
 
 # %% tags=["nbval-ignore-output", "remove-cell"]
 out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<profile>/<data tag>/<run name>
@@ -84,7 +85,10 @@ assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
 assert set(predictions.split) == {"test"} and len(predictions) == sum(metrics["per_class"][c]["support"] for c in classes)
 
 # %% tags=["nbval-check-output"]
-pd.Series({c: metrics["per_class"][c]["support"] for c in classes}, name="test images per class")
+tables(pd.DataFrame({"class": [plots.class_words(c) for c in classes],
+                     "test images": [metrics["per_class"][c]["support"] for c in classes]}),
+       f"The test split of this run: {len(predictions)} images of {predictions.patient_id.nunique()} patients, "
+       "patient-disjoint from training and validation.")
 
 # %% [markdown]
 # ## Training curves
@@ -95,19 +99,21 @@ plots.training_curves(history);
 # %% [markdown]
 # ## Test metrics
 #
-# Per class: precision, recall (sensitivity), specificity, F1 and support; then the headline
-# metrics with their patient-level bootstrap 95% intervals, and the majority-class baseline a model
-# has to beat.
+# Per class: precision, recall (sensitivity), specificity and F1, with Wilson 95% intervals (unit: image);
+# then the headline metrics with their patient-level bootstrap 95% intervals, and the majority-class
+# baseline a model has to beat. Every interval reads `value (low–high)`. With three classes, "ROC AUC"
+# is the **macro one-vs-rest** AUC, the mean of three class-vs-rest AUCs; the COVID-19-vs-rest AUC, the
+# paper's question, is shown beside it.
 
 # %%
-pd.DataFrame(metrics["per_class"]).T
+tables(explain.class_table(metrics), "Test metrics per class (Wilson 95% intervals; a precision is undefined "
+       "when the model never predicted the class).")
 
 # %%
-headline = pd.DataFrame(
-    {"value": {k: metrics.get(k) for k in metrics["ci"]}, "95% CI": {k: v for k, v in metrics["ci"].items()}}
-)
-headline.loc["majority-class baseline macro_f1"] = [metrics["majority_baseline"]["macro_f1"], None]
-headline
+ci_info = metrics.get("ci_info", {})
+tables(explain.headline_table(metrics, predictions),
+       f"Headline test metrics, each with its 95% interval from {ci_info.get('n_boot', 1000)} bootstrap resamples "
+       f"of the {metrics.get('n_patients', predictions.patient_id.nunique())} test patients.")
 
 # %% [markdown]
 # ## Confusion matrix and ROC curves
@@ -115,7 +121,7 @@ headline
 # %% mystnb={"figure": {"caption": "Confusion matrix on the test split: counts, coloured by the share of each true class.", "name": "fig-confusion"}}
 plots.confusion_matrix(metrics["confusion"]["matrix"], metrics["confusion"]["labels"]);
 
-# %% mystnb={"figure": {"caption": "ROC curves on the test split, one class against the rest, with the area under each curve.", "name": "fig-roc"}}
+# %% mystnb={"figure": {"caption": "ROC curves on the test split: COVID-19 against the rest (binary task), or each class against the rest (3-class task; the title gives their mean, the macro one-vs-rest AUC), each with the area under its curve.", "name": "fig-roc"}}
 plots.roc_curves(predictions, classes);
 
 # %% [markdown]
@@ -128,7 +134,4 @@ plots.roc_curves(predictions, classes);
 plots.reliability(metrics["reliability"], metrics["ece"]);
 
 # %%
-at = metrics.get("at_threshold")
-if at:
-    print(f"threshold on p(covid) chosen on validation: {at['threshold']:.3f}")
-    print(f"test COVID-19 sensitivity {at['covid_sensitivity']:.3f}, specificity {at['covid_specificity']:.3f}")
+display(Markdown(explain.threshold_sentence(metrics)))

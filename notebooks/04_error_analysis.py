@@ -41,11 +41,11 @@
 profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
-run_root = ""  # empty: runs/<profile>/<data tag> in the repository (the run matrix's folder for this data)
+run_root = ""  # empty: the folder of run_dir when given, else runs/<profile>/<data tag> in the repository (the matrix's)
 run_dir = ""  # empty: runs.featured_run(run_root), the 3-class focal-loss run with the extra COVID images
 lungs_root = ""  # where the lungs-removed training runs are (any depth); empty: run_root
 external_manifest = ""
-n_cam = 12  # Grad-CAM maps shown
+n_cam = 6  # Grad-CAM examples shown (true COVID-19 first), each panel at least 2.5 in wide
 n_cam_share = 60  # test images whose Grad-CAM lung share is measured (a CI needs more than a handful)
 seed = 0
 
@@ -53,17 +53,21 @@ seed = 0
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
 from cxrlib import audit, book, data, explain, licences, lungfields, lungs_removed, plots
 from cxrlib.config import banner_from_record
-from cxrlib.images import ImageCache, to_batch
-from cxrlib.runs import default_run_root, featured_run
 from cxrlib.evaluate import evaluate, load_model
+from cxrlib.images import ImageCache, to_batch
+from cxrlib.results import fmt_ci
+from cxrlib.runs import default_run_root, featured_run
 
-root = Path(run_root or default_run_root(profile, coronahack_dir, extra_covid_dir))
+tables = book.Tables(4)
+words = plots.class_words  # "COVID-19", "not COVID-19", "pneumonia", "normal"
+
+# a given run_dir's own folder is the run root (its lungs-removed arms are next to it), else the matrix's for this data
+root = Path(run_root or (Path(run_dir).parent if run_dir else default_run_root(profile, coronahack_dir, extra_covid_dir)))
 run_dir = Path(run_dir or featured_run(root) or "")  # the library's choice of the run to show
 assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `python -m cxrlib.runs` first"
 model, meta = load_model(run_dir / "model.pt")
@@ -79,7 +83,8 @@ predictions = pd.read_csv(run_dir / "predictions.csv")
 predictions["license"] = predictions.image_id.map(table.set_index("image_id").license).fillna("")
 predictions["path"] = predictions.image_id.map(table.set_index("image_id").path)  # the files here, not the run machine's
 shareable = licences.redistributable(predictions, synthetic=synthetic)  # images the book may show
-print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images, {int(shareable.sum())} of them publishable)")
+display(Markdown(f"Run `{run_dir.name}` ({meta['task']} task): {len(predictions)} test images, "
+                 f"{int(shareable.sum())} of them with a licence that allows publishing them."))
 
 # %% [markdown]
 # ## False positives and false negatives
@@ -88,11 +93,17 @@ print(f"run: {run_dir.name} ({meta['task']}, {len(predictions)} test images, {in
 # is a false negative of COVID-19 and a false positive of pneumonia).
 
 # %% tags=["nbval-check-output"]
-print(f"test split of the run: {len(predictions)} images; classes {', '.join(sorted(predictions['true'].unique()))}")
+print(f"test split of the run: {len(predictions)} images of {predictions.patient_id.nunique()} patients; "
+      f"classes {', '.join(words(c) for c in sorted(predictions['true'].unique()))}")
 
 # %%
 errors = explain.misclassified(predictions)
-errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) else "no errors"
+counts = errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) else pd.DataFrame()
+counts = counts.reindex(index=classes, columns=["false_negative", "false_positive"], fill_value=0)
+tables(pd.DataFrame({"class": [words(c) for c in counts.index],
+                     "false negatives (images of the class called something else)": counts["false_negative"].to_numpy(),
+                     "false positives (other images called the class)": counts["false_positive"].to_numpy()}),
+       f"Errors per class on the {len(predictions)} test images ({len(errors) // 2} wrong images).")
 
 # %% [markdown]
 # ## The most confident errors, with Grad-CAM
@@ -102,16 +113,23 @@ errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) el
 
 # %%
 worst = explain.most_confident_errors(predictions, n=8)
-worst[["image_id", "source", "true", "pred", "confidence"]].round(3)
+tables(pd.DataFrame({"image": worst.image_id, "source": worst.source, "true class": worst["true"].map(words),
+                     "predicted class": worst["pred"].map(words),
+                     "probability of the predicted class": worst.confidence,
+                     "may be published": licences.redistributable(worst, synthetic=synthetic)}),
+       "The test errors the model was surest of.", empty="The model made no error on the test split.")
 
-# %% mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map of the predicted class; each caption reads true \u2192 predicted (confidence), then the image's source and licence.", "name": "fig-confident-errors"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map (layer3) of the predicted class over each image; each caption reads true \u2192 predicted class (the model's probability for it; \"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-confident-errors"}} tags=["hide-input"]
 cache = ImageCache(meta["image_size"])
 shown = worst[licences.redistributable(worst, synthetic=synthetic)]
 if len(shown):
     shown_pixels, _ = cache.load(shown.path.tolist())
     shown_cams = explain.grad_cam(model, to_batch(shown_pixels, meta["input_spec"]))
-    plots.image_grid(list(shown_pixels), [f"{r.true} → {r.pred} ({r.confidence:.2f}) · {licences.caption(r, synthetic=synthetic)}"
-                                          for _, r in shown.iterrows()], ncols=4, overlays=list(shown_cams));
+    plots.image_grid(list(shown_pixels), [f"true {words(r.true)} → {words(r.pred)} ({r.confidence:.3f})"
+                                          f"{'; map all zero' if cam.max() == 0 else ''}\n"
+                                          f"{licences.caption(r, synthetic=synthetic)}"
+                                          for (_, r), cam in zip(shown.iterrows(), shown_cams)],
+                     ncols=3, overlays=list(shown_cams));
 else:
     display(Markdown("None of these errors has an image whose licence allows publishing it."))
 
@@ -133,13 +151,39 @@ cells = meta["image_size"] // 16  # layer3's stride
 display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cells}×{cells} cells. "
                  + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))
                  + "\n\nBy true class:\n\n" + explain.lung_share_by_group(cams, masks, sample.patient_id, sample["true"], seed)))
-sample.groupby("true")[["cam_lung_share", "lung_area_share"]].agg(["mean", "count"]).round(3)
+share = sample.groupby("true").agg(images=("cam_lung_share", "size"), maps=("cam_lung_share", "count"),
+                                   cam=("cam_lung_share", "mean"), area=("lung_area_share", "mean"))
+tables(pd.DataFrame({"true class": share.index.map(words), "images": share.images.to_numpy(),
+                     "maps not all zero": share.maps.to_numpy(),
+                     "mean share of the Grad-CAM mass inside the lungs": share.cam.to_numpy(),
+                     "mean share of the image the lungs cover": share.area.to_numpy()}),
+       "Where the Grad-CAM maps of the sample lie, by true class (an all-zero map has no share and is left out).")
 
-# %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class for the publishable images of the sample; each caption reads true \u2192 predicted class, then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input"]
-keep = np.flatnonzero(licences.redistributable(sample, synthetic=synthetic).to_numpy())[:n_cam]  # publishable ones
-plots.image_grid([pixels[i] for i in keep],
-                 [f"{r.true} → {r.pred} · {licences.caption(r, synthetic=synthetic)}" for _, r in sample.iloc[keep].iterrows()],
-                 ncols=6, overlays=[cams[i] for i in keep]) if len(keep) else None;
+# %% [markdown]
+# ### Grad-CAM examples, COVID-19 first
+#
+# The maps the paper's question turns on are those of COVID-19 images: below, the publishable test
+# images of true COVID-19 the model found and those it missed, then the other classes, right and wrong.
+# Only images whose licence allows redistribution are shown (`cxrlib.licences`); the others are
+# measured above but never drawn.
+
+# %% tags=["hide-input"]
+examples = explain.cam_examples(predictions, shareable, n=n_cam, seed=seed)
+display(Markdown(explain.publishable_note(predictions, shareable)
+                 + (" None of them can be shown here, so the figure has no COVID-19 image."
+                    if not (examples["true"] == "covid").any() and (predictions["true"] == "covid").any() else "")))
+
+# %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class over publishable test images, true COVID-19 first (found and missed, where the test split has publishable ones), then the other classes right and wrong; each caption reads true \u2192 predicted class (the model's probability for it) and the outcome (\"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input"]
+if len(examples):
+    example_pixels, _ = cache.load(examples.path.tolist())
+    example_cams = explain.grad_cam(model, to_batch(example_pixels, meta["input_spec"]))
+    plots.image_grid(list(example_pixels),
+                     [f"true {words(r.true)} → {words(r.pred)} ({r.p_pred:.3f}), {r.outcome}"
+                      f"{'; map all zero' if cam.max() == 0 else ''}\n{licences.caption(r, synthetic=synthetic)}"
+                      for (_, r), cam in zip(examples.iterrows(), example_cams)],
+                     ncols=3, overlays=list(example_cams));
+else:
+    display(Markdown("No test image of this run may be published, so no Grad-CAM example is shown."))
 
 # %% [markdown]
 # ## The shortcut audit
@@ -158,7 +202,8 @@ probed, all_pixels = audit.readable(table[table.image_id.isin(predictions.image_
 features = audit.backbone_features(model, all_pixels)
 sizes = audit.original_sizes(probed.path)
 probe = audit.source_probe(probed, all_pixels, features=features, sizes=sizes, seed=seed)
-audit.probe_table(probe)
+tables(audit.probe_table(probe), "What the probes read off the test images: balanced accuracy with its 95% interval "
+       "(patient-grouped cross-validation), chance, and the permutation p-value.")
 
 # %% [markdown]
 # **Positive control.** Is the probe able to see a shortcut at all? A small marker is planted on the
@@ -168,7 +213,8 @@ audit.probe_table(probe)
 # %% tags=["hide-input"]
 control = audit.positive_control(all_pixels, probed.patient_id, audit.image_statistics, seed=seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
-audit.probe_table(control)
+tables(audit.probe_table(control), "Positive control of the image-statistics probe: the same images with and "
+       "without a planted marker.", index=True)
 
 # %% [markdown]
 # ### 2. The model with the lungs removed, and with only the lungs
@@ -180,7 +226,10 @@ audit.probe_table(control)
 # %% tags=["hide-input"]
 masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
-audit.masked_table(masked)
+macro = meta["task"] != "binary"  # a 3-class "ROC AUC" is the mean of three one-vs-rest AUCs
+tables(audit.masked_table(masked).rename(columns={"ROC AUC": "ROC AUC (macro one-vs-rest)"} if macro else {}),
+       "The run's model on its test images shown three ways (95% patient-bootstrap intervals); the majority class's "
+       "macro-F1 is the score of always giving one answer.")
 
 # %% tags=["hide-input"]
 display(Markdown(audit.conclusion(probe, masked)))
@@ -208,8 +257,12 @@ else:
     trained = lungs_removed.arm_table(arms)
     display(book.banner(banner_from_record(arms.run_dir.iloc[0])))  # as recorded by these runs, not this notebook
     for n, rows in arms.groupby("set"):  # one comparison per set of settings (e.g. per seed)
-        display(Markdown(f"Arms trained alike: {lungs_removed.describe_settings(rows.config.iloc[0])}; each scored on "
-                         "its own test split."), lungs_removed.display_table(trained[trained.set == n]))
+        macro = rows.config.iloc[0]["task"] != "binary"  # a 3-class "ROC AUC" is the mean of three one-vs-rest AUCs
+        display(tables(lungs_removed.display_table(trained[trained.set == n]).rename(
+                           columns={"ROC AUC (95% CI)": "ROC AUC, macro one-vs-rest (95% CI)",
+                                    "AUC − intact (paired 95% CI)": "macro AUC − intact (paired 95% CI)"} if macro else {}),
+                       f"Arms trained alike: {lungs_removed.describe_settings(rows.config.iloc[0])}; each scored on "
+                       "its own test split (95% patient-bootstrap intervals).", index=True))
     display(Markdown("\n\n".join(lungs_removed.verdicts(trained))))
 
 # %% [markdown]
@@ -219,13 +272,22 @@ else:
 # and age band (metadata the Kermany images do not have).
 
 # %%
-audit.format_subgroups(audit.subgroup_metrics(predictions, table, "source"))
+SUBGROUP_COLUMNS = {"n": "test images", "accuracy": "accuracy (Wilson 95% CI), images",
+                    "covid_sensitivity": "COVID-19 sensitivity (Wilson 95% CI), images",
+                    "covid_specificity": "COVID-19 specificity (Wilson 95% CI), images"}
+tables(audit.format_subgroups(audit.subgroup_metrics(predictions, table, "source")).rename(columns=SUBGROUP_COLUMNS),
+       "Test metrics per source (intervals count images, not patients: read them as a lower bound on the uncertainty).")
 
 # %%
 adults = table[audit.origin(table) == "ieee8023"]
-pd.concat({by: audit.format_subgroups(audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)],
-                                                            adults, by).rename(columns={by: "group"}))
-           for by in ("view", "sex", "age_band")}) if len(adults) else None
+BY_WORDS = {"view": "view", "sex": "sex", "age_band": "age band"}
+by_group = pd.concat([audit.format_subgroups(audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)],
+                                                                    adults, by).rename(columns={by: "group"}))
+                      .assign(**{"grouped by": BY_WORDS[by]}) for by in BY_WORDS]) if len(adults) else pd.DataFrame()
+tables(by_group[["grouped by", *[c for c in by_group.columns if c != "grouped by"]]].rename(columns=SUBGROUP_COLUMNS)
+       if len(by_group) else by_group,
+       "Test metrics of the ieee8023 (adult) images per view, sex and age band.",
+       empty="The test split holds no ieee8023 image.")
 
 # %% [markdown]
 # ### 5. External validation
@@ -238,6 +300,12 @@ pd.concat({by: audit.format_subgroups(audit.subgroup_metrics(predictions[predict
 # %%
 if external_manifest:
     external = evaluate(run_dir / "model.pt", {"manifest": external_manifest}, run_dir / "external", progress=False)
-    display(audit.external_validation_summary(external).round(3))
+    summary = audit.external_validation_summary(external)
+    display(tables(pd.DataFrame({"metric": summary.index.map({"covid_sensitivity": "COVID-19 sensitivity",
+                                                              "covid_specificity": "COVID-19 specificity"}),
+                                 "value (95% CI)": [fmt_ci(r.value, (r.ci_low, r.ci_high)) for r in summary.itertuples()],
+                                 "images": summary.n_images.to_numpy()}),
+                   f"External validation on `{Path(external_manifest).name}` at the threshold chosen on validation "
+                   "(95% patient-bootstrap intervals)."))
 else:
     print("no external_manifest given: external validation skipped")

@@ -171,7 +171,7 @@ def test_conclusion_states_the_findings():
     masked = pd.DataFrame({"macro_f1": [0.8, 0.68], "covid_sensitivity": [0.9, 0.8], "covid_specificity": [0.98, 0.9]},
                           index=pd.Index(["intact", "lungs_removed"], name="mode"))
     text = audit.conclusion(probe, masked)
-    assert "border and corners → covid label: balanced accuracy 0.89" in text and "85% retained" in text
+    assert "border and corners → covid label: balanced accuracy 0.890" in text and "85% retained" in text
     assert "suspect" in text and "border and corner statistics alone" in text and "keeps 85%" in text
     assert "still finds 80% of COVID-19" in text
     source_only = probe.iloc[:1]
@@ -235,8 +235,8 @@ def test_masked_evaluation_has_cis_and_the_majority_baseline():
     probe = pd.DataFrame({"features": ["image statistics"], "target": ["origin"], "balanced_accuracy": [0.6],
                           "chance_balanced_accuracy": [0.5], "auc": [0.6], "verdict": ["none"], "flagged": [False]})
     text = audit.conclusion(probe, masked)
-    assert "no better" in text and "0.31 for always answering the majority class" in text
-    assert "much of its score survives" not in text and "[95% CI 0.20–0.40]" in text
+    assert "no better" in text and "0.310 for always answering the majority class" in text
+    assert "much of its score survives" not in text and "0.300 (0.200–0.400, 95% CI)" in text
     # 0.62 keeps 60% of the old ratio, but only (0.62-0.5)/(0.8-0.5) = 40% above a 0.5 baseline
     above = masked.assign(macro_f1=[0.8, 0.62], macro_f1_ci_low=[0.7, 0.55], baseline_macro_f1=[0.5, 0.5])
     assert "40% of its score above the baseline" in audit.conclusion(probe, above)
@@ -294,8 +294,10 @@ def test_masked_table_puts_intervals_beside_the_scores():
                            "baseline_macro_f1": [0.222, 0.222], "f1_retained": [1.0, 0.731]},
                           index=pd.Index(["intact", "lungs_removed"], name="mode"))
     shown = audit.masked_table(masked)
-    assert shown.columns.tolist() == ["n", "macro-F1", "ROC AUC", "majority macro-F1", "macro-F1 retained"]
-    assert shown.loc["lungs_removed"].tolist() == [56, "0.133 (0.057–0.200)", "0.392", "0.222", "0.731"]
+    assert shown.columns.tolist() == ["test images shown", "images", "macro-F1", "ROC AUC", "majority-class macro-F1",
+                                      "macro-F1 retained"]
+    assert shown.iloc[1].tolist() == ["lung fields blanked", 56, "0.133 (0.057–0.200)", "0.392", "0.222", "0.731"]
+    assert shown.iloc[0, 0] == "intact" and "_" not in " ".join(shown.iloc[:, 0])
 
 
 def test_readable_keeps_rows_and_pixels_in_step(tmp_path):

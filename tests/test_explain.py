@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,5 +188,88 @@ def test_lung_share_by_group_shows_a_class_whose_maps_sit_outside_the_lungs():
     assert "favour the lungs" in explain.lung_share_sentence(explain.lung_share_summary(cams, masks, patients))
     text = explain.lung_share_by_group(cams, masks, patients, labels)
     covid, normal = text.split("\n")
-    assert covid.startswith("- **covid**") and "outside the lungs" in covid
+    assert covid.startswith("- **COVID-19**") and "outside the lungs" in covid
     assert normal.startswith("- **normal**") and "favour the lungs" in normal and "1 all-zero" in normal
+
+
+def _run_metrics(pred: pd.DataFrame, classes: list[str]) -> dict:
+    from cxrlib.metrics import compute_metrics, majority_baseline
+
+    m = compute_metrics(pred, classes, n_boot=200, seed=0, threshold=0.5)
+    m["majority_baseline"] = majority_baseline(pred["true"], pred["true"], classes)
+    m["threshold_selection"] = {"target_sensitivity": 0.95, "threshold": 0.5, "chosen_on": "val"}
+    return m
+
+
+def _three_class(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    true = rng.choice(["covid", "pneumonia", "normal"], n, p=[0.2, 0.5, 0.3])
+    p = rng.dirichlet(np.ones(3), n) + np.c_[true == "covid", true == "pneumonia", true == "normal"] * 0.8
+    p = p / p.sum(axis=1, keepdims=True)
+    names = np.array(["covid", "pneumonia", "normal"])
+    return pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k // 2}" for k in range(n)],
+                         "true": true, "pred": names[p.argmax(axis=1)], "p_covid": p[:, 0], "p_pneumonia": p[:, 1],
+                         "p_normal": p[:, 2]})
+
+
+def test_covid_auc_is_sklearns_with_the_runs_patient_bootstrap():
+    from sklearn.metrics import roc_auc_score
+
+    pred = _three_class()
+    value, ci = explain.covid_auc(pred, n_boot=200, seed=0)
+    assert value == pytest.approx(roc_auc_score(pred["true"] == "covid", pred["p_covid"]))
+    assert ci[0] <= value <= ci[1] and explain.covid_auc(pred, n_boot=200, seed=0) == (value, ci)
+    assert explain.covid_auc(pred[pred["true"] != "covid"]) == (None, None)
+    with pytest.raises(CXRError, match="p_covid"):
+        explain.covid_auc(pred.drop(columns="p_covid"))
+
+
+def test_headline_table_reads_intervals_names_the_macro_auc_and_adds_covid_vs_rest():
+    pred = _three_class()
+    m = _run_metrics(pred, ["covid", "pneumonia", "normal"])
+    table = explain.headline_table(m, pred)
+    assert table.columns.tolist() == ["metric", "value (95% CI)"]
+    cells = dict(zip(table["metric"], table["value (95% CI)"]))
+    macro = next(k for k in cells if "macro one-vs-rest" in k)
+    assert cells[macro].startswith(f"{m['roc_auc']:.3f} (")
+    assert cells["ROC AUC, COVID-19 vs the rest"].startswith(f"{m['roc_auc_per_class']['covid']:.3f} (")
+    text = " ".join(table.astype(str).to_numpy().ravel())
+    assert re.search(r"\d\.\d{3} \(\d\.\d{3}–\d\.\d{3}\)", text) and "nan" not in text.lower() and "[" not in text
+    assert not re.search(r"\d\.\d{4}", text)  # 3 decimals, never 16 digits
+    no_covid = pred[pred["true"] != "covid"]
+    m2 = _run_metrics(no_covid, ["covid", "pneumonia", "normal"])
+    cells2 = dict(explain.headline_table(m2, no_covid).to_numpy())
+    assert cells2["COVID-19 sensitivity (recall)"] == "– (no COVID-19 image in the test split)"
+    assert cells2["ROC AUC, COVID-19 vs the rest"].startswith("– (")
+
+
+def test_class_table_and_threshold_sentence():
+    pred = _three_class()
+    pred.loc[pred["pred"] == "normal", "pred"] = "pneumonia"  # normal never predicted: precision undefined
+    m = _run_metrics(pred, ["covid", "pneumonia", "normal"])
+    table = explain.class_table(m).set_index("class")
+    assert table.loc["normal", "precision (95% CI)"] == "– (never predicted)"
+    assert table.loc["COVID-19", "test images"] == (pred["true"] == "covid").sum()
+    assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}–\d\.\d{3}\)", table.loc["COVID-19", "recall = sensitivity (95% CI)"])
+    said = explain.threshold_sentence(m)
+    assert "p(COVID-19) ≥ 0.500" in said and "at least 0.95" in said and "sensitivity" in said
+    assert "no COVID-19 operating point" in explain.threshold_sentence({})
+
+
+def test_cam_examples_put_covid_found_and_missed_first_and_only_publishable_images():
+    pred = _three_class(80)
+    ok = pd.Series(True, index=pred.index)
+    chosen = explain.cam_examples(pred, ok, n=6, seed=0)
+    assert len(chosen) == 6 and chosen["true"].iloc[0] == "covid" and chosen["outcome"].iloc[0] == "found"
+    if ((pred["true"] == "covid") & (pred["pred"] != "covid")).any():
+        assert chosen["outcome"].iloc[1] == "missed"
+    assert set(chosen["outcome"]) <= {"found", "missed", "right", "wrong"}
+    is_covid = (chosen["true"] == "covid").to_numpy()
+    assert is_covid[: is_covid.sum()].all()  # every COVID-19 image before the others
+    assert (chosen["p_pred"] > 0).all()
+    hidden = pred["true"] == "covid"
+    none_covid = explain.cam_examples(pred, ~hidden, n=6)
+    assert not (none_covid["true"] == "covid").any() and len(none_covid) == 6
+    note = explain.publishable_note(pred.assign(license="CC BY-NC-SA 4.0"), ~hidden)
+    assert note.startswith(f"0 of the {hidden.sum()} COVID-19 test images") and "CC BY-NC-SA 4.0" in note
+    assert explain.cam_examples(pred, pd.Series(False, index=pred.index)).empty

@@ -162,6 +162,9 @@ def test_the_featured_run_is_never_an_audit_arm(tmp_path):
         run = tmp_path / cfg.run_name()
         run.mkdir()
         (run / "params.json").write_text(json.dumps({"config": cfg.to_dict()}))
+        (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "macro_f1": 0.5, "per_class": {},
+                                                      "macro": {"precision": 0.5, "recall": 0.5}}))
+        (run / "predictions.csv").write_text("image_id\n")  # a complete run is whole (rundir.damage)
         (run / "status").write_text("complete")
     assert featured_run(tmp_path).name == "multiclass-focal-resnet50-none-s0"
 
@@ -175,7 +178,7 @@ def test_the_intro_states_the_experiment_of_a_bundle(tmp_path, scores):
     for arm, score in (("none", "perfect"), ("lungs_removed", "good"), ("lungs_removed_marker", "perfect")):
         _fake_run(tmp_path / "b" / "cpu", arm, p[score], y, epochs=2)
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "also": {"cpu": []}}))
-    text = bundle.verdict_markdown(tmp_path / "b")
+    text = bundle.findings_markdown(tmp_path / "b")
     assert "A model trained without lungs (chapter 4; binary task" in text and "2 epoch(s)" in text
     assert "still separates the classes" in text and "finds the marker" in text
 
@@ -218,5 +221,21 @@ def test_repeats_with_other_seeds_are_tallied(tmp_path, scores):
     run = _fake_run(tmp_path / "paper", "none", p["perfect"], y)
     run.rename(tmp_path / "b" / "runs" / run.name)  # the bundle's own matrix
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "also": {"cpu": []}}))
-    text = bundle.verdict_markdown(tmp_path / "b")
+    text = bundle.findings_markdown(tmp_path / "b")
     assert "seeds 0, 1" in text and "Over 2 seeds" in text and "seed 1.**" not in text
+
+
+def test_a_three_class_arm_names_its_auc_the_macro_one_vs_rest_and_settings_are_words():
+    rows = [{"set": 0, "experiment": 0, "seed": 0, "task": task, "preprocess": pre, "roc_auc": auc,
+             "roc_auc_ci": (auc - 0.05, min(auc + 0.05, 1.0)), "macro_f1": 0.5, "macro_f1_ci": (0.4, 0.6),
+             "baseline_macro_f1": 0.2, "auc_vs_intact": None, "auc_vs_intact_ci": None}
+            for task in ("multiclass",) for pre, auc in (("none", 0.9), ("lungs_removed", 0.8),
+                                                          ("lungs_removed_marker", 0.99))]
+    text = " ".join(lungs_removed.verdicts(pd.DataFrame(rows)))
+    assert "macro one-vs-rest ROC AUC 0.800 (0.750–0.850)" in text
+    binary = " ".join(lungs_removed.verdicts(pd.DataFrame(rows).assign(task="binary")))
+    assert "macro one-vs-rest" not in binary and "ROC AUC 0.800" in binary
+    config = {"task": "binary", "loss": "ce", "backbone": "resnet50", "weights": "none", "image_size": 64, "epochs": 2,
+              "seed": 0, "profile": "quick"}
+    said = lungs_removed.describe_settings(config)
+    assert said.startswith("binary task, cross-entropy loss, ResNet50 (random init), 64 px") and "none" not in said

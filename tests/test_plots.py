@@ -5,6 +5,7 @@ comparison that stays legible with many runs and leaves failed ones out."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import matplotlib
 
@@ -75,6 +76,9 @@ def test_pretraining_history_scores_are_shown():
     history = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.7, 0.6], "val_loss": [0.7, 0.65], "val_mean_auroc": [0.6, 0.7]})
     fig = plots.training_curves(history)
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["mean AUROC"]
+    per_finding = history.assign(**{f"val_auroc_Finding{k}": [0.5, 0.6] for k in range(14)})
+    fig = plots.training_curves(per_finding)  # pretraining's history: 14 per-finding AUROCs beside the mean
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["mean AUROC"]
 
 
 def test_grad_cam_grid_has_a_colour_bar_and_wrapped_captions():
@@ -84,9 +88,28 @@ def test_grad_cam_grid_has_a_colour_bar_and_wrapped_captions():
     captions = ["pneumonia · coronahack → covid"] * 8
     fig = plots.image_grid(images, captions, ncols=6, overlays=cams)
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-    assert len(bars) == 1 and "Grad-CAM" in bars[0].get_ylabel()
+    assert len(bars) == 1 and "Grad-CAM" in bars[0].get_xlabel()  # under the grid, in words
     assert_readable(fig)
     assert not [ax for ax in plots.image_grid(images, captions).axes if ax.get_label() == "<colorbar>"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_grad_cam_panels_are_readable_and_never_blown_up(n):
+    """Each Grad-CAM panel at least ~2.5 in wide at page width (so at most 3 a row), never wider (a single image
+    is not stretched to the page: at 100 dpi a panel stays under 256 px); captions and the colour bar's label
+    inside the figure."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64), dtype=np.uint8) for _ in range(n)]
+    cams = [rng.random((64, 64)) for _ in range(n)]
+    captions = ["true COVID-19 → predicted pneumonia (0.985)\nieee8023 (Cohen et al. 2020), CC BY 4.0"] * n
+    fig = plots.image_grid(images, captions, ncols=6, overlays=cams)
+    assert_readable(fig)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.images]
+    widths = [ax.get_window_extent().width / fig.dpi for ax in panels]
+    assert len(panels) == n and min(widths) >= 2.3 and max(widths) <= 2.56, widths
+    assert fig.get_figwidth() <= plots.PAGE_WIDTH_IN
+    with pytest.raises(CXRError, match="one of each per image"):
+        plots.image_grid(images, captions[:-1] + [], overlays=cams[:1] if n > 1 else [])
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -103,6 +126,11 @@ def test_confusion_roc_and_reliability_are_readable(n_classes):
         assert_readable(fig)
         ax = fig.axes[0]
         assert " " in ax.get_xlabel() and " " in ax.get_ylabel(), (ax.get_xlabel(), ax.get_ylabel())
+    roc = plots.roc_curves(predictions, classes).axes[0]
+    legend = [t.get_text() for t in roc.get_legend().get_texts()]
+    assert all(re.search(r"AUC \d\.\d{3}\)", t) for t in legend), legend  # 3 decimals, as every number of the book
+    assert "COVID-19 vs rest" in legend[0] and "_" not in " ".join(legend)
+    assert ("macro one-vs-rest AUC" in roc.get_title()) == (n_classes == 3)
 
 
 def _runs(fail: set[int]) -> pd.DataFrame:
@@ -112,7 +140,7 @@ def _runs(fail: set[int]) -> pd.DataFrame:
     for k, (task, loss, init, seed, extra) in enumerate(grid):
         ok = k not in fail
         f1 = 0.5 + 0.1 * seed if ok else None
-        rows.append({"task": task, "loss": loss, "init": init, "seed": seed, "extra_covid": extra, "backbone": "resnet50",
+        rows.append({"task": task, "loss": loss, "init": init, "seed": seed, "extra_covid_train": extra, "backbone": "resnet50",
                      "status": "complete" if ok else "failed: out of memory", "macro_f1": f1,
                      "macro_f1_ci": (f1 - 0.1, f1 + 0.05) if ok else None})
     return pd.DataFrame(rows)
@@ -151,17 +179,23 @@ def test_configuration_labels_use_only_columns_that_differ():
     runs = _runs(fail=set())
     labels = plots.configuration_labels(runs)
     assert labels.nunique() == 12 and not labels.str.contains("resnet50|seed").any()
-    assert set(plots.configuration_labels(runs, by=["extra_covid"])) == {"extra COVID", "no extra COVID"}
+    assert set(plots.configuration_labels(runs, by=["extra_covid_train"])) == {"extra COVID", "no extra COVID"}
 
 
 @pytest.mark.parametrize("tasks", [("binary",), ("binary", "multiclass")])
 def test_by_init_draws_one_task_or_several(tasks):
-    """One task used to divide by zero in seaborn's dodge (a matrix run with --tasks binary)."""
-    runs = pd.DataFrame([{"task": t, "init": i, "seed": s, "status": "complete", "macro_f1": 0.5 + 0.1 * s}
-                         for t in tasks for i in ("random", "chest X-ray") for s in (0, 1)])
+    """One panel per task; rows are initialisations split by whatever else differs (here the loss), so no row
+    averages unlike runs; a mean over seeds is claimed only where a row has several seeds."""
+    runs = pd.DataFrame([{"task": t, "init": i, "loss": loss, "seed": s, "status": "complete", "macro_f1": 0.5 + 0.1 * s,
+                          "macro_f1_ci": (0.4, 0.7)}
+                         for t in tasks for i in ("random init", "chest X-ray") for loss in ("ce", "focal") for s in (0, 1)])
     fig = plots.by_init(runs)
-    ax = fig.axes[0]
-    assert ax.get_xlabel() == "test macro-F1" and {t.get_text() for t in ax.get_yticklabels()} == {"random", "chest X-ray"}
+    assert len(fig.axes) == len(tasks)
+    labels = {t.get_text() for t in fig.axes[0].get_yticklabels()}
+    assert labels == {"random init · ce", "random init · focal", "chest X-ray · ce", "chest X-ray · focal"}
+    assert "macro-F1" in fig.get_supxlabel() and "mean over seeds" in fig.get_supxlabel()
     assert_readable(fig)
+    one_seed = plots.by_init(runs[runs.seed == 0])
+    assert "mean over seeds" not in one_seed.get_supxlabel()
     with pytest.raises(CXRError, match="no column 'auroc'"):
         plots.by_init(runs, metric="auroc")
