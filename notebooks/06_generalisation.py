@@ -18,23 +18,13 @@
 # %% [markdown]
 # # Does it generalise?
 #
-# The paper's data mixes two populations: every COVID-19 image is an adult from the ieee8023
-# collection, nearly every other image a child from one hospital in Guangzhou. A model can score high
-# inside such data and fail elsewhere (DeGrave et al. 2021; Roberts et al. 2021). This chapter reads the
-# run folders of four arms and measures each on people it never trained on:
-#
-# - **paper set-up**: CoronaHack + ieee8023, scored on adults without COVID-19 from another hospital
-#   (NIH ChestX-ray14: "No Finding" and pneumonia), the **cross-population test**;
-# - **adult negatives**: the same with NIH adults added to training as non-COVID. Its specificity on NIH
-#   images is *no evidence*: "NIH scanner → non-COVID" is a shortcut of its own. It is judged on adult
-#   sources it did not train on (the ieee8023 adults without COVID-19, held-out sources);
-# - **held-out source**: all patients of one ieee8023 source (country or web site) moved to test only:
-#   COVID-19 sensitivity on a source the model never saw;
-# - **remedy**: an image-level remedy (`preprocess`: CLAHE or a crop to the lung fields) applied in
-#   training and evaluation alike.
-#
-# Every sentence below is computed from the numbers by `cxrlib.generalise`; an arm without a run
-# says "not run". Research code, not a diagnostic device.
+# The paper's data mixes two populations: every COVID-19 image is an adult from the ieee8023 collection,
+# nearly every other image a child from one hospital in Guangzhou. A model can score high inside such data
+# and fail elsewhere (DeGrave et al. 2021; Roberts et al. 2021). The question here: on people from sources a
+# model never trained on, does it keep **specificity ≥ 0.80 on adults without COVID-19** and **COVID-19
+# sensitivity ≥ 0.90**? The verdict comes first, then one table and one figure; how each number is made and
+# every run's own numbers follow, folded away. Every sentence is computed from the run folders by
+# `cxrlib.generalise`. Research code, not a diagnostic device.
 
 # %% tags=["parameters"]
 profile = "quick"
@@ -45,85 +35,108 @@ run_root = ""  # empty: runs/<profile>/<data tag> in the repository (the run mat
 external_dirs = ""
 
 # %% tags=["hide-input"]
+from pathlib import Path
+
 from IPython.display import Markdown, display
 
-from cxrlib import book, data, generalise, results
+from cxrlib import book, data, generalise, plots, results
 from cxrlib.audit import MIN_SUBGROUP
 from cxrlib.config import banner_from_record, external_sets
 from cxrlib.runs import default_run_root
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
 display(book.banner(banner_from_record(run_root)))  # the runs' data, adult negatives included, as recorded
+tables = book.Tables(6)
 arms = generalise.load_arms(run_root)
-table = generalise.measures(arms)
-display(Markdown(f"{len(arms)} complete run(s) in the run matrix's folder: " + (", ".join(
-    f"{arm} ({n})" for arm, n in arms["arm"].value_counts().items()) if len(arms) else "none yet.")))
+cohort, _ = data.load_table(coronahack_dir, extra_covid_dir)  # this chapter's data: ages, and the sources to hold out
+ages, age_notes = generalise.read_ages(arms, external_sets(external_dirs), cohorts=[cohort])
+table = generalise.measures(arms, ages)
+summary = generalise.summary(table)
+generalise.save_summary(table, Path(run_root) / "generalisation.json")  # what the book's first page states
+display(book.banner(generalise.goal_verdict(table), kind="important"))  # the verdict first
+
+# %% tags=["hide-input"]
+tables(generalise.summary_for_reading(summary),
+       "The goal, arm by arm, on sources the runs never trained on: each measure pooled over the arm's runs, its "
+       "95% interval, the verdict it gives, how many runs and seeds stand behind it and what each run gives on "
+       "its own. Children and images of unknown age are reported apart and are held to no goal.",
+       empty="No complete run was measured on a source it never trained on: nothing to judge yet.")
+
+# %% mystnb={"figure": {"caption": "The measures of the table above: each arm's estimate on each population (dot) with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); the dashed lines are the goals (specificity 0.80 on adults without COVID-19, COVID-19 sensitivity 0.90). Colour: the verdict; hollow: too few images to say.", "name": "fig-generalisation-forest"}} tags=["hide-input"]
+if len(summary):
+    plots.forest(summary, generalise.GOAL, label=("arm_runs", "population"));
 
 # %% [markdown]
-# ## Every measurement
+# ## How the numbers are made
 #
-# Every number is at the run's operating point: COVID-19 called when its probability reaches the
-# threshold chosen on validation for 95% sensitivity. Intervals: patient bootstrap (own test split,
-# external sets) or Wilson on images (subsets of the test split); fewer than the minimum number of
-# images is "too few to say". `evidence` is False where the run trained on images of the same source.
+# - **Arms.** The *paper set-up* (CoronaHack + ieee8023); *adult negatives* (NIH adults added to training as
+#   non-COVID); a *held-out source* (all patients of one ieee8023 country or web site moved to test only);
+#   a *remedy* (CLAHE or a crop to the lung fields, in training and evaluation alike). Runs that differ only in
+#   task, loss, initialisation or seed are one arm; what else departs from the paper's data is part of the
+#   arm's name.
+# - **Populations.** Adults are people aged 18 or more by their collection's metadata; NIH images of younger
+#   patients are *children*, and images without an age are *age unknown*, each reported apart and never
+#   counted as adults. An NIH image is no evidence for a run that trained on NIH images ("this scanner →
+#   not COVID-19" is a shortcut of its own); the ieee8023 images without COVID-19 in a run's test split come
+#   from the same collection as its COVID-19 images, so no source shortcut helps there.
+# - **Operating point.** COVID-19 is called when its probability reaches the threshold each run chose on
+#   validation for 95% sensitivity.
+# - **Intervals.** 95%, at each end the wider of the Wilson interval on images and a patient-bootstrap
+#   percentile interval (a patient's images resampled together). An arm's estimate pools its runs' calls;
+#   its interval covers which patients were sampled, not which seed trained the model: the count of runs and
+#   seeds, and each run's own verdict, say how much stands behind it. Fewer than 10 images: "too few to say".
+# - **Verdict.** *Met* when the interval's lower end reaches the goal, *not met* when its upper end is below
+#   it, else *undecided*; an arm's pooled verdict is *undecided* when its own runs contradict each other. An arm
+#   meets the goal when it has both measures and both are met, and misses it when either is not met.
 
-# %%
-shown = table.assign(result=table.apply(generalise.fmt, axis=1)) if len(table) else table.assign(result=[])
-for arm, rows in shown.groupby("arm", sort=False):  # one table per arm: narrow enough for the page
-    rows, same = results.narrow(rows[["run", "population", "metric", "result", "ci_unit", "evidence", "note"]])
-    display(Markdown(f"**{arm}.** {same}"), rows.reset_index(drop=True))
-if shown.empty:
-    display(Markdown("No complete run: nothing was measured."))
-
-# %% tags=["nbval-check-output"]
-print("arms measured:", ", ".join(sorted(set(table["arm"]))) if len(table) else "none")
+# %% tags=["hide-input"]
+if age_notes:  # a source whose ages could not be read: its images are "age unknown", never adults
+    display(Markdown("**Ages not read.** " + " ".join(age_notes)))
 
 # %% [markdown]
-# ## What the numbers say
-
-# %%
-display(Markdown("\n".join(generalise.verdicts(table))
-                 + f"\n\n(\"too few to say\": fewer than {MIN_SUBGROUP} images in the denominator.)"))
-display(Markdown(generalise.goal_verdict(table)))
-
-# %% [markdown]
-# ## The arms side by side on adults without COVID-19
+# ## Details
 #
-# Specificity on the ieee8023 adults without COVID-19 in each run's test split, the one adult population
-# that no arm can pass by recognising a scanner.
+# Each fold opens with a click: every run's own numbers, the cross-population test by age, sex and view, and
+# the sources large enough to hold out. Last, what was measured, in counts.
 
-# %%
-population = "ieee8023 adults without COVID-19 (test split)"
-if (table["arm"] == "paper set-up").any():
-    display(generalise.arm_comparison(table, population))
-else:
-    display(Markdown("The paper set-up was not run: nothing to compare with."))
+# %% tags=["hide-input"]
+def folded(title: str, *shown: book.TableHTML) -> book.TableHTML:
+    """Tables inside a <details> element: a reader opens them by their title."""
+    return book.TableHTML(f"<details><summary><strong>{title}</strong></summary>{''.join(t.data for t in shown)}"
+                          "</details>", "\n\n".join([title, *(t.text for t in shown)]))
 
-# %% [markdown]
-# ## The cross-population test by age, sex and view
-#
-# The paper set-up's scores on each external set, by subgroup (Wilson intervals on images).
 
-# %%
+runs = table[table["level"] == "run"]
+shown, same = results.narrow(generalise.summary_for_reading(runs))
+display(folded(f"Every measurement, run by run ({len(runs)} rows, own test split included)",
+               tables(shown, "Every run on every population it was measured on, at its own operating point. Evidence "
+                      "\"no\": the run trained on images of that source (or it is its own test split), so a "
+                      f"source shortcut can pass the test. {same}", empty="No complete run: nothing was measured.")))
+
+# %% tags=["hide-input"]
 paper = arms[arms["arm"] == "paper set-up"]
-external = sorted(table.loc[(table["arm"] == "paper set-up") & table["population"].str.startswith("external: "),
-                            "population"].str.removeprefix("external: ").unique())
-if paper.empty or not external:
-    display(Markdown("No paper set-up run with an external set: not run."))
+external = sorted({name for run_dir in paper["run_dir"] for name in generalise.external_names(run_dir)})
 here = external_sets(external_dirs)
+if paper.empty or not external:
+    display(Markdown("The cross-population test by age, sex and view: no paper set-up run has an external set."))
 for name in external:
-    for by in ("age_band", "sex", "view"):
-        display(Markdown(f"**{name}** by {by}"),
-                generalise.external_subgroups(paper["run_dir"].iloc[0], name, by, where=here.get(name, "")))
+    first = paper[[name in generalise.external_names(d) for d in paper["run_dir"]]].iloc[0]
+    display(folded(f"{generalise.EXTERNAL_WORDS.get(name, name)} by age band, sex and view ({first['run_name']})",
+                   *(tables(generalise.external_subgroups(first["run_dir"], name, by, where=here.get(name, "")),
+                            f"{generalise.EXTERNAL_WORDS.get(name, name)} by {by.replace('_', ' ')}, paper set-up "
+                            f"run \"{first['run_name']}\": Wilson 95% intervals on images.")
+                     for by in ("age_band", "sex", "view"))))
 
-# %% [markdown]
-# ## Which sources can be held out?
-#
-# COVID-19 images per ieee8023 country and web site. A source with enough images can be held out with
-# `--hold-out <column>=<value>` (the `hold_out` parameter).
-
-# %%
-cohort, _ = data.load_table(coronahack_dir, extra_covid_dir)
+# %% tags=["hide-input"]
 sizes = data.source_sizes(cohort, min_images=MIN_SUBGROUP)
-display(Markdown(f"{int(sizes['enough'].sum())} of {len(sizes)} sources have at least {MIN_SUBGROUP} COVID-19 images:"))
-sizes[sizes["enough"]]
+display(folded(f"Which sources can be held out? ({int(sizes['enough'].sum())} of {len(sizes)} have at least "
+               f"{MIN_SUBGROUP} COVID-19 images)",
+               tables(sizes[sizes["enough"]].drop(columns="enough"),
+                      f"COVID-19 images per ieee8023 country and web site, those with at least {MIN_SUBGROUP}: "
+                      "each can be held out with --hold-out column=value (the hold_out parameter).",
+                      empty="No source has enough COVID-19 images to be held out.")))
+
+# %% tags=["nbval-check-output", "remove-cell"]
+# Which arms were measured on which populations, with how many images: the same on every machine (estimates
+# and verdicts rest on the last decimals of the CPU's kernels, so they are not checked).
+print(generalise.population_counts(table))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,61 +187,276 @@ def test_every_run_scores_its_external_sets_on_unseen_images(run_root):
 def test_chapter_06_measures_read_run_folders_and_mark_what_is_no_evidence(run_root):
     arms = generalise.load_arms(run_root).set_index("run")
     assert arms.loc["paper", "arm"] == "paper set-up" and arms.loc["negs", "arm"] == "adult negatives"
-    table = generalise.measures(arms.reset_index())
-    ext = table[table["population"] == "external: nih"].set_index("arm")
+    assert arms.loc["negs", "label"] == "adult negatives" and "random init" in arms.loc["paper", "run_name"]
+    table = generalise.measures(arms.reset_index())  # ages re-read from where the runs found their data
+    runs = table[table["level"] == "run"]
+    ext = runs[runs["population"] == "NIH ChestX-ray14 adults without COVID-19"].set_index("arm")
     assert ext.loc["paper set-up", "evidence"] and not ext.loc["adult negatives", "evidence"]
     assert "trained on nih" in ext.loc["adult negatives", "note"]
-    assert (ext["n"] == 4).all() and not ext["enough"].any()  # 4 images: too few to say
-    text = "\n".join(generalise.verdicts(table))
+    assert (ext["n"] == 4).all() and not ext["enough"].any()  # 4 adults (NIH_ROWS): too few to say
+    assert ext.loc["paper set-up", "verdict"] == "too few to say" and ext.loc["adult negatives", "verdict"] == ""
+    m = json.loads((run_root / "paper" / "metrics.json").read_text())  # the same operating point as chapter 5
+    own = runs[(runs["run"] == "paper") & (runs["population"] == generalise.OWN)].set_index("metric")
+    assert own.loc["covid_specificity", "value"] == pytest.approx(m["at_threshold"]["covid_specificity"])
+    text = generalise.goal_verdict(table)
     assert "**held-out source**: not run." in text and "**remedy**: not run." in text
-    assert "external: nih specificity too few to say (n=4) is no evidence" in text
-    assert "0.000" not in text and "nan" not in text.lower()
+    assert "NIH ChestX-ray14 adults without COVID-19: too few images to say (n=4)" in text
+    assert "0.000" not in text and "nan" not in text.lower() and "[" not in text
     by_sex = generalise.external_subgroups(run_root / "paper", "nih", "sex").set_index("sex")
-    assert set(by_sex.index) == {"F", "M"} and by_sex.loc["F", "covid_specificity"] == "too few to say (n=2)"
+    assert set(by_sex.index) == {"F", "M"} and by_sex.loc["F", "specificity"] == "too few to say (n=2)"
+    assert list(by_sex.columns) == ["images", "specificity"]  # no COVID-19 image: no column of "none", no accuracy
     with pytest.raises(CXRError, match="no external set 'elsewhere'"):
         generalise.external_subgroups(run_root / "paper", "elsewhere")
 
 
-def test_verdicts_compare_intervals():
-    def row(population, metric, value, low, high, n=200, arm="held-out source", evidence=True):
-        return {"run": "r", "arm": arm, "population": population, "metric": metric, "value": value, "ci_low": low,
-                "ci_high": high, "n": n, "ci_unit": "x", "enough": n >= 10, "evidence": evidence, "note": ""}
-
-    table = pd.DataFrame([row("own test split", "covid_specificity", 0.97, 0.95, 0.99, evidence=False),
-                          row("own test split", "covid_sensitivity", 0.9, 0.85, 0.95, evidence=False),
-                          row("external: nih", "covid_specificity", 0.6, 0.55, 0.65),
-                          row("held-out source country=italy", "covid_sensitivity", 0.88, 0.8, 0.93),
-                          row(generalise.OTHER_SOURCES, "covid_sensitivity", 0.9, 0.85, 0.95, evidence=False)])
-    text = generalise.verdicts(table)[ARMS_INDEX]
-    assert "external: nih: specificity 0.60 [0.55–0.65] (n=200), so it calls 40% of these adults COVID-19 (lower than" in text
-    assert "COVID-19 sensitivity 0.88 [0.80–0.93] (n=200), against 0.90 [0.85–0.95] (n=200) on the test images" in text
-    assert "other sources" not in text
-    assert "(no clear difference from there)" in text
-    comparison = generalise.arm_comparison(pd.concat([table, table.assign(arm="paper set-up", value=0.2, ci_low=0.1,
-                                                                          ci_high=0.3)]), "external: nih")
-    assert comparison.set_index("arm").loc["held-out source", "vs paper set-up"] == "higher"
-    with pytest.raises(CXRError, match="no 'paper set-up' run"):
-        generalise.arm_comparison(table, "external: nih")
+# --- chapter 06 on run folders written by hand: small synthetic predictions tables ---------------------
 
 
-ARMS_INDEX = 2  # "held-out source" in generalise.ARMS
+def write_nih_meta(root: Path, ages: dict[str, float]) -> Path:
+    """A ChestX-ray14-layout folder (Data_Entry_2017.csv + 8 px images) of "No Finding" images with these ages."""
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for k, (name, age) in enumerate(ages.items()):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images" / name)
+        rows.append([name, "No Finding", 0, 1000 + k, age, "F", "PA", 8, 8, 0.1, 0.1])
+    with open(root / "Data_Entry_2017.csv", "w", newline="") as f:
+        csv.writer(f).writerows([synthetic.NIH_COLUMNS, *rows])
+    return root
 
 
-def test_goal_verdict_needs_both_measures_on_unseen_sources():
-    def row(run, population, metric, value, n=200, evidence=True):
-        return {"run": run, "arm": "held-out source", "population": population, "metric": metric, "value": value,
-                "ci_low": value - 0.05, "ci_high": value + 0.05, "n": n, "ci_unit": "x", "enough": n >= 10,
-                "evidence": evidence, "note": ""}
+def prediction_rows(images: list[tuple[str, str, str, str, float]]) -> pd.DataFrame:
+    """A binary run's predictions.csv from (image_id, patient_id, source, true, p_covid) tuples."""
+    frame = pd.DataFrame(images, columns=["image_id", "patient_id", "source", "true", "p_covid"])
+    return frame.assign(path=frame["image_id"], split="test", p_non_covid=1 - frame["p_covid"],
+                        pred=np.where(frame["p_covid"] >= 0.5, "covid", "non_covid"))[
+        ["image_id", "path", "patient_id", "source", "split", "true", "pred", "p_non_covid", "p_covid"]]
 
-    good = [row("a", "external: nih", "covid_specificity", 0.85), row("a", "held-out source x", "covid_sensitivity", 0.93)]
-    text = generalise.goal_verdict(pd.DataFrame(good))
-    assert "met by 1 run(s)" in text and "`a` (held-out source): specificity 0.85" in text
-    worse = good + [row("a", "ieee8023 adults without COVID-19 (test split)", "covid_specificity", 0.7)]
-    assert "**not met** by any run" in generalise.goal_verdict(pd.DataFrame(worse))  # the worst unseen population counts
-    few = [good[0], row("a", "held-out source x", "covid_sensitivity", 1.0, n=4),
-           row("b", "own test split", "covid_sensitivity", 0.99, evidence=False), row("b", "external: nih", "covid_specificity", 0.9)]
-    text = generalise.goal_verdict(pd.DataFrame(few))
-    assert "**not met** by any run" in text and "2 run(s) lack one of the two measurements" in text
+
+def fake_run(root: Path, name: str, test: list, external: dict[str, tuple[str, list]] | None = None,
+             trained: tuple[str, ...] = ("coronahack", "ieee8023"), held_out: tuple[str, ...] = (),
+             threshold: float = 0.5, **config) -> Path:
+    """A complete binary run folder written by hand: its test predictions, external sets {name: (where, rows)}
+    scored at `threshold` (its validation threshold), the sources it trained on and its held-out images."""
+    run_dir = root / name
+    (run_dir / "external").mkdir(parents=True)
+    external = external or {}
+    cfg = RunConfig(task="binary", coronahack_dir=str(root / "nowhere"),
+                    external=",".join(f"{k}={where}" for k, (where, _) in external.items()), **config)
+    classes = ["non_covid", "covid"]
+    (run_dir / "params.json").write_text(json.dumps({"config": cfg.to_dict(), "data": {
+        "summary": {"sources": {"train": {s: 10 for s in trained}}}, "held_out_images": list(held_out)}}))
+    prediction_rows(test).to_csv(run_dir / "predictions.csv", index=False)
+    (run_dir / "metrics.json").write_text(json.dumps({"classes": classes, "n": len(test),
+                                                      "threshold_selection": {"threshold": threshold}}))
+    for ext, (_, rows) in external.items():
+        (run_dir / "external" / ext).mkdir()
+        prediction_rows(rows).to_csv(run_dir / "external" / ext / "predictions.csv", index=False)
+        (run_dir / "external" / ext / "metrics.json").write_text(json.dumps(
+            {"classes": classes, "n": len(rows), "threshold_from_validation": threshold}))
+    (run_dir / "status").write_text("complete")
+    return run_dir
+
+
+def own_split(n_negatives: int = 12, n_covid: int = 12, called: float = 0.9) -> list:
+    """A test split: Guangzhou children without COVID-19 (called right) and ieee8023 adults with COVID-19."""
+    return ([(f"coronahack/k{i}.jpeg", f"kermany:{i}", "coronahack", "non_covid", 0.1) for i in range(n_negatives)]
+            + [(f"ieee8023/c{i}.jpg", f"ieee8023:c{i}", "ieee8023", "covid", called) for i in range(n_covid)])
+
+
+def nih_rows(ages: dict[str, float], p_adult: list[float], p_child: float = 0.9) -> list:
+    """NIH predictions: adults (age >= 18) get `p_adult` in turn, children and unknown ages `p_child`."""
+    adults = iter(p_adult)
+    return [(f"nih/{name}", f"nih:{1000 + k}", "nih", "non_covid",
+             next(adults) if 18 <= age <= 120 else p_child) for k, (name, age) in enumerate(ages.items())]
+
+
+NIH_AGES = {**{f"a{i:02d}.png": 18.0 + 2 * i for i in range(20)},  # 20 adults, the youngest exactly 18
+            **{f"c{i}.png": age for i, age in enumerate((4, 9, 12, 17))},  # 4 children, the oldest 17
+            "u0.png": 414, "u1.png": 150}  # impossible ages (the 2017 CSV has some): age unknown
+
+
+def test_nih_children_are_reported_apart_and_never_count_as_adults(tmp_path):
+    nih = write_nih_meta(tmp_path / "nih", NIH_AGES)
+    rows = nih_rows(NIH_AGES, [0.1] * 17 + [0.9] * 3)  # 17 of 20 adults called right; every child called COVID-19
+    fake_run(tmp_path / "runs", "paper", own_split(), external={"nih": (str(nih), rows)})
+    arms = generalise.load_arms(tmp_path / "runs")
+    ages, notes = generalise.read_ages(arms)
+    assert ages["nih/a00.png"] == 18 and ages["nih/c3.png"] == 17 and np.isnan(ages["nih/u0.png"])
+    assert len(notes) == 1 and "own data" in notes[0]  # the run's own data is not on this machine: said so
+    table = generalise.measures(arms, ages)
+    nih_pop = table[(table["level"] == "run") & table["population"].str.startswith("NIH")].set_index("group")
+    assert nih_pop["n"].to_dict() == {"adults": 20, "children": 4, "age unknown": 2}
+    assert nih_pop.loc["adults", "value"] == pytest.approx(17 / 20) and nih_pop.loc["children", "value"] == 0
+    assert nih_pop.loc["adults", "goal"] == 0.8 and nih_pop["goal"].drop("adults").isna().all()
+    assert nih_pop.loc["children", "population"] == "NIH ChestX-ray14 children (under 18) without COVID-19"
+    shown = generalise.summary_for_reading(generalise.summary(table)).set_index("population")
+    assert shown.loc["NIH ChestX-ray14 children (under 18) without COVID-19", "goal"] == "none: not adults"
+    assert shown.loc["NIH ChestX-ray14 adults without COVID-19", "images"] == 20
+    assert generalise.OWN not in shown.index  # the sources it trained on: in the details, not the summary
+
+    # Without the metadata no image is an adult: the ages are unknown, and the note says where to point
+    ages, notes = generalise.read_ages(arms, where={"nih": str(tmp_path / "elsewhere")})
+    assert any("external_dirs=nih=" in n for n in notes) and not ages.index.str.startswith("nih/").any()
+    table = generalise.measures(arms, ages)
+    assert set(table.loc[table["population"].str.startswith("NIH"), "group"]) == {"age unknown"}
+    # predictions that carry their own age need no metadata
+    scored = tmp_path / "runs" / "paper" / "external" / "nih" / "predictions.csv"
+    pred = pd.read_csv(scored)
+    pred.assign(age=pred["image_id"].str.removeprefix("nih/").map(NIH_AGES).where(lambda a: a <= 120)).to_csv(scored)
+    table = generalise.measures(arms, ages)
+    nih_pop = table[(table["level"] == "run") & table["population"].str.startswith("NIH")].set_index("group")
+    assert nih_pop["n"].to_dict() == {"adults": 20, "children": 4, "age unknown": 2}
+
+
+def test_goal_word_reads_the_ends_of_the_interval():
+    def word(low, high, goal=0.8, enough=True):
+        return generalise.goal_word({"ci_low": low, "ci_high": high, "goal": goal, "enough": enough})
+
+    assert word(0.80, 0.95) == "met"  # the lower end reaches the goal
+    assert word(0.60, 0.7999) == "not met"  # the upper end misses it
+    assert word(0.70, 0.85) == "undecided" and word(0.79, 0.80) == "undecided"
+    assert word(0.9, 1.0, enough=False) == "too few to say" and word(0.9, 1.0, goal=np.nan) == ""
+
+
+def test_intervals_are_never_narrower_than_wilson_or_the_patient_bootstrap():
+    from cxrlib.audit import wilson
+
+    one_each = pd.DataFrame({"image_id": range(20), "patient_id": range(20), "hit": [True] * 17 + [False] * 3})
+    e = generalise.estimate(one_each)
+    low, high = wilson(17, 20)
+    assert e["value"] == pytest.approx(0.85) and e["n"] == 20 and e["n_patients"] == 20 and e["enough"]
+    assert e["ci_low"] <= low + 1e-12 and e["ci_high"] >= high - 1e-12
+    assert generalise.wilson_interval(0.85, 20) == pytest.approx((low, high))
+    # two patients of 10 images each, one all right, one all wrong: 20 images, but only 2 independent patients
+    clustered = pd.DataFrame({"image_id": range(20), "patient_id": [0] * 10 + [1] * 10,
+                              "hit": [True] * 10 + [False] * 10})
+    c = generalise.estimate(clustered)
+    assert c["value"] == 0.5 and c["ci_low"] == 0 and c["ci_high"] == 1  # far wider than Wilson on 20 images
+    # two runs calling the same 20 images: 20 images, not 40
+    assert generalise.estimate(pd.concat([one_each, one_each]))["n"] == 20
+    assert generalise.estimate(one_each.iloc[:0])["n"] == 0
+
+
+def test_intervals_read_0_460_0_290_0_650_everywhere():
+    row = {"value": 0.85, "ci_low": 0.64, "ci_high": 0.948, "n": 20, "enough": True}
+    assert generalise.fmt(row) == "0.850 (0.640–0.948), n=20"
+    assert generalise.fmt(row, n=False) == "0.850 (0.640–0.948)"
+    assert generalise.fmt({**row, "n": 4, "enough": False}) == "too few to say (n=4)"
+    assert generalise.fmt({**row, "value": np.nan, "n": 0, "enough": False}) == "none (n=0)"
+
+
+def test_pooled_verdicts_say_their_runs_and_seeds_and_when_the_runs_disagree(tmp_path):
+    adults = {f"a{i:03d}.png": 40.0 for i in range(200)}
+    ages = pd.Series(40.0, index=[f"nih/{name}" for name in adults])  # as read_ages gives them
+    for seed in range(10):  # nine runs call every adult right, one only 140 of 200
+        p = [0.1] * 200 if seed else [0.1] * 140 + [0.9] * 60
+        fake_run(tmp_path, f"paper-s{seed}", own_split(), external={"nih": ("/elsewhere", nih_rows(adults, p))},
+                 seed=seed)
+    table = generalise.measures(generalise.load_arms(tmp_path), ages)
+    nih = table[table["population"] == "NIH ChestX-ray14 adults without COVID-19"]
+    assert nih.loc[nih["level"] == "run", "verdict"].tolist() == ["not met"] + ["met"] * 9
+    pooled = nih[nih["level"] == "arm"].iloc[0]
+    assert pooled["value"] == pytest.approx(0.97) and pooled["ci_low"] > 0.8  # the pool alone would say met
+    assert pooled["runs"] == 10 and pooled["seeds"] == ", ".join(map(str, range(10)))
+    assert pooled["per_run"] == "9 met, 1 not met" and pooled["verdict"] == "undecided"  # but one run misses it
+    assert generalise.summary(table)["arm_runs"].iloc[0] == "paper set-up (10 runs, seeds 0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"
+    shown = generalise.summary_for_reading(generalise.summary(table)).set_index("population")
+    row = shown.loc["NIH ChestX-ray14 adults without COVID-19"]
+    assert row["runs"] == "10 runs, seeds 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    assert row["runs' own verdicts"] == "9 met, 1 not met"
+    assert re.fullmatch(r"0\.970 \(0\.\d{3}–0\.\d{3}\)", row["estimate (95% CI)"])
+    text = generalise.goal_verdict(table)
+    assert text.startswith("**Generalisation goal: undecided.** paper set-up (10 runs, seeds 0, 1, 2, 3, 4, 5, 6, 7, 8, "
+                           "9): undecided. The goal, on sources a model never trained on")
+    assert "(the runs one by one: 9 met, 1 not met)" in text
+    counts = generalise.population_counts(table)
+    assert "paper set-up | NIH ChestX-ray14 adults without COVID-19 | specificity | 200 images | 10 runs" in counts
+    assert not re.search(r"\d\.\d", counts) and "met" not in counts  # no estimate, no verdict: the same on any machine
+
+
+def test_the_goal_needs_both_measures_on_unseen_sources(tmp_path):
+    nih = write_nih_meta(tmp_path / "nih", NIH_AGES)
+    held = [f"ieee8023/h{i}.jpg" for i in range(40)]
+    test = own_split() + [(i, f"ieee8023:{i}", "ieee8023", "covid", 0.99) for i in held]
+    fake_run(tmp_path / "a", "held", test, external={"nih": (str(nih), nih_rows(NIH_AGES, [0.01] * 20))},
+             held_out=tuple(held), hold_out="country=italy")
+    arms = generalise.load_arms(tmp_path / "a")
+    assert arms["label"].tolist() == ["held-out source: country=italy"]
+    ages = generalise.read_ages(arms)[0]
+    text = generalise.goal_verdict(generalise.measures(arms, ages))
+    assert text.startswith("**Generalisation goal: met.** Met by held-out source: country=italy (1 run, seed 0). ")
+    assert ("COVID-19 images of the held-out source (country=italy): COVID-19 sensitivity 1.000 (0.912–1.000), n=40, "
+            "met") in text
+    # the paper set-up alone: specificity met, but no COVID-19 sensitivity on an unseen source -> undecided
+    fake_run(tmp_path / "b", "paper", own_split(), external={"nih": (str(nih), nih_rows(NIH_AGES, [0.01] * 20))})
+    arms_b = generalise.load_arms(tmp_path / "b")
+    text = generalise.goal_verdict(generalise.measures(arms_b, generalise.read_ages(arms_b)[0]))
+    assert text.startswith("**Generalisation goal: undecided.** paper set-up (1 run, seed 0): undecided. ")
+    assert "no COVID-19 sensitivity measured on a source it never trained on" in text
+    # one measure not met is enough to miss it
+    fake_run(tmp_path / "c", "paper", own_split(), external={"nih": (str(nih), nih_rows(NIH_AGES, [0.99] * 20))})
+    arms_c = generalise.load_arms(tmp_path / "c")
+    text = generalise.goal_verdict(generalise.measures(arms_c, generalise.read_ages(arms_c)[0]))
+    assert text.startswith("**Generalisation goal: not met.** No arm meets it: paper set-up (1 run, seed 0). ")
+    assert "specificity 0.000 (0.000–0.161), n=20, not met" in text and "\n" not in text.split("\n\n")[0]
+
+
+def test_arms_and_runs_are_named_in_words():
+    label = generalise.arm_label
+    assert label({}) == "paper set-up" and label({"extra_negatives": "/nih"}) == "adult negatives"
+    assert label({"hold_out": "country=italy"}) == "held-out source: country=italy"
+    assert label({"preprocess": "clahe"}) == "CLAHE" and label({"preprocess": "lungs_removed"}) == "lungs removed"
+    assert label({"extra_negatives": "/nih", "preprocess": "clahe"}) == "adult negatives + CLAHE"
+    assert label({"extra_covid_train": False, "weighted_sampler": False}) == (
+        "paper set-up, without weighted sampling, no extra COVID-19 images")
+    assert generalise.run_words({"task": "binary", "loss": "focal", "weights": "none", "seed": 2}) == (
+        "binary, focal loss, random init, seed 2")
+    assert "ImageNet" in generalise.run_words({"task": "multiclass", "loss": "ce", "weights": "imagenet"})
+
+
+def test_forest_draws_one_row_per_measure_and_the_goal_lines():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from cxrlib import plots
+
+    def row(label, population, metric, value, low, high, verdict, enough=True):
+        return {"label": label, "population": population, "metric": metric, "value": value, "ci_low": low,
+                "ci_high": high, "verdict": verdict, "enough": enough}
+
+    long = "held-out source: country=italy + adult negatives + CLAHE, without weighted sampling"
+    table = pd.DataFrame([
+        row("paper set-up", "NIH ChestX-ray14 adults without COVID-19", "covid_specificity", 0.12, 0.09, 0.14,
+            "not met"),
+        row("paper set-up", "NIH ChestX-ray14 children (under 18) without COVID-19", "covid_specificity", 0.2, 0.1,
+            0.3, ""),
+        row(long, "ieee8023 adults without COVID-19 (test split)", "covid_specificity", 0.5, 0.1, 0.9, "too few to say",
+            enough=False),
+        row(long, "COVID-19 images of the held-out source (country=italy)", "covid_sensitivity", 0.93, 0.88, 0.97,
+            "undecided"),
+        row("adult negatives", "NIH ChestX-ray14 COVID-19 images", "covid_sensitivity", np.nan, np.nan, np.nan, "")])
+    fig = plots.forest(table, generalise.GOAL)
+    fig.canvas.draw()
+    ticks = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert len(ticks) == len(table)
+    assert ticks[0].replace("\n", " ") == "paper set-up NIH ChestX-ray14 adults without COVID-19"
+    goals = sorted(line.get_xdata()[0] for ax in fig.axes for line in ax.lines if line.get_gid() == "goal")
+    assert goals == [0.8, 0.9]
+    assert all(ax.get_xlabel() and "goal" in ax.get_title(loc="left") for ax in fig.axes)
+    box = fig.bbox
+    hidden = {t.label1 for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_major_ticks()
+              if not min(axis.get_view_interval()) - 1e-9 <= t.get_loc() <= max(axis.get_view_interval()) + 1e-9}
+    for text in fig.findobj(Text):  # every drawn text (tick labels outside the axis range are not drawn)
+        if text.get_visible() and text.get_text().strip() and text not in hidden:
+            e = text.get_window_extent()
+            assert e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1, text
+            assert text.get_fontsize() >= 10, text.get_text()
+    only_spec = plots.forest(table.iloc[:2], generalise.GOAL)
+    assert [line.get_xdata()[0] for ax in only_spec.axes for line in ax.lines if line.get_gid() == "goal"] == [0.8]
+    plt.close("all")
 
 
 def test_load_arms_leaves_the_lungs_removed_audit_to_chapter_04(tmp_path):
@@ -248,5 +464,23 @@ def test_load_arms_leaves_the_lungs_removed_audit_to_chapter_04(tmp_path):
         run = tmp_path / preprocess
         run.mkdir()
         (run / "params.json").write_text(json.dumps({"config": RunConfig(preprocess=preprocess).to_dict()}))
+        (run / "metrics.json").write_text("{}")  # a complete folder holds its result files (rundir.RESULT_FILES)
+        (run / "predictions.csv").write_text("image_id\n")
         (run / "status").write_text("complete")
     assert generalise.load_arms(tmp_path)["preprocess"].tolist() == ["none"]
+
+
+def test_the_summary_is_saved_for_the_first_page(tmp_path):
+    """generalisation.json carries the verdict and, per arm, the share of adults called COVID-19 (1 − specificity)."""
+    from cxrlib import generalise
+
+    record = {"verdict": "**Generalisation goal: not met.** ...", "measures": [
+        {"arm_runs": "paper set-up (4 runs, seed 0)", "population": "NIH ChestX-ray14 adults without COVID-19",
+         "group": "adults", "metric": "covid_specificity", "value": 0.15, "ci_low": 0.125, "ci_high": 0.176, "n": 817},
+        {"arm_runs": "paper set-up (4 runs, seed 0)", "population": "children", "group": "children",
+         "metric": "covid_specificity", "value": 0.3, "ci_low": 0.2, "ci_high": 0.4, "n": 92}]}
+    said = generalise.called_covid(record)
+    assert said == ['paper set-up (4 runs, seed 0) called a share of 0.850 (0.824–0.875) of the 817 NIH ChestX-ray14 '
+                    'adults without COVID-19 "COVID-19"']  # children are reported apart, not here
+    empty = generalise.save_summary(generalise.measures(generalise.load_arms(tmp_path)), tmp_path / "g.json")
+    assert json.loads(empty.read_text())["measures"] == []
