@@ -19,7 +19,7 @@ AUDIT_VARIANTS ?= lungs_removed,lungs_removed_marker
 COMMA := ,
 VARIANTS ?= $(if $(EXTRA_NEGATIVES_DIR),negs$(COMMA)negs+clahe$(COMMA))$(AUDIT_VARIANTS)
 VARIANT_LOSSES ?= ce
-BUNDLE ?= results/paper-h200
+BUNDLE ?= results/real-cpu-quick
 EXECUTE := $(strip $(PROFILE)$(CORONAHACK_DIR)$(EXTRA_COVID_DIR))
 RUN_PROFILE := $(or $(PROFILE),quick)
 NEW_BUNDLE ?= _build/bundle-$(RUN_PROFILE)
@@ -64,7 +64,7 @@ notebooks: runs
 bundle: notebooks
 	rm -rf $(NEW_BUNDLE)
 	$(PY) -m cxrlib.bundle pack "$$($(PY) -m cxrlib.runs --where --run-root $(RUN_ROOT) $(DATA_ARGS))" \
-	  $(NEW_BUNDLE) --chapters book/generated \
+	  $(NEW_BUNDLE) --scratch --chapters book/generated \
 	  --data $(CORONAHACK_DIR) $(EXTRA_COVID_DIR) --note "make bundle, profile $(RUN_PROFILE)"
 
 # Render a bundle: its executed chapters go to book/generated/, then Jupyter Book builds (executes nothing).

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The real-data results bundle on one GPU, as one command (what made results/<bundle>/):
-#   the speed figures a and e on that GPU, then the paper-profile run matrix (task x loss x seed x with/without
-#   the extra COVID images, plus the chapter-06 arms) within a time budget, then a bundle of the run folders
-#   (no weights) and the featured run's weights as fp16 chunks (chapters 03/04 need them, the bundle does not).
+# The real-data results bundle on one GPU, as one command (what makes results/<bundle>/):
+#   the speed figures a and e on that GPU, then the paper-profile run matrix within a time budget — task x loss x
+#   with/without the extra COVID images x seeds 0-2 (24 runs) plus the arm without weighted sampling (both tasks,
+#   CE, 3 seeds: 6 runs), 30 in all — then a bundle of the run folders (no weights; bundle.json gives the matrix's
+#   wall time and aggregate images/s) and the featured run's weights as fp16 chunks (chapters 03/04 need them).
+#   Dry run on CPU at tiny sizes: PROFILE=quick SEEDS=1 SETTINGS="--set image_size=32 --set epochs=1" CONCURRENT=2
 # Usage: bash bench/paper_bundle.sh OUT DATA [TIME_BUDGET_SECONDS]
 #   DATA holds coronahack/, covid-chestxray-dataset/, nih-chestxray14-subset/ (e.g. a `python -m cxrlib.transport` copy)
-#   Environment: PROFILE (paper), CONCURRENT (8), SETTINGS (extra flags), VARIANTS, PYTHON, RUN_ROOT,
+#   Environment: PROFILE (paper), SEEDS (3), CONCURRENT (8), SETTINGS (extra flags), VARIANTS (unweighted),
+#   VARIANT_LOSSES (ce; chapter 06's arms: VARIANTS=negs,negs+clahe,holdout:country=italy VARIANT_LOSSES=focal), PYTHON, RUN_ROOT,
 #   CODE_COMMIT (recorded in bundle.json where the machine has no git checkout), MATRIX_TIMEOUT (seconds)
 set -uo pipefail
 out=$1
@@ -26,8 +29,9 @@ timeout 120 "$py" bench/bench_speed.py --device "$device" --only ae --out "$out/
 timeout "${MATRIX_TIMEOUT:-$((budget + 240))}" "$py" -m cxrlib.runs --profile "${PROFILE:-paper}" --executor inline \
     --concurrent "${CONCURRENT:-8}" --run-root "$root" \
     --coronahack-dir "$data/coronahack" --extra-covid-dir "$data/covid-chestxray-dataset" \
-    --extra-negatives "$data/nih-chestxray14-subset" --variants "${VARIANTS:-negs,negs+clahe,holdout:country=italy,lungs_removed,lungs_removed_marker}" \
-    --variant-losses focal --set "external=nih=$data/nih-chestxray14-subset" --time-budget "$budget" \
+    --seeds "${SEEDS:-3}" --extra-covid-axis both \
+    --extra-negatives "$data/nih-chestxray14-subset" --variants "${VARIANTS:-unweighted}" \
+    --variant-losses "${VARIANT_LOSSES:-ce}" --set "external=nih=$data/nih-chestxray14-subset" --time-budget "$budget" \
     ${SETTINGS:-} 2>&1 | tee -a "$out/log.txt" | grep -v "^ *complete\b" | tail -40
 tagged=$(ls -d "$root"/*/ | head -1)
 echo "matrix wall: $(( $(date +%s) - started )) s so far" | tee -a "$out/log.txt"

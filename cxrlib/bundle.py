@@ -3,6 +3,7 @@
 A bundle is a folder (committed under `results/<name>/`)::
 
     bundle.json       data fingerprints, code commit, hardware, wall time, what did not run and why
+    claims.json       the paper's claims with their verdicts, as the results chapter computed them
     runs/<run>/       run folders without model weights (params, metrics, history, predictions, status)
     chapters/*.ipynb  the executed chapters
     bench/*.json      speed figures with the hardware they came from
@@ -27,29 +28,36 @@ from typing import Any
 import nbformat
 
 from .errors import CXRError
-from .rundir import read_status
+from .paths import GENERATED, ROOT
+from .rundir import MANIFEST, read_status
 
-ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ROOT / "book" / "generated"
 RECORD = "bundle.json"
 # What a run folder keeps in a bundle: everything but the weights and checkpoints.
 RUN_FILES = ("params.json", "config.json", "metrics.json", "history.csv", "predictions.csv", "status",
-             "notebook.ipynb")
+             "notebook.ipynb", MANIFEST)
 MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
+REQUIRED_RUN_FILES = ("params.json", "metrics.json", "predictions.csv", "history.csv")  # what a complete run keeps
+CLAIMS = "claims.json"  # written into the run root by the results chapter (results.save_claims)
+GENERALISATION = "generalisation.json"  # written into the run root by chapter 06 (generalise.save_summary)
 
 
 def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
          bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "",
-         commit: str = "", also: dict[str, str | Path] | None = None) -> dict[str, Any]:
+         commit: str = "", also: dict[str, str | Path] | None = None, scratch: bool = False) -> dict[str, Any]:
     """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`.
 
     `also` ({name: run root}) adds run roots made apart from the matrix (e.g. an experiment trained on another
-    machine and at other settings) under `out/<name>/`; bundle.json lists their runs under `also`.
+    machine and at other settings) under `out/<name>/`; bundle.json lists their runs under `also`. A bundle is
+    made to be committed, so a destination whose files git would ignore is refused before anything is written
+    (the 14 run folders of an earlier bundle were lost that way); `scratch=True` is for bundles that are only
+    rendered (`make book PROFILE=quick` packs into _build/).
     """
     run_root, out = Path(run_root), Path(out)
+    if not scratch:
+        refuse_ignored(out, run_root, also or {})
     runs = _copy_runs(run_root, out / "runs")
     extra = {name: _copy_runs(Path(root), out / name) for name, root in (also or {}).items()}
-    for name in ("matrix.json",):
+    for name in ("matrix.json", CLAIMS, GENERALISATION):
         if (run_root / name).is_file():
             shutil.copyfile(run_root / name, out / name)
     if chapters:
@@ -68,6 +76,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
         "data_fingerprints": sorted({r["data_fingerprint"] for r in runs if r.get("data_fingerprint")}),
         "data": [_data_record(Path(d)) for d in data_dirs],
         "wall_seconds": matrix.get("wall_seconds"),
+        "aggregate_train_images_per_second": _aggregate_throughput(run_root, matrix.get("wall_seconds")),
         "not_run": matrix.get("not_run", []),
         "runs": runs,
         "also": extra,
@@ -77,6 +86,51 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     record["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     (out / RECORD).write_text(json.dumps(record, indent=2))
     return record
+
+
+def refuse_ignored(out: Path, run_root: Path, also: dict[str, str | Path]) -> None:
+    """A CXRError when git would ignore a file the bundle writes under `out` (inside a git work tree)."""
+    probes = [out / RECORD, out / CLAIMS, out / GENERALISATION, out / "chapters" / "probe.ipynb",
+              out / "bench" / "probe.json"]
+    for sub, root in [("runs", run_root), *also.items()]:
+        probes += [out / sub / "run" / name for name in RUN_FILES]
+        probes += [out / sub / p.name / name for p in Path(root).glob("*") if p.is_dir() for name in RUN_FILES[:1]]
+    ignored = git_ignored(probes)
+    if ignored:
+        shown = ", ".join(str(p) for p in ignored[:3]) + (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
+        raise CXRError(f"bundle destination {out}: git ignores {shown} (see `git check-ignore -v`), so the bundle "
+                       f"would not be committed whole; change the ignore rule or the destination, or pass --scratch "
+                       f"for a bundle that is only rendered")
+
+
+def git_ignored(paths: list[Path]) -> list[Path]:
+    """Those of `paths` that git would ignore; [] outside a git work tree or without git."""
+    paths = [Path(p).resolve() for p in paths]
+    if not paths:
+        return []
+    cwd = next((p for p in paths[0].parents if p.is_dir()), Path.cwd())
+    try:
+        done = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=cwd, capture_output=True,
+                              text=True, input="\n".join(map(str, paths)))
+    except OSError:
+        return []
+    if done.returncode not in (0, 1):  # 128: not a git work tree
+        return []
+    return [Path(line) for line in done.stdout.splitlines() if line]
+
+
+def check_tracked(bundle: str | Path) -> list[str]:
+    """What a committed bundle lacks in git: for every run bundle.json lists (runs and also), each of
+    REQUIRED_RUN_FILES that git does not track. [] when whole."""
+    bundle = Path(bundle).resolve()
+    record = load(bundle)
+    done = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, text=True,
+                          check=True)
+    tracked = {bundle / p for p in done.stdout.split("\0") if p}
+    listed = [("runs", r) for r in record.get("runs", [])]
+    listed += [(name, r) for name, entries in (record.get("also") or {}).items() for r in entries]
+    return [f"{sub}/{r['run']}/{name}" for sub, r in listed if r.get("status") == "complete"
+            for name in REQUIRED_RUN_FILES if bundle / sub / r["run"] / name not in tracked]
 
 
 def _copy_runs(run_root: Path, target_root: Path) -> list[dict[str, Any]]:
@@ -94,8 +148,22 @@ def _copy_runs(run_root: Path, target_root: Path) -> list[dict[str, Any]]:
             target = target_root / run_dir.name / path.relative_to(run_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+        _restate_manifest(target_root / run_dir.name, {str(p.relative_to(run_dir)) for p in kept})
         runs.append(_run_summary(run_dir))
     return runs
+
+
+def _restate_manifest(copy: Path, kept: set[str]) -> None:
+    """The copied run's manifest lists only what the bundle keeps; the weights it leaves out are named as such,
+    so the copy reads as whole (rundir.damage) and a file lost later still shows."""
+    path = copy / MANIFEST
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    files = record.get("files", {})
+    record["files"] = {k: v for k, v in files.items() if k in kept}
+    record["left_out"] = sorted(set(files) - kept)  # by bundle pack: model weights
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def public_chapter(source: str | Path, target: str | Path) -> Path:
@@ -141,31 +209,83 @@ def render(bundle: str | Path, generated: str | Path = GENERATED) -> list[Path]:
     generated.mkdir(parents=True)
     for nb in chapters:
         shutil.copyfile(nb, generated / nb.name)
-    (generated / "verdict.md").write_text(verdict_markdown(bundle))
+    (generated / "findings.md").write_text(findings_markdown(bundle))
     (generated / "speed.md").write_text(speed_markdown(bundle))
     return [generated / nb.name for nb in chapters]
 
 
-def verdict_markdown(bundle: str | Path) -> str:
-    """The intro's verdict paragraph: each of the paper's claims with its computed verdict, from the bundle."""
+def findings_markdown(bundle: str | Path) -> str:
+    """The intro's first box, "what this replication found", computed from the bundle: which of the paper's arms
+    ran and which could not (with the command that runs them), each claim with its verdict, number and seeds
+    (claims.json, as the results chapter computed them), the questions beyond the paper, and what data and
+    settings stand behind all of it."""
     from . import results
 
     bundle = Path(bundle)
     record = load(bundle)
-    runs = results.load_runs(bundle / "runs") if (bundle / "runs").is_dir() else None
-    if runs is None or runs.empty:
-        return "*This bundle holds no run, so no claim could be tested.*\n"
-    claims = results.claims_table(runs, results.read_not_run(bundle))
-    done = runs[runs.status == "complete"]
-    lines = [f"*Computed from the results bundle `{record.get('name', bundle.name)}` "
-             f"({len(done)} complete run(s) of {len(runs)}, seeds {sorted(set(done.seed.dropna().astype(int)))}, "
-             f"{', '.join(record.get('hardware') or ['unknown hardware'])}, code {str(record.get('code_commit'))[:10]}).*",
-             ""]
-    for claim, rows in claims.groupby("claim", sort=False):
-        said = "; ".join(f"{r.task}: **{_short(r.verdict)}**" + (f" ({r.result})" if r.result not in ("–", "") else "")
-                         for r in rows.itertuples())
+    claims = results.read_claims(bundle / CLAIMS) if (bundle / CLAIMS).is_file() else None
+    ran = (claims or {}).get("runs", {})
+    lines = [f"*Computed from the results bundle `{record.get('name', bundle.name)}`: "
+             f"{ran.get('complete', 0)} complete run(s), {', '.join(record.get('hardware') or ['unknown hardware'])}, "
+             f"code {str(record.get('code_commit'))[:10]}, made {str(record.get('created', '?'))[:10]}.*", ""]
+    inits = ", ".join(ran.get("inits") or ["none"])
+    lines.append(f"\n**What ran.** ResNet50 initialised as: {inits}; images of {_listed(ran.get('image_size'))} px; "
+                 f"{_listed(ran.get('epochs_run'))} epoch(s) trained (of at most {_listed(ran.get('epochs'))}); "
+                 f"seed(s) {_listed(ran.get('seeds'))}; arms: {'; '.join(ran.get('arms') or [])}.")
+    not_run = record.get("not_run") or []
+    if not_run:
+        said = "; ".join(f"**{e.get('arm')}**: {results.public_text(str(e.get('reason', '')))}" for e in not_run)
+        commands = sorted({results.public_text(str(e.get("command", ""))).split("   #")[0] for e in not_run} - {""})
+        lines.append(f"\n**What could not run.** {said}. So every verdict below is about the initialisation(s) that "
+                     f"ran ({inits}), not about the paper's pretrained ones."
+                     + (f" Where the weights can be had, this runs them: `{commands[0]}`." if commands else ""))
+    lines += ["", *_claims_said(claims)]
+    beyond = _beyond_the_paper(bundle, record)
+    if beyond:
+        lines += ["", "**Beyond the paper:**", *beyond]
+    lines += ["", f"**Data.** {_data_said(record)}"]
+    return _box(lines)
+
+
+def _claims_said(claims: dict[str, Any] | None) -> list[str]:
+    """Each claim per task with its verdict, number and seeds; or why there is none."""
+    if claims is None:
+        return ["**No claim was tested:** this bundle holds no `claims.json` (the results chapter writes it when it "
+                "runs), so there is no verdict to state."]
+    lines = ["**The paper's claims** (paired patient-level bootstrap; verdicts from the 95% interval):", ""]
+    by_claim: dict[str, list[dict[str, Any]]] = {}
+    for c in claims.get("claims", []):
+        by_claim.setdefault(c["claim"], []).append(c)
+    for claim, rows in by_claim.items():
+        said = "; ".join(f"{r['task']}: **{_short(r['verdict'])}**"
+                         + (f" ({r['result']}; {r['seeds']})" if r.get("result") not in (None, "–", "") else "")
+                         for r in rows)
         lines.append(f"- {claim} — {said}")
-    return "\n".join(lines + _beyond_the_paper(bundle, record)) + "\n"
+    return [*lines, "", claims.get("holm", "")]
+
+
+def _box(lines: list[str]) -> str:
+    return ":::{admonition} What this replication found\n:class: important\n\n" + "\n".join(lines) + "\n:::\n"
+
+
+def _listed(values: Any) -> str:
+    values = list(values or [])
+    return ", ".join(map(str, values)) if values else "?"
+
+
+def _data_said(record: dict[str, Any]) -> str:
+    """What data copy stands behind the bundle, as bundle.json records it."""
+    said, described = [], {}
+    for entry in record.get("data") or []:
+        copy = entry.get("transport_copy")
+        if copy:
+            said.append(f"`{entry['folder']}`: a transport copy of the data (longer side ≤ {copy.get('max_side')} px, "
+                        f"re-encoded as JPEG quality {copy.get('jpeg_quality')} where larger; {copy.get('note', '')})")
+        else:  # folders that share a README are said once
+            described.setdefault(entry.get("description") or "", []).append(f"`{entry['folder']}`")
+    said += [", ".join(folders) + (f": {text}" if text else "") for text, folders in described.items()]
+    fingerprints = ", ".join(record.get("data_fingerprints") or []) or "none recorded"
+    return ("; ".join(said) or "no data folder recorded") + f". Data fingerprint(s): {fingerprints}."
 
 
 def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
@@ -174,9 +294,11 @@ def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
     from . import generalise, lungs_removed
 
     lines = []
-    measures = generalise.measures(generalise.load_arms(bundle / "runs"))
-    if len(measures):
-        lines.append("- Generalisation (chapter 6) — " + generalise.goal_verdict(measures).split("\n")[0])
+    if (bundle / GENERALISATION).is_file():  # as chapter 6 computed it (the ages behind "adults" are not in a bundle)
+        summary = json.loads((bundle / GENERALISATION).read_text())
+        called = generalise.called_covid(summary)
+        lines.append("- Generalisation (chapter 6) — " + summary["verdict"].split("\n")[0]
+                     + (" On people it never trained on: " + "; ".join(called) + "." if called else ""))
     for root in [bundle / "runs", *(bundle / name for name in record.get("also") or {})]:
         arms = lungs_removed.find_arms(root)
         if len(arms):
@@ -185,7 +307,7 @@ def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
             said = pooled if len(pooled) == table["experiment"].nunique() else lungs_removed.verdicts(table)
             settings = lungs_removed.describe_settings(arms.config.iloc[0], table["seed"].unique().tolist())
             lines.append(f"- A model trained without lungs (chapter 4; {settings}) — " + " ".join(said))
-    return [""] + lines if lines else []
+    return lines
 
 
 def _short(verdict: str) -> str:
@@ -213,6 +335,13 @@ def speed_markdown(bundle: str | Path) -> str:
         done = sum(r.get("status") == "complete" for r in record.get("runs", []))
         rows.append(f"| (b) run matrix wall time: {done} complete run(s) | {record['wall_seconds']:.0f} s | "
                     f"≤ 600 s for 24 runs | see text | {', '.join(record.get('hardware') or [])} |")
+    if record.get("aggregate_train_images_per_second"):
+        hardware = ", ".join(record.get("hardware") or [])
+        on_gpu = "cuda" in hardware
+        rows.append(f"| (b) aggregate training throughput of the matrix, all concurrent runs (images/s) | "
+                    f"{record['aggregate_train_images_per_second']:.0f} | ≥ 6000 on one H200 | "
+                    f"{('met' if record['aggregate_train_images_per_second'] >= 6000 else 'not met') if on_gpu else 'n/a (not a GPU)'}"
+                    f" | {hardware} |")
     if not rows:
         return "*This bundle holds no benchmark results.*\n"
     return "\n".join(["| figure | measured | goal | | hardware |", "|---|---|---|---|---|", *rows]) + "\n"
@@ -265,10 +394,26 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
             "train_seconds": metrics.get("train_seconds")}
 
 
+def _aggregate_throughput(run_root: Path, wall_seconds: float | None) -> float | None:
+    """Training images seen by all runs of the matrix (train images x epochs run) over its wall time: the
+    throughput of the whole matrix, concurrent runs together, beside a bare step's figure in bench/."""
+    if not wall_seconds:
+        return None
+    seen = 0
+    for run_dir in (p for p in run_root.iterdir() if p.is_dir()):
+        params, metrics = _read_json(run_dir / "params.json"), _read_json(run_dir / "metrics.json")
+        counts = (params.get("data") or {}).get("train_class_counts") or {}
+        seen += sum(counts.values()) * int(metrics.get("epochs_run") or 0)
+    return round(seen / wall_seconds, 1) if seen else None
+
+
 def _data_record(folder: Path) -> dict[str, Any]:
-    """Where the data came from: the transport record when the folder is a transport copy."""
+    """Where the data came from: the transport record when the folder is a transport copy, and the title of the
+    README that describes the folder (its own or its parent's), e.g. "... (reduced resolution)"."""
     transport = _read_json(folder / "TRANSPORT.json")
-    return {"folder": folder.name, "transport_copy": transport or None}
+    readme = next((p for p in (folder / "README.md", folder.parent / "README.md") if p.is_file()), None)
+    title = readme.read_text(errors="replace").splitlines()[0].lstrip("# ").strip() if readme else ""
+    return {"folder": folder.name, "transport_copy": transport or None, "description": title}
 
 
 def _git_commit(runs: list[dict[str, Any]]) -> str | None:
@@ -298,20 +443,22 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=examples("python -m cxrlib.bundle pack runs/quick/synthetic _build/bundle-quick "
                                        "--chapters book/generated --note 'by hand'"))
     p.add_argument("run_root", help="folder of run folders (python -m cxrlib.runs --where prints it)")
-    p.add_argument("out", help="bundle folder to write, e.g. results/paper-h200")
+    p.add_argument("out", help="bundle folder to write, e.g. results/real-cpu-quick")
     p.add_argument("--chapters", default="", help="folder of executed chapter notebooks to include (empty: none)")
     p.add_argument("--bench", nargs="*", default=[], help="benchmark JSON files to include")
     p.add_argument("--data", nargs="*", default=[], help="data folders used (their TRANSPORT.json is recorded)")
     p.add_argument("--note", default="", help="free text kept in bundle.json")
     p.add_argument("--commit", default="", help="code commit, where the run folder's machine has no git checkout "
                                                 "(empty: this checkout's)")
+    p.add_argument("--scratch", action="store_true", help="a bundle only to be rendered, never committed: allow a "
+                   "destination that git ignores (e.g. _build/bundle-quick)")
     p.add_argument("--also", nargs="*", default=[], metavar="NAME=RUN_ROOT",
                    help="other run roots to include under NAME/ (e.g. an experiment run apart from the matrix)")
     r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/",
                        formatter_class=HelpFormatter, description="Puts a bundle's chapters where the book build "
                        "reads them (then: jupyter-book build .).",
-                       epilog=examples("python -m cxrlib.bundle render results/paper-h200"))
-    r.add_argument("bundle", help="bundle folder, e.g. results/paper-h200")
+                       epilog=examples("python -m cxrlib.bundle render results/real-cpu-quick"))
+    r.add_argument("bundle", help="bundle folder, e.g. results/real-cpu-quick")
     return parser
 
 
@@ -324,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             if not all(also) or not all(also.values()):
                 raise CXRError(f"--also {' '.join(args.also)}: give NAME=RUN_ROOT")
             record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
-                          data_dirs=args.data, note=args.note, commit=args.commit, also=also)
+                          data_dirs=args.data, note=args.note, commit=args.commit, also=also, scratch=args.scratch)
             print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
                   + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
         else:

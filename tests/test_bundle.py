@@ -18,9 +18,10 @@ def _run_folder(root, name, status="complete"):
     run = root / name
     run.mkdir(parents=True)
     (run / "status").write_text(status + "\n")
-    (run / "params.json").write_text(json.dumps({"config": {"task": "binary"}, "data": {"fingerprint": "abc"},
-                                                 "device": "cpu (1 threads)"}))
-    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "git_commit": "1234", "train_seconds": 3.0}))
+    (run / "params.json").write_text(json.dumps({"config": {"task": "binary"}, "device": "cpu (1 threads)",
+                                                 "data": {"fingerprint": "abc", "train_class_counts": {"a": 20, "b": 10}}}))
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "git_commit": "1234", "train_seconds": 3.0,
+                                                  "epochs_run": 2 if status == "complete" else 0}))
     (run / "predictions.csv").write_text("image,true,pred\n")
     (run / "model.pt").write_bytes(b"weights")
     (run / "external" / "nih").mkdir(parents=True)
@@ -53,6 +54,7 @@ def test_pack_leaves_weights_out_and_records_provenance(tmp_path):
     assert (out / "chapters" / "05_results.ipynb").is_file() and (out / "bench" / "speed.json").is_file()
     assert record["data_fingerprints"] == ["abc"] and record["code_commit"] == "1234"
     assert record["wall_seconds"] == 12.5 and record["not_run"][0]["arm"] == "imagenet"
+    assert record["aggregate_train_images_per_second"] == pytest.approx(30 * 2 / 12.5)  # 30 images x 2 epochs
     assert [r["status"] for r in record["runs"]] == ["complete", "failed: CXRError: boom"]
     assert bundle.load(out)["bytes"] == record["bytes"]
     chapter = (out / "chapters" / "05_results.ipynb").read_text()  # where the executing machine kept data stays out
@@ -120,6 +122,50 @@ def test_render_writes_the_computed_verdicts_and_the_speed_table(tmp_path):
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({"name": "b", "wall_seconds": 120.0,
                                                              "runs": [{"status": "complete"}], "hardware": ["cuda: X"]}))
     bundle.render(tmp_path / "b", tmp_path / "gen")
-    assert "no run" in (tmp_path / "gen" / "verdict.md").read_text()
+    assert "No claim was tested" in (tmp_path / "gen" / "findings.md").read_text()
     speed = (tmp_path / "gen" / "speed.md").read_text()
     assert "| (a)  | 0.81 | 0.8 | met | Some GPU |" in speed and "120 s" in speed and "(c)" not in speed
+
+
+def _git_repo(path, ignore: str) -> None:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / ".gitignore").write_text(ignore)
+
+
+def test_pack_refuses_a_destination_git_ignores(tmp_path):
+    """The rule that lost an earlier bundle's 14 run folders (`runs/` matching results/<b>/runs/) is refused."""
+    repo = tmp_path / "repo"
+    _git_repo(repo, "runs/\n_build/\n")
+    _run_folder(tmp_path / "root", "binary-ce-a")
+    with pytest.raises(CXRError, match=r"git ignores .*results/b/runs/.*--scratch"):
+        bundle.pack(tmp_path / "root", repo / "results" / "b")
+    assert not (repo / "results" / "b").exists()  # refused before anything was written
+    assert bundle.main(["pack", str(tmp_path / "root"), str(repo / "results" / "b")]) == 2
+    bundle.pack(tmp_path / "root", repo / "_build" / "b", scratch=True)  # only rendered: allowed when said
+    (repo / ".gitignore").write_text("/runs/\n_build/\n")  # the fixed rule: only the top-level work folder
+    record = bundle.pack(tmp_path / "root", repo / "results" / "b")
+    assert record["runs"][0]["run"] == "binary-ce-a"
+
+
+def test_check_tracked_names_each_untracked_run_file(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    _git_repo(repo, "")
+    _run_folder(tmp_path / "root", "binary-ce-a")
+    (tmp_path / "root" / "binary-ce-a" / "history.csv").write_text("epoch\n1\n")
+    bundle.pack(tmp_path / "root", repo / "results" / "b")
+    missing = bundle.check_tracked(repo / "results" / "b")
+    assert "runs/binary-ce-a/params.json" in missing and len(missing) == 4
+    subprocess.run(["git", "add", "results"], cwd=repo, check=True)
+    assert bundle.check_tracked(repo / "results" / "b") == []
+
+
+@pytest.mark.parametrize("record", sorted(bundle.ROOT.glob("results/*/bundle.json")), ids=lambda p: p.parent.name)
+def test_every_committed_bundle_tracks_its_runs(record):
+    """Each run a committed bundle.json lists has its params, metrics, predictions and history in git: a fresh
+    clone renders the same book as the work tree that made it."""
+    assert bundle.check_tracked(record.parent) == []

@@ -86,3 +86,17 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ github.nope }}\n")
     assert _lint(bad).returncode != 0
+
+
+def _commands(path: Path, heading: str) -> str:
+    """The first fenced block after `heading`: the book's commands, as that page gives them."""
+    text = path.read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```"):].split("```")[1]
+
+
+def test_readme_and_reproducing_give_the_same_commands():
+    """One set of commands: the README and the book's Reproducing page must not disagree on what `make book` does."""
+    readme = _commands(ROOT / "README.md", "## The two commands")
+    book = _commands(ROOT / "book" / "reproduce.md", "## Build the book")
+    assert readme == book and "make book" in readme and "make test" in readme
