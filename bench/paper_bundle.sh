@@ -36,7 +36,9 @@ timeout "${MATRIX_TIMEOUT:-$((budget + 240))}" "$py" -m cxrlib.runs --profile "$
 tagged=$(ls -d "$root"/*/ | head -1)
 echo "matrix wall: $(( $(date +%s) - started )) s so far" | tee -a "$out/log.txt"
 
-"$py" -m cxrlib.bundle pack "$tagged" "$out/bundle" --bench "$out"/speed_*.json --data "$data" \
+shopt -s nullglob
+speed=("$out"/speed_*.json)  # none when bench_speed ran out of time: the bundle then says it holds no speed figures
+"$py" -m cxrlib.bundle pack "$tagged" "$out/bundle" ${speed:+--bench "${speed[@]}"} --data "$data" \
     --commit "${CODE_COMMIT:-}" \
     --note "made by bench/paper_bundle.sh (profile ${PROFILE:-paper}, time budget ${budget} s)" | tee -a "$out/log.txt"
 "$py" - "$tagged" "$out/w" <<'EOF' 2>&1 | tee -a "$out/log.txt"

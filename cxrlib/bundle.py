@@ -53,6 +53,9 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     rendered (`make book PROFILE=quick` packs into _build/).
     """
     run_root, out = Path(run_root), Path(out)
+    missing = [str(p) for p in bench if not Path(p).is_file()]
+    if missing:
+        raise CXRError(f"benchmark file(s) not found: {', '.join(missing)}")
     if not scratch:
         refuse_ignored(out, run_root, also or {})
     runs = _copy_runs(run_root, out / "runs")

@@ -164,6 +164,12 @@ def test_check_tracked_names_each_untracked_run_file(tmp_path):
     assert bundle.check_tracked(repo / "results" / "b") == []
 
 
+def test_pack_names_a_missing_benchmark_file(tmp_path):
+    _run_folder(tmp_path / "root", "binary-ce-a")
+    with pytest.raises(CXRError, match=r"benchmark file\(s\) not found: .*speed_\*\.json"):
+        bundle.pack(tmp_path / "root", tmp_path / "b", bench=[tmp_path / "speed_*.json"], scratch=True)
+
+
 @pytest.mark.parametrize("record", sorted(bundle.ROOT.glob("results/*/bundle.json")), ids=lambda p: p.parent.name)
 def test_every_committed_bundle_tracks_its_runs(record):
     """Each run a committed bundle.json lists has its params, metrics, predictions and history in git: a fresh
