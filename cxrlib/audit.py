@@ -45,7 +45,6 @@ import pandas as pd
 import pydicom
 import torch
 from PIL import Image
-from scipy.stats import binomtest
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -59,7 +58,8 @@ from .errors import CXRError
 from .lungfields import MASK_MODES, lung_masks, mask_images
 from .images import DeviceBatches, ImageCache, make_transform, plant_marker
 from .infer import forward_all
-from .metrics import bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table
+from .metrics import (bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table,
+                      wilson_interval)
 from .models import backbone_and_head
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -550,11 +550,9 @@ def external_validation_summary(metrics: dict[str, Any] | str | Path) -> pd.Data
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """Wilson score 95% interval of k successes in n trials (NaN, NaN for n = 0)."""
-    if n == 0:
-        return np.nan, np.nan
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
+    """Wilson score 95% interval of k successes in n trials (metrics.wilson_interval), NaN, NaN for n = 0."""
+    low, high = wilson_interval(k, n)
+    return (np.nan, np.nan) if low is None else (low, high)
 
 
 def subgroup_metrics(pred: pd.DataFrame, table: pd.DataFrame, by: str | Sequence[str],

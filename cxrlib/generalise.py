@@ -38,22 +38,20 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_text
-from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics
+from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wilson
 from .config import external_sets
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
 from .metrics import apply_threshold
-from .results import arm_name, fmt_ci, init_name
+from .results import LOSS_WORDS, arm_name, fmt_ci, init_name
 from .rundir import read_status
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
 ADULT_AGE = 18  # years: an image of a younger patient is a child's, whatever the collection says
 N_BOOT = 2000  # patient-bootstrap resamples per interval
-Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 METRIC_WORDS = {"covid_specificity": "specificity", "covid_sensitivity": "COVID-19 sensitivity"}
-LOSS_WORDS = {"ce": "cross-entropy", "weighted_ce": "weighted cross-entropy", "focal": "focal loss"}
 EXTERNAL_WORDS = {"nih": "NIH ChestX-ray14"}  # an external set's name (the `external` parameter) in words
 GROUP_WORDS = {"adults": "adults without COVID-19", "children": f"children (under {ADULT_AGE}) without COVID-19",
                "age unknown": "images without COVID-19, age unknown"}
@@ -90,8 +88,8 @@ def arm_label(config: dict[str, Any]) -> str:
 def run_words(config: dict[str, Any]) -> str:
     """A run in words: "binary, focal loss, random init, seed 0" (its folder name is not for readers)."""
     backbone, weights = config.get("backbone", "resnet50"), config.get("weights") or "none"
-    return ", ".join(filter(None, [config.get("task", "?"), LOSS_WORDS.get(config.get("loss", ""), config.get("loss")),
-                                   "random init" if weights == "none" else init_name(weights),
+    loss = config.get("loss", "")
+    return ", ".join(filter(None, [config.get("task", "?"), f"{LOSS_WORDS.get(loss, loss)} loss", init_name(weights),
                                    "" if backbone == "resnet50" else backbone, f"seed {config.get('seed', 0)}"]))
 
 
@@ -245,15 +243,10 @@ def outcomes(arms: pd.DataFrame, ages: pd.Series | None = None) -> pd.DataFrame:
 # --- estimates and verdicts ----------------------------------------------------------------------------
 
 
-def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion `p` of `n` images (NaN, NaN for n = 0); `p` may be a mean over
-    several runs' calls of the same images."""
-    if n == 0 or not math.isfinite(p):
-        return np.nan, np.nan
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson_interval(p: float, n: int) -> tuple[float, float]:
+    """The Wilson 95% interval of a share `p` of `n` images (audit.wilson; NaN, NaN for n = 0); `p` may be a mean
+    over several runs' calls of the same images."""
+    return wilson(p * n, n) if math.isfinite(p) else (np.nan, np.nan)
 
 
 def estimate(calls: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import paired_bootstrap
-from .results import fmt_ci, init_name
+from .results import LOSS_WORDS, fmt_ci, init_name
 from .rundir import read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
@@ -70,8 +70,7 @@ def describe_settings(config: dict[str, Any], seeds: list[int] | None = None) ->
     names the seeds of repeats pooled together instead of the config's own."""
     seeds = sorted(seeds or [config["seed"]])
     said = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
-    loss = {"ce": "cross-entropy", "focal": "focal", "weighted_ce": "class-weighted cross-entropy"}.get(
-        config["loss"], config["loss"])
+    loss = LOSS_WORDS.get(config["loss"], config["loss"])
     backbone = {"resnet50": "ResNet50", "densenet121": "DenseNet121"}.get(config["backbone"], config["backbone"])
     return (f"{config['task']} task, {loss} loss, {backbone} ({init_name(config['weights'])}), "
             f"{config['image_size']} px, {config['epochs']} epoch(s), {said} (profile `{config['profile']}`)")

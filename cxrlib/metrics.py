@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 from sklearn.dummy import DummyClassifier
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
@@ -157,16 +157,20 @@ def headline_batch(
     return out
 
 
-def wilson_interval(successes: int, n: int, level: float = LEVEL) -> list[float | None]:
-    """Wilson score interval of a proportion successes/n ([None, None] when n == 0).
+def wilson_interval(successes: float, n: int, level: float = LEVEL) -> list[float | None]:
+    """Wilson score interval of a proportion successes/n ([None, None] when n == 0); the one Wilson interval of
+    the library (audit.wilson and generalise.wilson_interval only change how "undefined" is written).
 
     Unlike the normal approximation and the bootstrap, it does not collapse at 0/n or n/n: 0 of 10 gives
-    [0, 0.28], not [0, 0].
+    [0, 0.28], not [0, 0]. `successes` may be fractional: a mean over several runs' calls of the same images.
     """
-    if n == 0:
+    if n == 0 or not math.isfinite(successes):
         return [None, None]
-    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
-    return [float(ci.low), float(ci.high)]
+    z = float(norm.ppf(0.5 + level / 2))
+    p, denom = successes / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def proportion_cis(confusion: np.ndarray, classes: Sequence[str], level: float = LEVEL) -> dict[str, Any]:

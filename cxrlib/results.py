@@ -37,6 +37,7 @@ SHOWN = ("arm", "task", "loss", "init", "extra_covid_train", "seed", "image_size
 COLUMN_WORDS = {"extra_covid_train": "extra COVID in training", "image_size": "image size (px)"}  # for readers
 PAPER_ARM = "paper set-up"  # the paper's own design: no hold-out, preprocessing, extra negatives; weighted sampling
 UNWEIGHTED = "paper set-up, without weighted sampling"  # claim (c)'s other arm
+LOSS_WORDS = {"ce": "cross-entropy", "weighted_ce": "class-weighted cross-entropy", "focal": "focal"}  # + " loss"
 PREPROCESS_WORDS = {"clahe": "CLAHE", "lung_crop": "lung crop", "lungs_removed": "lungs removed",
                     "lungs_removed_marker": "lungs removed + marker (control)"}
 METRIC_NAMES = {"macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity", "roc_auc": "ROC AUC",
