@@ -160,6 +160,13 @@ class Tables:
                          f"</table></div>", f"{number} {caption}\n{shown.to_string(index=False)}")
 
 
+def folded(title: str, *shown: TableHTML) -> TableHTML:
+    """Tables inside a <details> element, closed: details a reader opens by their title (the verdict and its one
+    table stay in view)."""
+    return TableHTML(f"<details><summary><strong>{html.escape(title)}</strong></summary>"
+                     f"{''.join(t.data for t in shown)}</details>", "\n\n".join([title, *(t.text for t in shown)]))
+
+
 def launch_target(url: str, pagename: str) -> str:
     """`url` (a Binder/Colab/JupyterHub launch link of `pagename`) aimed at the paired notebook git tracks,
     notebooks/<chapter>.ipynb, instead of book/generated/<chapter>.ipynb, which is a build product (404)."""

@@ -100,15 +100,9 @@ if age_notes:  # a source whose ages could not be read: its images are "age unkn
 # the sources large enough to hold out. Last, what was measured, in counts.
 
 # %% tags=["hide-input"]
-def folded(title: str, *shown: book.TableHTML) -> book.TableHTML:
-    """Tables inside a <details> element: a reader opens them by their title."""
-    return book.TableHTML(f"<details><summary><strong>{title}</strong></summary>{''.join(t.data for t in shown)}"
-                          "</details>", "\n\n".join([title, *(t.text for t in shown)]))
-
-
 runs = table[table["level"] == "run"]
 shown, same = results.narrow(generalise.summary_for_reading(runs))
-display(folded(f"Every measurement, run by run ({len(runs)} rows, own test split included)",
+display(book.folded(f"Every measurement, run by run ({len(runs)} rows, own test split included)",
                tables(shown, "Every run on every population it was measured on, at its own operating point. Evidence "
                       "\"no\": the run trained on images of that source (or it is its own test split), so a "
                       f"source shortcut can pass the test. {same}", empty="No complete run: nothing was measured.")))
@@ -121,7 +115,7 @@ if paper.empty or not external:
     display(Markdown("The cross-population test by age, sex and view: no paper set-up run has an external set."))
 for name in external:
     first = paper[[name in generalise.external_names(d) for d in paper["run_dir"]]].iloc[0]
-    display(folded(f"{generalise.EXTERNAL_WORDS.get(name, name)} by age band, sex and view ({first['run_name']})",
+    display(book.folded(f"{generalise.EXTERNAL_WORDS.get(name, name)} by age band, sex and view ({first['run_name']})",
                    *(tables(generalise.external_subgroups(first["run_dir"], name, by, where=here.get(name, "")),
                             f"{generalise.EXTERNAL_WORDS.get(name, name)} by {by.replace('_', ' ')}, paper set-up "
                             f"run \"{first['run_name']}\": Wilson 95% intervals on images.")
@@ -129,7 +123,7 @@ for name in external:
 
 # %% tags=["hide-input"]
 sizes = data.source_sizes(cohort, min_images=MIN_SUBGROUP)
-display(folded(f"Which sources can be held out? ({int(sizes['enough'].sum())} of {len(sizes)} have at least "
+display(book.folded(f"Which sources can be held out? ({int(sizes['enough'].sum())} of {len(sizes)} have at least "
                f"{MIN_SUBGROUP} COVID-19 images)",
                tables(sizes[sizes["enough"]].drop(columns="enough"),
                       f"COVID-19 images per ieee8023 country and web site, those with at least {MIN_SUBGROUP}: "

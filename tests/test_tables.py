@@ -92,3 +92,10 @@ def test_only_long_tokens_may_break():
     assert "<td>pneumonia</td>" in shown.data and "<td>x &lt; y &amp; z</td>" in shown.data
     assert f"<td>{'a' * 16}<wbr>{'a' * 16}<wbr>{'a' * 8}</td>" in shown.data
 
+
+
+def test_folded_tables_sit_in_a_closed_details_element_under_their_title():
+    tables = book.Tables(6)
+    shown = book.folded("Every run <&>", tables(pd.DataFrame({"a": [1]}), "one"))
+    assert shown.data.startswith("<details><summary><strong>Every run &lt;&amp;&gt;</strong></summary>")
+    assert "Table 6.1." in shown.data and shown.text.startswith("Every run <&>\n\nTable 6.1. one")
