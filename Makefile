@@ -38,7 +38,7 @@ MATRIX_ARGS := --chestxray14-dir "$(CHESTXRAY14_DIR)" --chest-init "$(CHEST_INIT
   $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --set external=nih="$(EXTRA_NEGATIVES_DIR)")
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install book bundle runs notebooks test unit nbval check-book bench clean
+.PHONY: install book bundle runs remedies notebooks test unit nbval check-book bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,23 @@ install: $(STAMP)
 runs: $(STAMP)
 	$(PY) -m cxrlib.runs --profile $(RUN_PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) $(MATRIX_ARGS) \
 	  || echo "some runs failed: see their status files and the results chapter"
+
+# Issue 19's remedy arms beside the paper set-up (chapter 06): lungs only, its control (a marker outside the
+# lungs, painted away), adults only, both, and lungs only + CLAHE in adults; every arm holds out the ieee8023
+# adults without COVID-19 and one country's COVID-19 images (REMEDY_HOLD_OUT) and is scored on the NIH adults.
+# Needs real data and EXTRA_NEGATIVES_DIR. The CPU fallback of the committed bundle: binary, CE, 128 px, 2 epochs,
+# 2 seeds (the control: seed 0 only). On a GPU: REMEDY_SETTINGS="--set image_size=224 --set epochs=10" etc.
+REMEDY_ROOT ?= runs/remedies
+REMEDY_HOLD_OUT ?= country=italy;collection=ieee8023&covid=no
+REMEDY_VARIANTS ?= lungs_only,adults,adults+lungs_only,adults+lungs_only_clahe
+REMEDY_SETTINGS ?= --set image_size=128 --set epochs=2
+REMEDY_SEEDS ?= 2
+REMEDY_ARGS = --profile quick --run-root $(REMEDY_ROOT) $(DATA_ARGS) --tasks binary --losses ce --arms random \
+  --extra-covid-axis with --extra-negatives "$(EXTRA_NEGATIVES_DIR)" --set external=nih="$(EXTRA_NEGATIVES_DIR)" \
+  --set "hold_out=$(REMEDY_HOLD_OUT)" $(REMEDY_SETTINGS) --concurrent $(CONCURRENT) $(if $(EXECUTOR),--executor $(EXECUTOR))
+remedies: $(STAMP)
+	$(PY) -m cxrlib.runs $(REMEDY_ARGS) --seeds $(REMEDY_SEEDS) --variants "$(REMEDY_VARIANTS)"
+	$(PY) -m cxrlib.runs $(REMEDY_ARGS) --seeds 1 --variants lungs_only_marker
 
 # Execute the chapter notebooks for the book (from the run folder; nothing is retrained).
 notebooks: runs

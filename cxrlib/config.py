@@ -33,11 +33,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("cosine", "step", "none"),
     "split": ("patient", "published"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    # images.PREPROCESSORS, applied by images.make_cache; lungs_removed_marker = the lungs-removed positive control
-    "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker"),
+    # images.PREPROCESSORS, applied by images.make_cache; *_marker = the controls of lungs_removed and lungs_only
+    "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker", "lungs_only",
+                   "lungs_only_marker", "lungs_only_clahe"),
+    "cohort": ("all", "adults"),  # data.in_cohort: adults = no paediatric image (needs extra_negatives)
     "rows": ("auto", "all", "test"),  # `evaluate`: which rows of the data to score (evaluate.evaluate)
 }
 PREPROCESS = CHOICES["preprocess"]
+ADULT_AGE = 18  # years: an image of a younger patient is a child's, whatever the collection says
 
 
 def check_choice(name: str, value: Any) -> Any:
@@ -74,6 +77,20 @@ def external_sets(spec: str) -> dict[str, str]:
     return sets
 
 
+def hold_out_terms(spec: str) -> list[list[tuple[str, str]]]:
+    """The `hold_out` parameter as terms of (column, value) pairs: "country=Italy;collection=ieee8023&covid=no"
+    holds out every patient with an image from Italy, and every patient with a non-COVID ieee8023 image.
+    `;` separates terms (any may match), `&` joins conditions of one term (all must match)."""
+    terms = []
+    for term in filter(None, (t.strip() for t in spec.split(";"))):
+        pairs = [tuple(x.strip() for x in part.partition("=")[::2]) for part in term.split("&")]
+        if not all(column and value for column, value in pairs):
+            raise CXRError(f"parameter hold_out={spec!r}: term {term!r} is not COLUMN=VALUE[&COLUMN=VALUE], "
+                           "e.g. country=Italy")
+        terms.append(pairs)
+    return terms
+
+
 def classes(task: str) -> tuple[str, ...]:
     """Class names of `task`, in output order."""
     return CLASSES[check_choice("task", task)]
@@ -104,7 +121,8 @@ class RunConfig:
     manifest: str = ""  # CSV with path,label[,patient_id,split,source,view]: any other collection
     extra_negatives: str = ""  # ChestX-ray14-layout folder or manifest CSV of non-COVID images (e.g. NIH adults) to train and test on
     external: str = ""  # NAME=DIR_OR_CSV[,NAME=...]: sets scored at the end of the run, unseen images only
-    hold_out: str = ""  # COLUMN=VALUE (e.g. country=Italy, site=sirm.org): those patients go to test only
+    hold_out: str = ""  # COLUMN=VALUE[&COLUMN=VALUE][;...] (e.g. country=Italy): those patients go to test only
+    cohort: str = "all"  # all, or adults: the paediatric CoronaHack images (and NIH children) left out everywhere
     preprocess: str = "none"  # applied to every image in training and evaluation
     task: str = "multiclass"  # binary: COVID vs not; multiclass: covid, pneumonia, normal
     loss: str = "ce"  # cross-entropy, inverse-frequency weighted cross-entropy, or focal loss
@@ -137,8 +155,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         external_sets(self.external)
-        if self.hold_out and not all(self.hold_out.partition("=")[::2]):
-            raise CXRError(f"parameter hold_out={self.hold_out!r}: use COLUMN=VALUE, e.g. country=Italy")
+        hold_out_terms(self.hold_out)
+        if self.cohort == "adults" and not self.extra_negatives:
+            raise CXRError("parameter cohort=adults: without the paediatric images only COVID-19 is left; give "
+                           "extra_negatives (adult non-COVID images, e.g. the NIH ChestX-ray14 subset)")
         if isinstance(self.alpha, str):  # papermill / CLI give "0.25,0.5,0.25"
             self.alpha = [float(a) for a in self.alpha.split(",")] if self.alpha.strip() else None
         if self.alpha is not None and len(self.alpha) != len(classes(self.task)):
@@ -159,7 +179,7 @@ class RunConfig:
             weights += "-" + (path.parent.name if path.stem == "model" else path.stem)
         elif self.weights.startswith("torchxrayvision:"):
             weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
-        arms = ["negs" if self.extra_negatives else "",  # the generalisation arms (chapter 06) get their own folders
+        arms = ["negs" if self.extra_negatives and self.cohort == "all" else self.cohort if self.cohort != "all" else "",  # the generalisation arms (chapter 06) get their own folders
                 f"holdout-{re.sub(r'[^A-Za-z0-9.]+', '_', self.hold_out)}" if self.hold_out else "",
                 self.preprocess if self.preprocess != "none" else "",
                 "" if self.weighted_sampler else "unweighted"]

@@ -20,7 +20,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from .chestxray14 import CSV_NAMES, read_nih
-from .config import classes, data_sources, task_label
+from .config import ADULT_AGE, classes, data_sources, hold_out_terms, task_label
 from .errors import CXRError
 from .images import ImageCache, file_digest
 from .readers import SPLITS, ReadReport, as_table, read_coronahack, read_ieee8023, read_manifest
@@ -192,30 +192,48 @@ def _units(table: pd.DataFrame) -> pd.DataFrame:
     return units
 
 
-HOLD_OUT_COLUMNS = ("country", "location", "site", "source", "view", "sex")
+HOLD_OUT_COLUMNS = ("country", "location", "site", "source", "view", "sex", "collection", "covid")
 
 
 def _column(table: pd.DataFrame, column: str) -> pd.Series:
-    """A table column as lower-case text; "country" is the last comma-separated part of `location`."""
+    """A table column as lower-case text; "country" is the last comma-separated part of `location`,
+    "collection" the collection a patient id names (kermany, ieee8023, nih: a CoronaHack copy of an ieee8023
+    image is ieee8023's), "covid" yes or no."""
     if column == "country":
         return table["location"].astype(str).str.split(",").str[-1].str.strip().str.lower()
+    if column == "collection":
+        return table["patient_id"].astype(str).str.partition(":")[0].str.lower()
+    if column == "covid":
+        return table["label"].eq("covid").map({True: "yes", False: "no"})
     return table[column].astype(str).str.strip().str.lower()
 
 
 def held_out(table: pd.DataFrame, spec: str) -> pd.Series:
-    """Rows of every patient with a row matching `spec` ("column=value", e.g. "country=Italy",
-    "site=sirm.org"; case-insensitive, whole value), as a boolean Series; "" holds nothing out."""
-    if not spec:
-        return pd.Series(False, index=table.index)
-    column, _, value = spec.partition("=")
-    column, value = column.strip(), value.strip().lower()
-    if column not in HOLD_OUT_COLUMNS or not value:
-        raise CXRError(f"parameter hold_out={spec!r}: use column=value with column one of "
-                       f"{', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
-    match = _column(table, column) == value
-    if not match.any():
-        raise CXRError(f"parameter hold_out={spec!r}: no image has {column} {value!r} (see data.source_sizes)")
+    """Rows of every patient with a row matching `spec` (config.hold_out_terms: "country=Italy",
+    "country=Italy;collection=ieee8023&covid=no"; case-insensitive, whole values), as a boolean Series;
+    "" holds nothing out. A term that matches no image is an error, not an empty hold-out."""
+    match = pd.Series(False, index=table.index)
+    for term in hold_out_terms(spec):
+        hit = pd.Series(True, index=table.index)
+        for column, value in term:
+            if column not in HOLD_OUT_COLUMNS:
+                raise CXRError(f"parameter hold_out={spec!r}: column {column!r} is not one of "
+                               f"{', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
+            hit &= _column(table, column) == value.lower()
+        if not hit.any():
+            raise CXRError(f"parameter hold_out={spec!r}: no image has {' and '.join(f'{c} {v!r}' for c, v in term)} "
+                           "(see data.source_sizes)")
+        match |= hit
     return table["patient_id"].isin(table.loc[match, "patient_id"])
+
+
+def in_cohort(table: pd.DataFrame, cohort: str) -> pd.Series:
+    """Rows a run of `cohort` keeps: all, or "adults": age >= ADULT_AGE, or age unknown outside the paediatric
+    Guangzhou collection (kermany: children aged 1-5); NIH images record every age, so NIH children go."""
+    if cohort == "all":
+        return pd.Series(True, index=table.index)
+    age = pd.to_numeric(table["age"], errors="coerce")
+    return (age >= ADULT_AGE) | (age.isna() & (_column(table, "collection") != "kermany"))
 
 
 def source_sizes(table: pd.DataFrame, columns: Sequence[str] = ("country", "site"), label: str = "covid",

@@ -39,7 +39,7 @@ import pandas as pd
 
 from .atomic import write_text
 from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wilson
-from .config import external_sets
+from .config import ADULT_AGE, external_sets
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
@@ -49,7 +49,6 @@ from .rundir import read_status
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
-ADULT_AGE = 18  # years: an image of a younger patient is a child's, whatever the collection says
 N_BOOT = 2000  # patient-bootstrap resamples per interval
 METRIC_WORDS = {"covid_specificity": "specificity", "covid_sensitivity": "COVID-19 sensitivity"}
 EXTERNAL_WORDS = {"nih": "NIH ChestX-ray14"}  # an external set's name (the `external` parameter) in words

@@ -442,6 +442,16 @@ def warm_cache(paths: Sequence[str], image_size: int, root: str | Path | None = 
     return {"images": len(pixels), "decoded": cache.decoded_count, "unreadable": len(skipped)}
 
 
+def _controls(images: np.ndarray, covid: np.ndarray, order: str) -> np.ndarray:
+    """A control arm's images (MARKER_ORDER): the marker on every COVID image, planted after the preprocessing
+    ("after"), or before `lungs_only` paints everything outside the lungs ("before"); `images` when "" (no control)."""
+    if order == "after":
+        return plant_marker(images, covid)
+    if order == "before":
+        return np.stack([lungs_only(img) for img in plant_marker(images, covid)]) if len(images) else images
+    return images
+
+
 class CXRDataset(torch.utils.data.Dataset):
     """Rows of the table as (tensor, class index, row index), images held in memory from the cache.
 
@@ -468,8 +478,7 @@ class CXRDataset(torch.utils.data.Dataset):
             )
             table = table[~table["path"].astype(str).isin(bad)]
         self.table = table.reset_index(drop=True)
-        marked = getattr(cache, "marker", False)  # the positive control: planted by label, in every split
-        self.images = plant_marker(images, self.table["label"].eq("covid").to_numpy()) if marked else images
+        self.images = _controls(images, self.table["label"].eq("covid").to_numpy(), getattr(cache, "marker", ""))
         if targets:
             self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:
@@ -537,22 +546,47 @@ def lung_crop(img: np.ndarray) -> np.ndarray:
                int(left * sx):max(int(left * sx) + 1, round(right * sx))]  # fmt: skip
 
 
+def _lung_field(img: np.ndarray) -> np.ndarray:
+    """The (H, W) lung-field mask of a uint8 image: lungfields.lung_masks (refined) at LUNG_CROP_SIZE, grown by
+    LUNGS_REMOVED_MARGIN pixels there (lung edges and blur count as lung), scaled back to the image."""
+    h, w = img.shape
+    mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]
+    mask = ndimage.binary_dilation(mask, iterations=LUNGS_REMOVED_MARGIN)
+    return mask[np.ix_(np.arange(h) * LUNG_CROP_SIZE // h, np.arange(w) * LUNG_CROP_SIZE // w)]
+
+
 def lungs_removed(img: np.ndarray) -> np.ndarray:
-    """The image with its estimated lung fields (lungfields.lung_masks, refined, at LUNG_CROP_SIZE, grown by
-    LUNGS_REMOVED_MARGIN) painted grey.
+    """The image with its estimated lung fields (`_lung_field`) painted grey.
 
     A model trained and tested on such images can only use what lies outside the lungs (age, body habitus,
     markers, scanner processing); how well it still separates the classes measures those shortcuts.
     """
     img = np.asarray(img, np.uint8)
-    h, w = img.shape
-    mask = lung_masks(resize_square(img, LUNG_CROP_SIZE)[None], refine=True)[0]
-    mask = ndimage.binary_dilation(mask, iterations=LUNGS_REMOVED_MARGIN)  # err on the side of removing lung
-    rows, cols = np.arange(h) * LUNG_CROP_SIZE // h, np.arange(w) * LUNG_CROP_SIZE // w
-    return np.where(mask[np.ix_(rows, cols)], np.uint8(NEUTRAL_GREY), img)
+    return np.where(_lung_field(img), np.uint8(NEUTRAL_GREY), img)
+
+
+def lungs_only(img: np.ndarray) -> np.ndarray:
+    """The mirror of `lungs_removed`: everything outside the estimated lung fields painted grey.
+
+    The remedy for shortcuts outside the lungs (markers, text, collimation, body habitus, the child's shape): a
+    model trained and tested on such images sees the lungs and what the mask wrongly includes, nothing else.
+    """
+    img = np.asarray(img, np.uint8)
+    return np.where(_lung_field(img), img, np.uint8(NEUTRAL_GREY))
+
+
+def lungs_only_clahe(img: np.ndarray) -> np.ndarray:
+    """`lungs_only` after `clahe`: lung segmentation plus histogram equalisation, the pre-processing that
+    Teixeira et al. 2021 (Sensors 21:7116) and Maguolo & Nanni 2021 propose against source bias; CLAHE evens
+    out the scanners' and web figures' brightness and contrast that the lungs themselves still carry."""
+    return lungs_only(clahe(img))
 
 
 MARKED = "lungs_removed_marker"  # lungs_removed + plant_marker on every COVID image (the positive control)
+MARKED_OUTSIDE = "lungs_only_marker"  # plant_marker on every COVID image, then lungs_only: the marker must vanish
+# When a control's marker is planted (by label, in CXRDataset, every split): after the preprocessing, so the
+# model can find it, or before, so the preprocessing must remove it.
+MARKER_ORDER = {MARKED: "after", MARKED_OUTSIDE: "before"}
 
 
 def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.ndarray:
@@ -570,17 +604,23 @@ def plant_marker(images: np.ndarray, where: np.ndarray, value: int = 250) -> np.
 PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "clahe": clahe, "lung_crop": lung_crop, "lungs_removed": lungs_removed,
     MARKED: lungs_removed,  # + plant_marker by label, in CXRDataset (predict has no label: no marker)
+    "lungs_only": lungs_only, MARKED_OUTSIDE: lungs_only, "lungs_only_clahe": lungs_only_clahe,
 }
 
 
 def preprocess_store(method: str) -> str:
     """The cache store of a remedy, named with the settings its output depends on, so that changing
-    one (say LUNGS_REMOVED_MARGIN) starts a new store instead of reusing stale images. The marked
-    arm shares lungs_removed's store: its marker is planted after loading."""
+    one (say LUNGS_REMOVED_MARGIN) starts a new store instead of reusing stale images. The lungs-removed
+    control shares lungs_removed's store (its marker is planted after loading); the lungs-only control reads
+    the plain images and paints them itself, after its marker (`CXRDataset`)."""
+    lungs = f"at{LUNG_CROP_SIZE}-grow{LUNGS_REMOVED_MARGIN}"
     settings = {"clahe": f"tiles{CLAHE_TILES}-clip{CLAHE_CLIP}",
                 "lung_crop": f"at{LUNG_CROP_SIZE}-margin{LUNG_CROP_MARGIN}",
-                "lungs_removed": f"at{LUNG_CROP_SIZE}-grow{LUNGS_REMOVED_MARGIN}"}
+                "lungs_removed": lungs, "lungs_only": lungs,
+                "lungs_only_clahe": f"{lungs}-tiles{CLAHE_TILES}-clip{CLAHE_CLIP}"}
     method = "lungs_removed" if method == MARKED else method
+    if method not in settings:
+        raise CXRError(f"preprocess={method!r} has no store of its own")
     return f"{method}-{settings[method]}"
 
 
@@ -595,7 +635,7 @@ class PreprocessedCache(ImageCache):
         if method not in PREPROCESSORS:
             raise CXRError(f"preprocess={method!r}: choose none or one of {', '.join(PREPROCESSORS)}")
         self.method = method
-        self.marker = method == MARKED
+        self.marker = MARKER_ORDER.get(method, "")
         base = Path(root or os.environ.get("CXRLIB_CACHE") or Path.home() / ".cache" / "cxrlib" / "images")
         super().__init__(size, base / f"preprocess-{preprocess_store(method)}", workers)
 
@@ -604,7 +644,12 @@ class PreprocessedCache(ImageCache):
 
 
 def make_cache(size: int, preprocess: str = "none") -> ImageCache:
-    """The image cache for a run's `image_size` and `preprocess` setting."""
+    """The image cache for a run's `image_size` and `preprocess` setting (the lungs-only control: the plain
+    images, which CXRDataset marks and then paints)."""
+    if preprocess == MARKED_OUTSIDE:
+        cache = ImageCache(size)
+        cache.marker = MARKER_ORDER[MARKED_OUTSIDE]
+        return cache
     return ImageCache(size) if preprocess == "none" else PreprocessedCache(size, preprocess)
 
 

@@ -39,7 +39,9 @@ PAPER_ARM = "paper set-up"  # the paper's own design: no hold-out, preprocessing
 UNWEIGHTED = "paper set-up, without weighted sampling"  # claim (c)'s other arm
 LOSS_WORDS = {"ce": "cross-entropy", "weighted_ce": "class-weighted cross-entropy", "focal": "focal"}  # + " loss"
 PREPROCESS_WORDS = {"clahe": "CLAHE", "lung_crop": "lung crop", "lungs_removed": "lungs removed",
-                    "lungs_removed_marker": "lungs removed + marker (control)"}
+                    "lungs_removed_marker": "lungs removed + marker (control)", "lungs_only": "lungs only",
+                    "lungs_only_marker": "lungs only + marker outside (control)",
+                    "lungs_only_clahe": "lungs only + CLAHE"}
 METRIC_NAMES = {"macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity", "roc_auc": "ROC AUC",
                 "accuracy": "accuracy"}
 ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per (factor, value)
@@ -67,6 +69,7 @@ def arm_name(params: dict[str, Any]) -> str:
     weighted sampling"). Task, loss, initialisation, seed and the extra-COVID axis are runs of one arm."""
     preprocess = params.get("preprocess") or "none"
     words = [f"held-out source: {params['hold_out']}" if params.get("hold_out") else "",
+             "adults only" if params.get("cohort") == "adults" else
              "adult negatives" if params.get("extra_negatives") else "",
              PREPROCESS_WORDS.get(preprocess, preprocess) if preprocess != "none" else ""]
     departures = ["without weighted sampling"] if params.get("weighted_sampler") is False else []

@@ -232,17 +232,21 @@ def matrix(profile: str, run_root: Path, data: dict[str, str], inits: list[str],
 
 def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]:
     """`--variants`: comma-separated arms of chapter 06, each `+`-joined from negs (train with the extra adult
-    negatives), unweighted (no class-balanced sampling: claim (c)), a preprocess choice (clahe, lung_crop;
-    lungs_removed, lungs_removed_marker: chapter 4's audit) and holdout:COLUMN=VALUE (a source kept out of training)."""
+    negatives), adults (cohort=adults: no paediatric image, the extra adult negatives instead), unweighted (no
+    class-balanced sampling: claim (c)), a preprocess choice (clahe, lung_crop, lungs_only, lungs_only_clahe;
+    lungs_removed, lungs_removed_marker: chapter 4's audit; lungs_only_marker: the lungs-only control) and
+    holdout:COLUMN=VALUE (a source kept out of training)."""
 
     variants = []
     for arm in filter(None, (a.strip() for a in spec.split(","))):
         values: dict[str, Any] = {}
         for part in arm.split("+"):
-            if part == "negs":
+            if part in ("negs", "adults"):
                 if not extra_negatives:
-                    raise CXRError(f"--variants {arm}: 'negs' needs --extra-negatives DIR")
+                    raise CXRError(f"--variants {arm}: '{part}' needs --extra-negatives DIR")
                 values["extra_negatives"] = extra_negatives
+                if part == "adults":
+                    values["cohort"] = "adults"
             elif part == "unweighted":
                 values["weighted_sampler"] = False
             elif part in PREPROCESS and part != "none":
@@ -250,7 +254,7 @@ def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]
             elif part.startswith("holdout:") and "=" in part:
                 values["hold_out"] = part.split(":", 1)[1]
             else:
-                raise CXRError(f"--variants: unknown part {part!r} of {arm!r}; use negs, unweighted, "
+                raise CXRError(f"--variants: unknown part {part!r} of {arm!r}; use negs, adults, unweighted, "
                                f"{', '.join(p for p in PREPROCESS if p != 'none')} or holdout:COLUMN=VALUE")
         variants.append(values)
     return variants

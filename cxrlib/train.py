@@ -92,6 +92,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
                                  test_frac=cfg.test_frac, hold_out=cfg.hold_out)
         if not cfg.extra_covid_train:  # after the split: validation and test stay those of the run with them
             table = table[data.without_extra_covid(table)]
+        table = table[data.in_cohort(table, cfg.cohort)]  # after the split too: the other images keep their side
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
         cache = images.make_cache(cfg.image_size, cfg.preprocess)
         eval_tf = images.make_transform(model.input_spec, train=False)

@@ -1,0 +1,117 @@
+"""Issue 19's remedy arms on small data: lungs only (and its control, whose marker outside the lungs must vanish),
+adults only, and the held-out populations that no arm trains or validates on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlib import audit, data, images, synthetic
+from cxrlib.config import CHOICES, RunConfig
+from cxrlib.errors import CXRError
+from cxrlib.runs import parse_variants
+
+SIZE = 64
+UNSEEN = "country=italy;collection=ieee8023&covid=no"  # the remedy runs' hold-out (Makefile REMEDY_HOLD_OUT)
+
+
+@pytest.fixture(scope="module")
+def adults(tmp_path_factory):
+    """Synthetic ieee8023 images (all adults), plain and lungs-only, and their table."""
+    base = tmp_path_factory.mktemp("remedy")
+    table, _ = data.read_ieee8023(synthetic.make_ieee8023(base / "ieee", n=110))
+    plain = images.ImageCache(SIZE, root=base / "cache").load(table["path"].tolist())[0]
+    only = images.PreprocessedCache(SIZE, "lungs_only", root=base / "cache").load(table["path"].tolist())[0]
+    return table, plain, only
+
+
+def test_lungs_only_keeps_the_lungs_and_paints_the_rest(adults):
+    _, plain, only = adults
+    template = synthetic.lung_mask(SIZE)
+    assert (only[:, :6, :6] == 128).all() and (only[:, -6:, -6:] == 128).all()  # corners painted
+    inner = np.zeros_like(template)
+    inner[SIZE // 4:3 * SIZE // 4] = template[SIZE // 4:3 * SIZE // 4]
+    kept = np.abs(only[:, inner].astype(int) - plain[:, inner].astype(int)) <= 8  # resizing blurs the edge
+    assert kept.mean() > 0.95
+    removed = images.lungs_removed(plain[0])
+    assert ((images.lungs_only(plain[0]) == 128) | (removed == 128)).all()  # the mirror: between them, all is grey
+
+
+def _probe(table: pd.DataFrame, pixels: np.ndarray, covid: np.ndarray) -> float:
+    small = np.stack([images.resize_square(p, 16) for p in pixels]).reshape(len(pixels), -1)
+    return audit.probe(small, pd.Series(covid), table["patient_id"], seed=0)["balanced_accuracy"]
+
+
+def test_the_lungs_only_control_marker_is_painted_away(adults):
+    table, plain, _ = adults
+    rng = np.random.default_rng(1)
+    patients = table["patient_id"].unique()
+    covid = table["patient_id"].isin(rng.choice(patients, len(patients) // 2, replace=False)).to_numpy()
+    after = images._controls(plain, covid, "after")  # a marker the model can see (the lungs-removed control's order)
+    before = images._controls(plain, covid, "before")  # the lungs-only control: planted, then painted
+    assert _probe(table, after, covid) > 0.9  # the marker alone tells the labels apart ...
+    assert _probe(table, before, covid) < 0.7  # ... and once the outside is painted it no longer does
+    marker = images.plant_marker(np.zeros_like(plain[:1]), [True])[0] == 250
+    assert (before[:, marker] == 128).all()  # not a pixel of it is left
+    unmarked = np.stack([images.lungs_only(p) for p in plain])
+    assert (before == unmarked).all(axis=(1, 2)).mean() > 0.95  # almost every image is exactly the unmarked one
+
+
+def test_the_control_reads_plain_images_and_marks_before_painting(tmp_path):
+    cache = images.make_cache(SIZE, "lungs_only_marker")
+    assert cache.marker == "before" and not isinstance(cache, images.PreprocessedCache)
+    assert images.make_cache(SIZE, "lungs_only").marker == "" and images.make_cache(SIZE, "lungs_removed_marker").marker == "after"
+    assert images.preprocess_store("lungs_only") != images.preprocess_store("lungs_only_clahe")
+
+
+def test_hold_out_takes_several_terms_and_names_one_that_matches_nothing():
+    table = pd.DataFrame({"patient_id": ["ieee8023:1", "ieee8023:2", "ieee8023:3", "kermany:4", "nih:5"],
+                          "label": ["covid", "pneumonia", "covid", "pneumonia", "normal"],
+                          "location": ["Rome, Italy", "Toronto, Canada", "Madrid, Spain", "", ""]})
+    assert data.held_out(table, UNSEEN).tolist() == [True, True, False, False, False]
+    assert data.held_out(table, "collection=nih").tolist() == [False] * 4 + [True]
+    with pytest.raises(CXRError, match="no image has collection 'ieee8023' and covid 'maybe'"):
+        data.held_out(table, "country=italy;collection=ieee8023&covid=maybe")
+    with pytest.raises(CXRError, match="column 'ward'"):
+        data.held_out(table, "ward=3")
+    with pytest.raises(CXRError, match="is not COLUMN=VALUE"):
+        RunConfig(hold_out="country=italy;&")
+
+
+def test_adults_cohort_drops_children_and_needs_adult_negatives():
+    table = pd.DataFrame({"patient_id": ["kermany:1", "ieee8023:2", "ieee8023:3", "nih:4", "nih:5", "kermany:6"],
+                          "age": [np.nan, np.nan, 70.0, 12.0, 40.0, 30.0]})
+    assert data.in_cohort(table, "adults").tolist() == [False, True, True, False, True, True]
+    assert data.in_cohort(table, "all").all()
+    with pytest.raises(CXRError, match="cohort=adults.*extra_negatives"):
+        RunConfig(cohort="adults")
+    assert RunConfig(cohort="adults", extra_negatives="/n").run_name() == "multiclass-ce-resnet50-none-adults-s0"
+    assert CHOICES["cohort"] == ("all", "adults")
+
+
+def test_the_remedy_arms_are_variants_of_the_run_matrix():
+    assert parse_variants("lungs_only,lungs_only_marker,adults,adults+lungs_only,adults+lungs_only_clahe", "/n") == [
+        {"preprocess": "lungs_only"}, {"preprocess": "lungs_only_marker"},
+        {"extra_negatives": "/n", "cohort": "adults"},
+        {"extra_negatives": "/n", "cohort": "adults", "preprocess": "lungs_only"},
+        {"extra_negatives": "/n", "cohort": "adults", "preprocess": "lungs_only_clahe"}]
+    with pytest.raises(CXRError, match="'adults' needs --extra-negatives"):
+        parse_variants("adults")
+
+
+def test_held_out_populations_are_never_in_train_or_val(real_data):
+    """On the real data: the unseen populations of every remedy arm are test-only, before and after the cohort."""
+    coronahack, ieee, nih = (real_data / d for d in ("coronahack", "covid-chestxray-dataset", "nih-chestxray14-subset"))
+    if not all(d.is_dir() for d in (coronahack, ieee, nih)):
+        pytest.skip(f"the three real collections are not all in {real_data}")
+    table, _ = data.load_table(str(coronahack), str(ieee), extra_negatives=str(nih))
+    split = data.split_table(table, "binary", seed=0, hold_out=UNSEEN)
+    unseen = data.held_out(split, UNSEEN)
+    ieee_negatives = split["patient_id"].str.startswith("ieee8023:") & split["label"].ne("covid")
+    assert 60 <= ieee_negatives.sum() <= 90 and split.loc[ieee_negatives, "patient_id"].nunique() >= 30
+    assert (split.loc[unseen | ieee_negatives, "split"] == "test").all()
+    adults = split[data.in_cohort(split, "adults")]
+    assert not adults["patient_id"].str.startswith("kermany:").any()
+    assert (adults.loc[adults["source"] == "nih", "age"] >= 18).all()
+    assert set(adults.loc[adults["split"] != "test", "label"]) == {"covid", "normal", "pneumonia"}
