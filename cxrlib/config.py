@@ -83,7 +83,7 @@ def hold_out_terms(spec: str) -> list[list[tuple[str, str]]]:
     `;` separates terms (any may match), `&` joins conditions of one term (all must match)."""
     terms = []
     for term in filter(None, (t.strip() for t in spec.split(";"))):
-        pairs = [tuple(x.strip() for x in part.partition("=")[::2]) for part in term.split("&")]
+        pairs = [(part.partition("=")[0].strip(), part.partition("=")[2].strip().lower()) for part in term.split("&")]
         if not all(column and value for column, value in pairs):
             raise CXRError(f"parameter hold_out={spec!r}: term {term!r} is not COLUMN=VALUE[&COLUMN=VALUE], "
                            "e.g. country=Italy")

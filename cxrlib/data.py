@@ -195,7 +195,7 @@ def _units(table: pd.DataFrame) -> pd.DataFrame:
 HOLD_OUT_COLUMNS = ("country", "location", "site", "source", "view", "sex", "collection", "covid")
 
 
-def _column(table: pd.DataFrame, column: str) -> pd.Series:
+def column_values(table: pd.DataFrame, column: str) -> pd.Series:
     """A table column as lower-case text; "country" is the last comma-separated part of `location`,
     "collection" the collection a patient id names (kermany, ieee8023, nih: a CoronaHack copy of an ieee8023
     image is ieee8023's), "covid" yes or no."""
@@ -219,7 +219,7 @@ def held_out(table: pd.DataFrame, spec: str) -> pd.Series:
             if column not in HOLD_OUT_COLUMNS:
                 raise CXRError(f"parameter hold_out={spec!r}: column {column!r} is not one of "
                                f"{', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
-            hit &= _column(table, column) == value.lower()
+            hit &= column_values(table, column) == value.lower()
         if not hit.any():
             raise CXRError(f"parameter hold_out={spec!r}: no image has {' and '.join(f'{c} {v!r}' for c, v in term)} "
                            "(see data.source_sizes)")
@@ -233,7 +233,7 @@ def in_cohort(table: pd.DataFrame, cohort: str) -> pd.Series:
     if cohort == "all":
         return pd.Series(True, index=table.index)
     age = pd.to_numeric(table["age"], errors="coerce")
-    return (age >= ADULT_AGE) | (age.isna() & (_column(table, "collection") != "kermany"))
+    return (age >= ADULT_AGE) | (age.isna() & (column_values(table, "collection") != "kermany"))
 
 
 def source_sizes(table: pd.DataFrame, columns: Sequence[str] = ("country", "site"), label: str = "covid",
@@ -246,7 +246,7 @@ def source_sizes(table: pd.DataFrame, columns: Sequence[str] = ("country", "site
     rows = table[table["label"] == label]
     out = []
     for column in columns:
-        values = _column(rows, column)
+        values = column_values(rows, column)
         for value, group in rows[values != ""].groupby(values[values != ""]):
             out.append({"column": column, "value": value, "images": len(group),
                         "patients": group["patient_id"].nunique(), "hold_out": f"{column}={value}"})

@@ -39,7 +39,7 @@ import pandas as pd
 
 from .atomic import write_text
 from .audit import MIN_SUBGROUP, format_subgroups, origin, subgroup_metrics, wilson
-from .config import ADULT_AGE, external_sets
+from .config import ADULT_AGE, external_sets, hold_out_terms
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
@@ -68,11 +68,12 @@ MEASURE_COLUMNS = ["level", "arm", "label", "run", "run_name", "runs", "seeds", 
 
 
 def arm_of(config: dict[str, Any]) -> str:
-    """The arm of a run's parameters: one of ARMS (a remedy and adult negatives together count as the remedy)."""
+    """The arm of a run's parameters: one of ARMS (a remedy with adult negatives or a held-out source counts as
+    the remedy; adults only is a remedy)."""
+    if config.get("preprocess", "none") != "none" or config.get("cohort", "all") != "all":
+        return "remedy"
     if config.get("hold_out"):
         return "held-out source"
-    if config.get("preprocess", "none") != "none":
-        return "remedy"
     return "adult negatives" if config.get("extra_negatives") else "paper set-up"
 
 
@@ -222,13 +223,20 @@ def run_outcomes(run: pd.Series, ages: pd.Series | None = None) -> pd.DataFrame:
         held = set(json.loads((run_dir / "params.json").read_text())["data"].get("held_out_images", []))
         covid = _hits(pred, "covid_sensitivity")
         inside = covid["image_id"].isin(held)
-        held_words = f"COVID-19 images of the held-out source ({run['hold_out']})"
+        held_words = f"COVID-19 images of the held-out source ({held_source(run['hold_out'])})"
         parts += [covid[inside].assign(population=held_words, group="", evidence=True,
                                        note="a source the model never trained on"),
                   covid[~inside].assign(population=OTHER_SOURCES, group="", evidence=False,
                                         note="the sources it trained on, for comparison")]  # fmt: skip
     out = pd.concat(parts, ignore_index=True).assign(run=run["run"])
     return out[OUTCOME_COLUMNS]
+
+
+def held_source(spec: str) -> str:
+    """The part of a `hold_out` that can hold COVID-19 images, in words ("country=italy"): a term asking for
+    covid=no holds out people without COVID-19, measured as a population of its own."""
+    terms = [term for term in hold_out_terms(spec) if ("covid", "no") not in [(c, v.lower()) for c, v in term]]
+    return "; ".join(" and ".join(f"{c}={v}" for c, v in term) for term in terms) or spec
 
 
 def outcomes(arms: pd.DataFrame, ages: pd.Series | None = None) -> pd.DataFrame:
@@ -413,7 +421,7 @@ def goal_verdict(table: pd.DataFrame) -> str:
     decided, lines = [], []
     for label, rows in pooled.groupby("label", sort=False):
         runs = seed_words(int(rows["runs"].max()), sorted({s for _, r in rows.iterrows() for s in _seeds(r)}))
-        word, why = _arm_decision(rows[rows["goal"].notna()])
+        word, why = arm_decision(rows[rows["goal"].notna()])
         decided.append((word, f"{label} ({runs})"))
         lines.append(f"- **{label}** ({runs}): **{word}**. {why}")
     lines += [f"- **{arm}**: not run." for arm in ARMS if not (pooled["arm"] == arm).any()]
@@ -467,7 +475,7 @@ def _said(r: pd.Series) -> str:
     return f"{r['population']}: {METRIC_WORDS[r['metric']]} {fmt(r)}, {r['verdict']}{runs}"
 
 
-def _arm_decision(rows: pd.DataFrame) -> tuple[str, str]:
+def arm_decision(rows: pd.DataFrame) -> tuple[str, str]:
     """One arm label's goal verdict and why, from its pooled goal rows."""
     missing = [f"no {METRIC_WORDS[m]} measured on {'adults from ' if m == 'covid_specificity' else ''}a source it "
                "never trained on" + ("" if m == "covid_specificity" else " (that needs a held-out-source run)")

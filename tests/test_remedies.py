@@ -115,3 +115,66 @@ def test_held_out_populations_are_never_in_train_or_val(real_data):
     assert not adults["patient_id"].str.startswith("kermany:").any()
     assert (adults.loc[adults["source"] == "nih", "age"] >= 18).all()
     assert set(adults.loc[adults["split"] != "test", "label"]) == {"covid", "normal", "pneumonia"}
+
+
+def _remedy_runs(root):
+    """Four hand-written run folders, seed 0: the paper set-up calls every unseen adult COVID-19; lungs only and
+    its control call them right; adults only trained on NIH, so NIH is no evidence for it."""
+    from test_generalise import fake_run, nih_rows, own_split, write_nih_meta
+
+    ieee_negatives = [(f"ieee8023/n{i}.jpg", f"ieee8023:n{i}", "ieee8023", "non_covid") for i in range(30)]
+    italy = [(f"ieee8023/it{i}.jpg", f"ieee8023:it{i}", "ieee8023", "covid", 0.9) for i in range(30)]
+    held = tuple(r[0] for r in ieee_negatives + italy)
+    ages = {f"a{i:02d}.png": 30.0 + i for i in range(30)}
+    nih = write_nih_meta(root / "nih", ages)
+    common = dict(hold_out=UNSEEN, seed=0, loss="ce")
+
+    def run(name, p_negative, **config):
+        test = own_split() + [(*r, p_negative) for r in ieee_negatives] + italy
+        trained = ("coronahack", "ieee8023", "nih") if config.get("cohort") == "adults" else ("coronahack", "ieee8023")
+        return fake_run(root / "runs", name, test, external={"nih": (str(nih), nih_rows(ages, [p_negative] * 30))},
+                        trained=trained, held_out=held, **common, **config)
+
+    run("paper", 0.9)
+    run("lungs", 0.1, preprocess="lungs_only")
+    run("control", 0.1, preprocess="lungs_only_marker")
+    run("adults", 0.1, cohort="adults", extra_negatives=str(nih))
+    run("unrelated", 0.1, preprocess="clahe")  # an arm of another chapter: left out
+    ieee_ages = pd.Series(60.0, index=[r[0] for r in ieee_negatives])
+    return ieee_ages, nih
+
+
+def test_remedy_arms_are_judged_on_unseen_populations_and_paired_with_the_paper_set_up(tmp_path):
+    from cxrlib import generalise, remedies
+
+    ieee_ages, nih = _remedy_runs(tmp_path)
+    arms = remedies.load_arms(tmp_path / "runs")
+    assert arms["label"].tolist() == ["paper set-up", "lungs only", "adults only", remedies.CONTROL_NAME]
+    ages = pd.concat([ieee_ages, generalise.read_ages(arms)[0]])
+    goals = remedies.goal_rows(arms, ages, n_boot=200)
+    verdicts = goals.set_index(["label", "population"])["verdict"].to_dict()
+    italy = "COVID-19 images of the held-out source (country=italy)"
+    ieee, nih_adults = "ieee8023 adults without COVID-19 (test split)", "NIH ChestX-ray14 adults without COVID-19"
+    assert verdicts[("paper set-up", ieee)] == "not met" and verdicts[("paper set-up", nih_adults)] == "not met"
+    assert verdicts[("lungs only", ieee)] == "met" and verdicts[("lungs only", italy)] == "undecided"  # 0.9 of 30
+    assert ("adults only", nih_adults) not in verdicts  # it trained on NIH images: no evidence there
+    assert remedies.CONTROL_NAME not in set(goals["label"])  # the control is no remedy
+    text = remedies.paragraphs(arms, goals, n_boot=200)
+    assert text[0].startswith("**paper set-up** (1 run, seed 0): goal **not met**")
+    lungs = next(t for t in text if t.startswith("**lungs only**"))
+    assert "on the 24 test images both scored" in lungs  # the held-out 60 are not internal
+    assert "ROC AUC +0.000" in lungs and "against 0.000" in lungs
+    adults = next(t for t in text if t.startswith("**adults only**"))
+    assert "COVID-19 sensitivity +0.000" in adults
+    assert "the marker left no trace" in text[-1]
+    assert "every patient with an image of country=italy, or of collection=ieee8023 without COVID-19" in \
+        remedies.settings(arms)
+
+
+def test_source_and_label_says_when_debiasing_by_source_cannot_work():
+    from cxrlib import remedies
+
+    table = pd.DataFrame({"patient_id": ["ieee8023:1", "ieee8023:2", "kermany:3", "ieee8023:4"],
+                          "label": ["covid", "pneumonia", "normal", "covid"], "location": ["", "", "", "Italy"]})
+    assert "coincide" in remedies.source_and_label(table, UNSEEN)
+    assert "could be tried" in remedies.source_and_label(table, "country=italy")
