@@ -294,7 +294,7 @@ def _data_said(record: dict[str, Any]) -> str:
 def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
     """The generalisation goal (chapter 6) and the train-on-lungs-removed verdict (chapter 4), where the bundle
     holds their runs: the questions the paper did not ask, computed like its claims."""
-    from . import generalise, lungs_removed
+    from . import generalise, lungs_removed, remedies
 
     lines = []
     if (bundle / GENERALISATION).is_file():  # as chapter 6 computed it (the ages behind "adults" are not in a bundle)
@@ -302,6 +302,8 @@ def _beyond_the_paper(bundle: Path, record: dict[str, Any]) -> list[str]:
         called = generalise.called_covid(summary)
         lines.append("- Generalisation (chapter 6) — " + summary["verdict"].split("\n")[0]
                      + (" On people it never trained on: " + "; ".join(called) + "." if called else ""))
+        if summary.get("remedies"):
+            lines.append(remedies.findings_line(summary["remedies"]))
     for root in [bundle / "runs", *(bundle / name for name in record.get("also") or {})]:
         arms = lungs_removed.find_arms(root)
         if len(arms):

@@ -437,13 +437,16 @@ def goal_verdict(table: pd.DataFrame) -> str:
     return first + " " + rule + "\n\n" + "\n".join(lines)
 
 
-def save_summary(table: pd.DataFrame, path: str | Path) -> Path:
+def save_summary(table: pd.DataFrame, path: str | Path, remedies: dict[str, Any] | None = None) -> Path:
     """generalisation.json: the goal verdict and the pooled measures, as data the book's first page reads (it
-    cannot recompute them: the ages behind "adults" come from metadata that a results bundle does not carry)."""
+    cannot recompute them: the ages behind "adults" come from metadata that a results bundle does not carry);
+    `remedies` (remedies.record) where the chapter measured remedy arms."""
     rows = summary(table) if len(table) else table
     keep = ["arm_runs", "population", "group", "metric", "value", "ci_low", "ci_high", "n", "verdict"]
     record = {"verdict": goal_verdict(table),
               "measures": json.loads(rows[[c for c in keep if c in rows]].to_json(orient="records")) if len(rows) else []}
+    if remedies:
+        record["remedies"] = remedies
     return write_text(path, json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 

@@ -196,3 +196,20 @@ def source_and_label(table: pd.DataFrame, spec: str) -> str:
                 "need both labels within a source, would remove the label with the source. They are not run.")
     return (f"Among the images the remedy arms may train on, the share of COVID-19 per collection is {said}: "
             "some collection holds both labels, so source-balanced sampling could be tried.")
+
+
+def record(arms: pd.DataFrame, goals: pd.DataFrame) -> dict[str, Any]:
+    """What the book's first page says of the remedies (generalisation.json's "remedies"): the settings and each
+    arm's goal verdict with its runs and seeds."""
+    verdicts = []
+    for label in [name for name in REMEDIES.values() if name in set(arms["label"])]:
+        runs = arms[arms["label"] == label]
+        word, _ = generalise.arm_decision(goals[goals["label"] == label])
+        verdicts.append({"arm": label, "runs": generalise.seed_words(len(runs), runs["seed"].tolist()), "goal": word})
+    return {"settings": settings(arms), "arms": verdicts}
+
+
+def findings_line(record: dict[str, Any]) -> str:
+    """One line for the book's first page from `record`'s output."""
+    arms = "; ".join(f"{a['arm']} ({a['runs']}): {a['goal']}" for a in record.get("arms", []))
+    return f"- Remedies (chapter 6; {record.get('settings', '')}) — generalisation goal per arm: {arms}."

@@ -169,6 +169,8 @@ def test_remedy_arms_are_judged_on_unseen_populations_and_paired_with_the_paper_
     assert "the marker left no trace" in text[-1]
     assert "every patient with an image of country=italy, or of collection=ieee8023 without COVID-19" in \
         remedies.settings(arms)
+    line = remedies.findings_line(remedies.record(arms, goals))  # the book's first page
+    assert "paper set-up (1 run, seed 0): not met; lungs only (1 run, seed 0): undecided" in line
 
 
 def test_source_and_label_says_when_debiasing_by_source_cannot_work():
