@@ -217,8 +217,8 @@ def held_out(table: pd.DataFrame, spec: str) -> pd.Series:
         hit = pd.Series(True, index=table.index)
         for column, value in term:
             if column not in HOLD_OUT_COLUMNS:
-                raise CXRError(f"parameter hold_out={spec!r}: column {column!r} is not one of "
-                               f"{', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
+                raise CXRError(f"parameter hold_out={spec!r}: unknown column {column!r}; use column=value with column one "
+                               f"of {', '.join(HOLD_OUT_COLUMNS)} (see data.source_sizes for the values)")  # fmt: skip
             hit &= column_values(table, column) == value.lower()
         if not hit.any():
             raise CXRError(f"parameter hold_out={spec!r}: no image has {' and '.join(f'{c} {v!r}' for c, v in term)} "

@@ -43,14 +43,13 @@ from .config import ADULT_AGE, external_sets, hold_out_terms
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
-from .metrics import apply_threshold
+from .metrics import METRIC_WORDS, apply_threshold
 from .results import LOSS_WORDS, arm_name, fmt_ci, init_name
 from .rundir import read_status
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
 N_BOOT = 2000  # patient-bootstrap resamples per interval
-METRIC_WORDS = {"covid_specificity": "specificity", "covid_sensitivity": "COVID-19 sensitivity"}
 EXTERNAL_WORDS = {"nih": "NIH ChestX-ray14"}  # an external set's name (the `external` parameter) in words
 GROUP_WORDS = {"adults": "adults without COVID-19", "children": f"children (under {ADULT_AGE}) without COVID-19",
                "age unknown": "images without COVID-19, age unknown"}

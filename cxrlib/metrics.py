@@ -47,6 +47,10 @@ from .atomic import write_text
 from .errors import CXRError
 
 POSITIVE = "covid"  # the class whose sensitivity the paper reports; index 1 of the binary task
+# Each metric in words, for every table, plot and sentence of the book
+METRIC_WORDS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "covid_sensitivity": "COVID-19 sensitivity",
+                "covid_specificity": "specificity", "roc_auc": "ROC AUC", "macro_precision": "macro precision",
+                "macro_recall": "macro recall"}
 ID_COLUMNS = ("image_id", "path", "patient_id", "source", "split")
 # The metrics that get a bootstrap CI; each is also a top-level key of compute_metrics().
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc", "covid_sensitivity", "covid_specificity")

@@ -39,7 +39,6 @@ from .errors import CXRError
 
 BACKBONES = CHOICES["backbone"]
 WEIGHT_SPECS = ("none", "imagenet", "chexnet:PATH", "torchxrayvision:NAME[@PATH]", "file:PATH")
-FREEZE_SPECS = CHOICES["freeze"]
 
 HEAD = {"resnet50": "fc", "densenet121": "classifier"}
 FIRST_CONV = {"resnet50": "conv1", "densenet121": "features.conv0"}

@@ -24,14 +24,13 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .errors import CXRError
+from .metrics import METRIC_WORDS
 
 PAGE_WIDTH_IN = 7.5  # the book's text column at 100 dpi; wider figures get scaled down (and their text with them)
 LOG_SCALE_RATIO = 5.0  # a loss curve goes log-scale when its first epoch is this many times the rest's largest
 CAM_CMAP = "jet"
 CAM_PANEL_IN = 2.5  # the smallest Grad-CAM panel that can be read (inches at page width)
 CAPTION_PT = 10
-METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "covid_sensitivity": "COVID-19 sensitivity",
-                "roc_auc": "ROC AUC", "macro_precision": "macro precision", "macro_recall": "macro recall"}
 CONFIG_COLUMNS = ("arm", "loss", "init", "extra_covid_train", "backbone", "image_size", "epochs")  # what tells runs apart
 COLUMN_WORDS = {"extra_covid_train": "extra COVID", "image_size": "image size"}
 SERIES_NAMES = {"train_loss": "training", "val_loss": "validation", "val_macro_f1": "macro-F1",
@@ -41,7 +40,7 @@ sns.set_theme(style="whitegrid", context="notebook")  # 11-12 pt text
 
 
 def _words(name: str) -> str:
-    return METRIC_NAMES.get(name) or SERIES_NAMES.get(name) or name.replace("_", " ")
+    return METRIC_WORDS.get(name) or SERIES_NAMES.get(name) or name.replace("_", " ")
 
 
 def dwarfs_rest(values: Sequence[float], ratio: float = LOG_SCALE_RATIO) -> bool:
@@ -267,7 +266,7 @@ def forest(table: pd.DataFrame, goals: dict[str, float] | None = None, *,
     so no label is cut at the figure's edge.
     """
     goals = dict(goals or {})
-    names = {**METRIC_NAMES, "covid_specificity": "specificity", **(metric_names or {})}
+    names = {**METRIC_WORDS, **(metric_names or {})}
     metrics = list(dict.fromkeys(table["metric"])) or ["covid_specificity"]
     labels = ["\n".join(textwrap.fill(str(r[c]), wrap) for c in label) for _, r in table.iterrows()]
     lines = [lab.count("\n") + 1 for lab in labels]

@@ -25,7 +25,7 @@ import pandas as pd
 from .errors import CXRError
 from . import metrics
 from .atomic import write_text
-from .metrics import PAIRED, paired_bootstrap
+from .metrics import METRIC_WORDS, PAIRED, paired_bootstrap
 from .paths import ROOT
 from .rundir import read_json, read_status
 
@@ -42,8 +42,6 @@ PREPROCESS_WORDS = {"clahe": "CLAHE", "lung_crop": "lung crop", "lungs_removed":
                     "lungs_removed_marker": "lungs removed + marker (control)", "lungs_only": "lungs only",
                     "lungs_only_marker": "lungs only + marker outside (control)",
                     "lungs_only_clahe": "lungs only + CLAHE"}
-METRIC_NAMES = {"macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity", "roc_auc": "ROC AUC",
-                "accuracy": "accuracy"}
 ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per (factor, value)
     ("init_family", "chest_xray"): ("chest", "chexnet", "chestxray14", "torchxrayvision", "file:"),
     ("init_family", "imagenet"): ("imagenet",),
@@ -275,7 +273,7 @@ def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> s
     """Sentences stating each row of `paired`, from the paired difference and its CI (never from the means)."""
     if pairs.empty:
         return f"No pair of complete runs differs only in {a} vs {b}, so this comparison cannot be made here."
-    name = METRIC_NAMES.get(metric, metric)
+    name = METRIC_WORDS.get(metric, metric)
     sentences = []
     for _, r in pairs.iterrows():
         where = f"{r['task']} task: " if "task" in r else ""
@@ -303,7 +301,7 @@ def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
                 ].copy()
     out["pairs"] = pairs["pairs"]
     for m in PAIRED:
-        out[f"Δ {METRIC_NAMES[m]}"] = [fmt_ci(d, ci, signed=True) for d, ci in zip(pairs[f"{m}_difference"],
+        out[f"Δ {METRIC_WORDS[m]}"] = [fmt_ci(d, ci, signed=True) for d, ci in zip(pairs[f"{m}_difference"],
                                                                                    pairs[f"{m}_ci"])]
     out["McNemar p"] = [", ".join(f"{p:.2g}" for p in ps) for ps in pairs["mcnemar_p"]]
     out["verdict (macro-F1)"] = pairs["verdict"]

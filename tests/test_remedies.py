@@ -73,7 +73,7 @@ def test_hold_out_takes_several_terms_and_names_one_that_matches_nothing():
     assert data.held_out(table, "collection=nih").tolist() == [False] * 4 + [True]
     with pytest.raises(CXRError, match="no image has collection 'ieee8023' and covid 'maybe'"):
         data.held_out(table, "country=italy;collection=ieee8023&covid=maybe")
-    with pytest.raises(CXRError, match="column 'ward'"):
+    with pytest.raises(CXRError, match="unknown column 'ward'"):
         data.held_out(table, "ward=3")
     with pytest.raises(CXRError, match="is not COLUMN=VALUE"):
         RunConfig(hold_out="country=italy;&")
