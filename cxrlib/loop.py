@@ -112,6 +112,74 @@ def fit(
     save_module = save_module if save_module is not None else model
     if out_dir is not None and info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(_place(model, loss_fn, device, opts), opts)
+    scheduler = make_scheduler(optimizer, opts)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    feed = _Feed.make(train_set, sampler, opts, info, device)
+    val_on_device = images.DeviceBatches.of(val_set, device) if opts.device_batches else None
+    net = model
+    if info.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    last = out_dir / LAST if out_dir is not None else None
+    if resume and last is not None and last.is_file():
+        state, best_state = _restore(last, model, optimizer, scheduler, scaler, feed, info)
+    else:
+        seed_everything(opts.seed + info.rank)
+        state, best_state = {"epoch": 0, "best_score": -float("inf"), "best_epoch": 0, "bad_epochs": 0,
+                             "history": [], "stopped": False}, None
+
+    show = info.is_main and progress_enabled(opts.progress)
+    epochs = range(state["epoch"], opts.epochs) if not state["stopped"] else range(0)
+    for epoch in tqdm(epochs, desc="epochs", disable=not show, initial=state["epoch"], total=opts.epochs):
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        _train_mode(model)
+        train_loss = _train_epoch(net, feed, epoch, loss_fn, optimizer, scaler, dtype, device, opts, show)
+        if scheduler is not None:
+            scheduler.step()
+        probs, targets, val_loss = predict_dataset(
+            model, val_set if val_on_device is None else val_on_device, batch_size=opts.eval_batch_size,
+            device=device, amp=opts.amp, output=output, loss_fn=loss_fn, channels_last=opts.channels_last,
+            num_workers=opts.num_workers, device_batches=opts.device_batches)
+        scores = dict(score_fn(targets, probs))
+        if opts.monitor not in scores:
+            raise CXRError(f"monitor={opts.monitor!r} is not among the validation scores {sorted(scores)}")
+        shown = {k: v for k, v in scores.items() if np.isscalar(v)}
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+               **{f"val_{k}": v for k, v in shown.items()},
+               "lr": lr, "seconds": time.perf_counter() - start, **(history_extra or {})}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        score = scores[opts.monitor]
+        if score is not None and np.isfinite(score) and score > state["best_score"]:
+            state.update(best_score=float(score), best_epoch=epoch + 1, bad_epochs=0)
+            best_state = _cpu_state(save_module)
+            if out_dir is not None and info.is_main:
+                save_torch({**(model_meta or {}), "state_dict": best_state, "epoch": epoch + 1, "val": shown},
+                           out_dir / BEST)
+        else:
+            state["bad_epochs"] += 1
+        state["stopped"] = opts.patience > 0 and state["bad_epochs"] >= opts.patience
+        rng = distributed.gather_objects(_rng_state(feed.sampler, feed.rng))
+        if out_dir is not None and info.is_main:
+            write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "scaler": scaler.state_dict(), "state": state, "rng": rng, "options": dataclasses.asdict(opts)},
+                       last)
+        if info.is_main and opts.progress is not False:  # one line per epoch, also in logs without bars
+            tqdm.write(f"epoch {epoch + 1}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                       + ", ".join(f"val {k} {v:.4f}" for k, v in shown.items()) + f" ({row['seconds']:.0f} s)")
+        distributed.barrier()
+        if state["stopped"]:
+            break
+    if best_state is None:  # no epoch scored (NaN monitor throughout): keep the last weights
+        best_state = _cpu_state(save_module)
+    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_score"], best_state,
+                     state["stopped"])
+
+
+def _place(model: nn.Module, loss_fn: nn.Module, device: torch.device, opts: FitOptions) -> list[nn.Parameter]:
+    """Model and loss on the device (channels-last if asked); the parameters to train (CXRError when none)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.to(device)
@@ -121,102 +189,78 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CXRError("nothing to train: every parameter of the model is frozen")
-    optimizer = make_optimizer(params, opts)
-    scheduler = make_scheduler(optimizer, opts)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    train_sampler = _train_sampler(train_set, sampler, opts.seed, info)
-    loader_rng = torch.Generator().manual_seed(opts.seed + info.rank)  # also the device path's augmentation draws
-    # Drop the last batch only when it would hold one image: BatchNorm cannot train on a batch of one.
-    drop_last = len(train_sampler) % opts.batch_size == 1 and len(train_sampler) > 1
-    on_device = images.DeviceBatches.of(train_set, device) if opts.device_batches else None
-    loader = None if on_device is not None else DataLoader(
-        train_set, batch_size=opts.batch_size, sampler=train_sampler, drop_last=drop_last,
-        num_workers=opts.num_workers, worker_init_fn=_seed_worker, generator=loader_rng,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    val_on_device = images.DeviceBatches.of(val_set, device) if opts.device_batches else None
-    n_batches = len(train_sampler) // opts.batch_size if drop_last else -(-len(train_sampler) // opts.batch_size)
-    net = model
-    if info.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return params
 
-    state = {"epoch": 0, "best_score": -float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [],
-             "stopped": False}
-    best_state = None
-    last = out_dir / LAST if out_dir is not None else None
-    if resume and last is not None and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        if len(ckpt["rng"]) == info.world_size:
-            _set_rng_state(ckpt["rng"][info.rank], train_sampler, loader_rng)
-        if (out_dir / BEST).is_file():
-            best_state = torch.load(out_dir / BEST, map_location="cpu", weights_only=True)["state_dict"]
-    else:
-        seed_everything(opts.seed + info.rank)
 
-    show = info.is_main and progress_enabled(opts.progress)
-    epochs = range(state["epoch"], opts.epochs) if not state["stopped"] else range(0)
-    for epoch in tqdm(epochs, desc="epochs", disable=not show, initial=state["epoch"], total=opts.epochs):
-        if hasattr(train_sampler, "set_epoch"):
-            train_sampler.set_epoch(epoch)
-        _train_mode(model)
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum, seen = torch.zeros((), device=device), 0
-        batches = loader if loader is not None else on_device.batches(list(train_sampler), opts.batch_size,
-                                                                      drop_last, loader_rng)
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}", disable=not show, leave=False, total=n_batches):
-            x, y = to_device(batch[0], device, opts.channels_last), batch[1].to(device, non_blocking=True)
-            loss_sum += train_step(net, x, y, loss_fn, optimizer, scaler, dtype) * len(y)
-            seen += len(y)
-        if scheduler is not None:
-            scheduler.step()
-        totals = distributed.gather_objects((float(loss_sum), seen))
-        train_loss = sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals))
-        probs, targets, val_loss = predict_dataset(
-            model, val_set if val_on_device is None else val_on_device, batch_size=opts.eval_batch_size,
-            device=device, amp=opts.amp, output=output, loss_fn=loss_fn, channels_last=opts.channels_last,
-            num_workers=opts.num_workers, device_batches=opts.device_batches)
-        scores = dict(score_fn(targets, probs))
-        if opts.monitor not in scores:
-            raise CXRError(f"monitor={opts.monitor!r} is not among the validation scores {sorted(scores)}")
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               **{f"val_{k}": v for k, v in scores.items() if np.isscalar(v)},
-               "lr": lr, "seconds": time.perf_counter() - start, **(history_extra or {})}
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        score = scores[opts.monitor]
-        if score is not None and np.isfinite(score) and score > state["best_score"]:
-            state.update(best_score=float(score), best_epoch=epoch + 1, bad_epochs=0)
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in save_module.state_dict().items()}
-            if out_dir is not None and info.is_main:
-                save_torch({**(model_meta or {}), "state_dict": best_state, "epoch": epoch + 1,
-                            "val": {k: v for k, v in scores.items() if np.isscalar(v)}}, out_dir / BEST)
-        else:
-            state["bad_epochs"] += 1
-        state["stopped"] = opts.patience > 0 and state["bad_epochs"] >= opts.patience
-        rng = distributed.gather_objects(_rng_state(train_sampler, loader_rng))
-        if out_dir is not None and info.is_main:
-            write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "scaler": scaler.state_dict(), "state": state, "rng": rng,
-                        "options": dataclasses.asdict(opts)}, last)
-        if info.is_main and opts.progress is not False:  # one line per epoch, also in logs without bars
-            tqdm.write(f"epoch {epoch + 1}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                       + ", ".join(f"val {k} {v:.4f}" for k, v in scores.items() if np.isscalar(v))
-                       + f" ({row['seconds']:.0f} s)")
-        distributed.barrier()
-        if state["stopped"]:
-            break
-    if best_state is None:  # no epoch scored (NaN monitor throughout): keep the last weights
-        best_state = {k: v.detach().to("cpu", copy=True) for k, v in save_module.state_dict().items()}
-    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_score"], best_state,
-                     state["stopped"])
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+@dataclasses.dataclass
+class _Feed:
+    """Where training batches come from: a DataLoader, or the images already on the device (DeviceBatches), in
+    the order of `sampler`, with `rng` for the loader's workers and the device path's augmentation draws."""
+
+    sampler: torch.utils.data.Sampler
+    rng: torch.Generator
+    loader: DataLoader | None
+    on_device: images.DeviceBatches | None
+    batch_size: int
+    drop_last: bool
+
+    @classmethod
+    def make(cls, train_set: Dataset, weighted: torch.utils.data.WeightedRandomSampler | None, opts: FitOptions,
+             info: distributed.DistInfo, device: torch.device) -> "_Feed":
+        sampler = _train_sampler(train_set, weighted, opts.seed, info)
+        rng = torch.Generator().manual_seed(opts.seed + info.rank)
+        # Drop the last batch only when it would hold one image: BatchNorm cannot train on a batch of one.
+        drop_last = len(sampler) % opts.batch_size == 1 and len(sampler) > 1
+        on_device = images.DeviceBatches.of(train_set, device) if opts.device_batches else None
+        loader = None if on_device is not None else DataLoader(
+            train_set, batch_size=opts.batch_size, sampler=sampler, drop_last=drop_last,
+            num_workers=opts.num_workers, worker_init_fn=_seed_worker, generator=rng,
+            pin_memory=device.type == "cuda", persistent_workers=False)
+        return cls(sampler, rng, loader, on_device, opts.batch_size, drop_last)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int):
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        if self.loader is not None:
+            return self.loader
+        return self.on_device.batches(list(self.sampler), self.batch_size, self.drop_last, self.rng)
+
+
+def _train_epoch(net: nn.Module, feed: _Feed, epoch: int, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, dtype: torch.dtype | None, device: torch.device, opts: FitOptions,
+                 show: bool) -> float:
+    """One pass over the training batches; the mean training loss over every process's images."""
+    loss_sum, seen = torch.zeros((), device=device), 0
+    for batch in tqdm(feed.epoch(epoch), desc=f"epoch {epoch + 1}", disable=not show, leave=False, total=len(feed)):
+        x, y = to_device(batch[0], device, opts.channels_last), batch[1].to(device, non_blocking=True)
+        loss_sum += train_step(net, x, y, loss_fn, optimizer, scaler, dtype) * len(y)
+        seen += len(y)
+    totals = distributed.gather_objects((float(loss_sum), seen))
+    return sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals))
+
+
+def _restore(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+             feed: _Feed, info: distributed.DistInfo) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Resume from checkpoint-last.pt: weights, optimiser, schedule, scaler, RNG states; the best epoch's weights."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == info.world_size:
+        _set_rng_state(ckpt["rng"][info.rank], feed.sampler, feed.rng)
+    best = last.parent / BEST
+    best_state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best.is_file() else None
+    return ckpt["state"], best_state
 
 
 def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
