@@ -44,8 +44,9 @@ from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
 from .metrics import METRIC_WORDS, apply_threshold
-from .results import LOSS_WORDS, arm_name, fmt_ci, init_name
+from .results import LOSS_WORDS, arm_name, fmt_ci
 from .rundir import read_status
+from .weights import Weights
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
@@ -88,7 +89,7 @@ def run_words(config: dict[str, Any]) -> str:
     """A run in words: "binary, focal loss, random init, seed 0" (its folder name is not for readers)."""
     backbone, weights = config.get("backbone", "resnet50"), config.get("weights") or "none"
     loss = config.get("loss", "")
-    return ", ".join(filter(None, [config.get("task", "?"), f"{LOSS_WORDS.get(loss, loss)} loss", init_name(weights),
+    return ", ".join(filter(None, [config.get("task", "?"), f"{LOSS_WORDS.get(loss, loss)} loss", Weights.parse(weights).label,
                                    "" if backbone == "resnet50" else backbone, f"seed {config.get('seed', 0)}"]))
 
 

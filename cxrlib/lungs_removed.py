@@ -26,7 +26,8 @@ import pandas as pd
 
 from .errors import CXRError
 from .metrics import paired_bootstrap
-from .results import LOSS_WORDS, fmt_ci, init_name
+from .results import LOSS_WORDS, fmt_ci
+from .weights import Weights
 from .rundir import read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
@@ -72,7 +73,7 @@ def describe_settings(config: dict[str, Any], seeds: list[int] | None = None) ->
     said = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
     loss = LOSS_WORDS.get(config["loss"], config["loss"])
     backbone = {"resnet50": "ResNet50", "densenet121": "DenseNet121"}.get(config["backbone"], config["backbone"])
-    return (f"{config['task']} task, {loss} loss, {backbone} ({init_name(config['weights'])}), "
+    return (f"{config['task']} task, {loss} loss, {backbone} ({Weights.parse(config['weights']).label}), "
             f"{config['image_size']} px, {config['epochs']} epoch(s), {said} (profile `{config['profile']}`)")
 
 

@@ -36,9 +36,9 @@ from torchvision.models import DenseNet121_Weights, ResNet50_Weights
 
 from .config import CHOICES, check_choice
 from .errors import CXRError
+from .weights import Weights
 
 BACKBONES = CHOICES["backbone"]
-WEIGHT_SPECS = ("none", "imagenet", "chexnet:PATH", "torchxrayvision:NAME[@PATH]", "file:PATH")
 
 HEAD = {"resnet50": "fc", "densenet121": "classifier"}
 FIRST_CONV = {"resnet50": "conv1", "densenet121": "features.conv0"}
@@ -99,11 +99,7 @@ def build_model(
     check_choice("backbone", backbone)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise CXRError(f"parameter num_classes={num_classes!r}: need an integer of at least 2")
-    scheme, _, arg = weights.partition(":")
-    if scheme in ("chexnet", "torchxrayvision", "file") and not arg:
-        raise CXRError(f"weights={weights!r}: give the file or name after the colon, e.g. {scheme}:PATH")
-
-    if weights == "none":
+    if Weights.parse(weights).scheme == "none":
         model = _new_model(backbone, num_classes, "imagenet")
         report = LoadReport("none (random init)", loaded=[], reinitialised=list(model.state_dict()))
     else:
@@ -117,17 +113,17 @@ def build_model(
 
 def source_state(backbone: str, weights: str) -> tuple[dict[str, torch.Tensor], str, str]:
     """The tensors a `weights` spec provides, where they came from, and the input spec they expect."""
-    scheme, _, arg = weights.partition(":")
-    if weights == "imagenet":
+    spec = Weights.parse(weights)
+    if spec.scheme == "imagenet":
         return (*_imagenet_state(backbone), "imagenet")
-    if scheme == "chexnet":
-        return load_state_dict_file(arg)[0], f"chexnet: {arg}", "imagenet"
-    if scheme == "torchxrayvision":
-        return (*_xrv_state(backbone, arg), "xrv")
-    if scheme == "file":
-        state, meta = load_state_dict_file(arg)
-        return state, f"file: {arg}", meta.get("input_spec") or _guess_input_spec(state)
-    raise CXRError(f"weights={weights!r}: use one of {', '.join(WEIGHT_SPECS)}")
+    if spec.scheme == "chexnet":
+        return load_state_dict_file(spec.path)[0], f"chexnet: {spec.path}", "imagenet"
+    if spec.scheme == "torchxrayvision":
+        return (*_xrv_state(backbone, spec.argument), "xrv")
+    if spec.scheme == "file":
+        state, meta = load_state_dict_file(spec.path)
+        return state, f"file: {spec.path}", meta.get("input_spec") or _guess_input_spec(state)
+    raise CXRError(f"weights={weights!r}: {spec.scheme} provides no tensors")
 
 
 def transfer_check(model: nn.Module, weights: str, seed: int = 0) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from .errors import CXRError
 from . import metrics
 from .atomic import write_text
 from .metrics import METRIC_WORDS, PAIRED, paired_bootstrap
+from .weights import Weights
 from .paths import ROOT
 from .rundir import read_json, read_status
 
@@ -51,16 +52,6 @@ ARM_WORDS = {  # words by which a matrix.json "not_run" entry names an arm, per 
 }
 
 
-def init_name(weights: str) -> str:
-    """Human name of a weights spec: random init, ImageNet, or chest X-ray (with its source)."""
-    kind, _, rest = weights.partition(":")
-    if kind == "none":
-        return "random init"
-    if kind == "imagenet":
-        return "ImageNet"
-    return f"chest X-ray ({kind}: {Path(rest).parent.name if kind == 'file' else Path(rest).stem or rest})"
-
-
 def arm_name(params: dict[str, Any]) -> str:
     """A run's arm in words, from its recorded parameters: "paper set-up", or what departs from it
     ("held-out source: country=italy", "adult negatives + CLAHE", "lungs removed", "paper set-up, without
@@ -72,12 +63,6 @@ def arm_name(params: dict[str, Any]) -> str:
              PREPROCESS_WORDS.get(preprocess, preprocess) if preprocess != "none" else ""]
     departures = ["without weighted sampling"] if params.get("weighted_sampler") is False else []
     return ", ".join([" + ".join(filter(None, words)) or PAPER_ARM, *departures])
-
-
-def init_family(weights: str) -> str:
-    """random | imagenet | chest_xray: the paper's initialisation arms, whatever the checkpoint's source."""
-    kind = weights.partition(":")[0]
-    return {"none": "random", "imagenet": "imagenet"}.get(kind, "chest_xray")
 
 
 def load_runs(run_root: str | Path) -> pd.DataFrame:
@@ -426,8 +411,8 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     row["arm"] = arm_name(params)
     row["paper_arm"] = row["arm"] == PAPER_ARM  # chapter 06's arms and claim (c)'s unweighted arm are not the paper's
     row["extra_covid_train"] = params.get("extra_covid_train", True)  # before the axis existed: always True
-    row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=init_name(weights),
-               init_family=init_family(weights), debiased=bool(params.get("extra_negatives")))
+    row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=Weights.parse(weights).label,
+               init_family=Weights.parse(weights).family, debiased=bool(params.get("extra_negatives")))
     identity = {k: v for k, v in params.items() if k not in NOT_COMPARED}
     row["identity"] = {**identity, "init": row["init"], "init_family": row["init_family"],
                        "extra_covid_train": row["extra_covid_train"], "debiased": row["debiased"]}

@@ -21,12 +21,13 @@ from torch.utils.data import Dataset
 
 from . import data, distributed, images, losses, metrics, models
 from .atomic import save_torch, write_csv
-from .config import RunConfig, data_record, external_sets
+from .config import RunConfig, check_paths, data_record, external_sets
 from .errors import CXRError
 from .evaluate import evaluate
 from .infer import amp_dtype, backbone_features, describe_device, predict_dataset
 from .loop import FitOptions, FitResult, fit, main_first, seed_everything
 from .rundir import BEST, LAST, reuse, running
+from .weights import Weights
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
 
@@ -47,6 +48,8 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, root: str | Path =
     run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record, root))
     if reuse(cfg, run_dir, lambda: (loaded or load_data(cfg)).record):
         return run_dir
+    check_paths(cfg)  # a missing weights file or GPU fails before the folder is made
+    distributed.resolve_device(cfg.device)
     with running(run_dir, cfg.device, resume=resume) as info:
         _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded)
     return run_dir
@@ -192,13 +195,13 @@ def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], score
 def init_quality(weights: str) -> dict[str, Any] | None:
     """How good a pretrained init is by its own measure, kept beside the fine-tuned results: a cxrlib
     pretraining folder's validation and test mean AUROC (and whether its data were synthetic), else the source."""
-    kind, _, rest = weights.partition(":")
-    if kind == "none":
+    spec = Weights.parse(weights)
+    if spec.scheme == "none":
         return None
-    if kind == "imagenet":
+    if spec.scheme == "imagenet":
         return {"source": "torchvision ImageNet-1k weights"}
-    folder = Path(rest).parent
-    if kind == "file" and (folder / "metrics.json").is_file():
+    folder = spec.path.parent if spec.path else Path()
+    if spec.scheme == "file" and (folder / "metrics.json").is_file():
         m = json.loads((folder / "metrics.json").read_text())
         pre = json.loads((folder / "params.json").read_text()) if (folder / "params.json").is_file() else {}
         return {"source": f"cxrlib ChestX-ray14 pretraining ({folder})",

@@ -57,6 +57,7 @@ from IPython.display import Markdown, display
 from cxrlib import book, plots, results
 from cxrlib.config import banner_from_record
 from cxrlib.errors import CXRError
+from cxrlib.weights import Weights
 from cxrlib.models import build_model, count_parameters, transfer_check
 from cxrlib.runs import chest_pretraining, default_run_root
 
@@ -84,7 +85,7 @@ said = [f"**Initialisations that ran:** {', '.join(_count(f) for f in ran)}."]
 said += [f"**{INIT_WORDS.get(arm, arm)[0].upper() + INIT_WORDS.get(arm, arm)[1:]} did not run.** {e['reason'][0].upper() + e['reason'][1:]}."
          + (f" The command that would run it: `{e['command']}`." if e["command"] else "")
          for arm, e in not_run.items() if arm not in ran]
-if chest_sources:  # init_name: "chest X-ray (file: <pretraining folder>)", "chest X-ray (chexnet: <file>)", ...
+if chest_sources:  # Weights.label: "chest X-ray (file: <pretraining folder>)", "chest X-ray (chexnet: <file>)", ...
     said.append("The chest-X-ray runs started from " + "; ".join(f"`{s[len('chest X-ray ('):-1]}`" for s in chest_sources)
                 + ".")
 display(Markdown("\n\n".join(said)))
@@ -107,7 +108,7 @@ if pretrained is not None:
     display(Markdown(
         f"**Pretraining: {'synthetic ChestX-ray14 images (NIH layout), so this arm tests the code path, not CheXNet' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
         f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "
-        f"starting from {results.init_name(params['config']['weights'])}."))
+        f"starting from {Weights.parse(params['config']['weights']).label}."))
 
 # %% [markdown]
 # ## Stage 1: ChestX-ray14 pretraining

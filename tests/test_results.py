@@ -11,6 +11,7 @@ import pytest
 
 from cxrlib import metrics, results
 from cxrlib.errors import CXRError
+from cxrlib.weights import Weights
 
 BINARY = ["non_covid", "covid"]
 CHEST = "file:/runs/pretrain-chestxray14-resnet50/model.pt"
@@ -237,4 +238,4 @@ def test_arm_names_are_words():
     assert results.arm_name({"hold_out": "country=italy"}) == "held-out source: country=italy"
     assert results.arm_name({"preprocess": "lungs_removed", "weighted_sampler": True}) == "lungs removed"
     assert results.arm_name({"weighted_sampler": False}) == "paper set-up, without weighted sampling"
-    assert results.init_name("none") == "random init"
+    assert Weights.parse("none").label == "random init"
