@@ -45,7 +45,7 @@ from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
 from .metrics import METRIC_WORDS, apply_threshold
 from .results import LOSS_WORDS, arm_name, fmt_ci
-from .rundir import read_status
+from .rundir import Run, find_runs
 from .weights import Weights
 
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
@@ -97,14 +97,10 @@ def load_arms(run_root: str | Path) -> pd.DataFrame:
     """One row per complete fine-tuning run folder under `run_root` (any depth): its arm, label and set-up."""
     root = Path(run_root)
     rows = []
-    for params_file in sorted(root.rglob("params.json")) if root.is_dir() else []:
-        run_dir = params_file.parent
-        params = json.loads(params_file.read_text())
-        config = params.get("config", {})
-        if "task" not in config or read_status(run_dir) != "complete" or config.get("preprocess") in AUDIT_ONLY:
-            continue
-        sources = params.get("data", {}).get("summary", {}).get("sources", {}).get("train", {})
-        rows.append({"run": str(run_dir.relative_to(root)), "run_dir": str(run_dir), "arm": arm_of(config),
+    for run in find_runs(root, preprocess=lambda p: p not in AUDIT_ONLY):
+        config = run.config
+        sources = run.data.get("summary", {}).get("sources", {}).get("train", {})
+        rows.append({"run": str(run.dir.relative_to(root)), "run_dir": str(run.dir), "arm": arm_of(config),
                      "label": arm_label(config), "run_name": run_words(config), "task": config["task"],
                      "seed": config.get("seed"), "hold_out": config.get("hold_out", ""),
                      "preprocess": config.get("preprocess", "none"), "trained_sources": sorted(sources),
@@ -200,19 +196,18 @@ def run_outcomes(run: pd.Series, ages: pd.Series | None = None) -> pd.DataFrame:
     """Every image one run (a row of `load_arms`) was measured on, one row per population and metric
     (columns OUTCOME_COLUMNS); `ages`: image_id -> age (`read_ages`), unknown when absent."""
     ages = pd.Series(dtype=float) if ages is None else ages
-    run_dir = Path(run["run_dir"])
-    m = json.loads((run_dir / "metrics.json").read_text())
-    pred = _called(pd.read_csv(run_dir / "predictions.csv", dtype={"patient_id": str}),
-                   m.get("threshold_selection", {}).get("threshold"), m["classes"])
+    store = Run(run["run_dir"])
+    m = store.metrics()
+    pred = _called(store.predictions(), m.get("threshold_selection", {}).get("threshold"), m["classes"])
     parts = [_hits(pred, metric).assign(population=OWN, group="", evidence=False, note="the sources it trained on")
              for metric in GOAL]  # fmt: skip
-    for ext in sorted((run_dir / "external").glob("*/predictions.csv")):
-        e = json.loads((ext.parent / "metrics.json").read_text())
-        scored = _called(pd.read_csv(ext, dtype={"patient_id": str}), e.get("threshold_from_validation"), e["classes"])
+    for ext in store.externals():
+        e = store.external_metrics(ext)
+        scored = _called(store.predictions(ext), e.get("threshold_from_validation"), e["classes"])
         trained = sorted(set(scored["source"].astype(str)) & set(run["trained_sources"]))
         note = (f"trained on {', '.join(trained)} images: a source shortcut can pass this test" if trained
                 else "no image of this source in training")
-        name = EXTERNAL_WORDS.get(ext.parent.name, ext.parent.name)
+        name = EXTERNAL_WORDS.get(ext, ext)
         parts += _by_age(scored, name + " {}", ages, not trained, note)
         if (scored["true"] == "covid").any():
             parts.append(_hits(scored, "covid_sensitivity").assign(population=f"{name} COVID-19 images", group="",
@@ -220,7 +215,7 @@ def run_outcomes(run: pd.Series, ages: pd.Series | None = None) -> pd.DataFrame:
     ieee = pred[origin(pred) == "ieee8023"]
     parts += _by_age(ieee, IEEE, ages, True, "same collection as the COVID images: no source shortcut helps")
     if run["hold_out"]:
-        held = set(json.loads((run_dir / "params.json").read_text())["data"].get("held_out_images", []))
+        held = set(store.data.get("held_out_images", []))
         covid = _hits(pred, "covid_sensitivity")
         inside = covid["image_id"].isin(held)
         held_words = f"COVID-19 images of the held-out source ({held_source(run['hold_out'])})"
@@ -507,8 +502,8 @@ def population_counts(table: pd.DataFrame) -> str:
 
 
 def external_names(run_dir: str | Path) -> list[str]:
-    """The external sets a run was scored on (`<run>/external/<name>/predictions.csv`), by name."""
-    return sorted(p.parent.name for p in (Path(run_dir) / "external").glob("*/predictions.csv"))
+    """The external sets a run was scored on, by name."""
+    return Run(run_dir).externals()
 
 
 def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band", where: str = "") -> pd.DataFrame:
@@ -519,15 +514,13 @@ def external_subgroups(run_dir: str | Path, name: str, by: str = "age_band", whe
     The metadata comes from re-reading the set's folder or manifest (no image is decoded): `where` it is
     on this machine, else where the run found it.
     """
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "params.json").read_text())["config"]
-    where = where or external_sets(config.get("external", "")).get(name)
-    pred_file = run_dir / "external" / name / "predictions.csv"
-    if where is None or not pred_file.is_file():
-        raise CXRError(f"{run_dir}: no external set {name!r} (its external parameter: {config.get('external')!r})")
+    run = Run(run_dir)
+    where = where or external_sets(run.config.get("external", "")).get(name)
+    if where is None or name not in run.externals():
+        raise CXRError(f"{run_dir}: no external set {name!r} (its external parameter: {run.config.get('external')!r})")
     meta, _ = read_any(where)
-    pred = pd.read_csv(pred_file, dtype={"patient_id": str})
-    m = json.loads((pred_file.parent / "metrics.json").read_text())
+    pred = run.predictions(name)
+    m = run.external_metrics(name)
     if m.get("threshold_from_validation") is not None:
         pred = apply_threshold(pred, m["threshold_from_validation"], m["classes"])
     shown = format_subgroups(subgroup_metrics(pred, meta, by))

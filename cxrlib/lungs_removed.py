@@ -27,8 +27,8 @@ import pandas as pd
 from .errors import CXRError
 from .metrics import paired_bootstrap
 from .results import LOSS_WORDS, fmt_ci
+from .rundir import Run, find_runs
 from .weights import Weights
-from .rundir import read_status
 
 ARMS = {"none": "intact", "lungs_removed": "lungs removed", "lungs_removed_marker": "lungs removed + marker (control)"}
 AUDIT_ONLY = ("lungs_removed", "lungs_removed_marker")  # arms of this audit, not remedies: chapter 06 leaves them out
@@ -49,12 +49,10 @@ def find_arms(root: str | Path) -> pd.DataFrame:
     one experiment, pooled by `across_seeds`). Empty when `root` holds no lungs-removed run.
     """
     runs = []
-    for path in sorted(Path(root).rglob("params.json")):
-        params = json.loads(path.read_text())
-        if read_status(path.parent) == "complete" and params.get("config", {}).get("preprocess") in ARMS and "record" in params.get("data", {}):
-            runs.append({"run_dir": path.parent, "preprocess": params["config"]["preprocess"],
-                         "key": _settings(params), "experiment": _settings(params, but=("seed",)),
-                         "config": params["config"]})
+    for run in find_runs(root, preprocess=lambda p: p in ARMS):
+        if "record" in run.data:
+            runs.append({"run_dir": run.dir, "preprocess": run.config["preprocess"], "key": _settings(run.record),
+                         "experiment": _settings(run.record, but=("seed",)), "config": run.config})
     frame = pd.DataFrame(runs, columns=["run_dir", "preprocess", "key", "experiment", "config"])
     rows = []
     for n, key in enumerate(frame.loc[frame["preprocess"] == "lungs_removed", "key"].drop_duplicates()):
@@ -83,7 +81,7 @@ def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
     patient-bootstrap CI (`metrics.paired_bootstrap`; absent without an intact arm or predictions.csv)."""
     rows = []
     for r in arms.itertuples():
-        m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
+        m = Run(r.run_dir).metrics()
         ci = m.get("ci", {})
         rows.append({"set": r.set, "experiment": r.experiment, "seed": r.config["seed"], "task": r.config["task"],
                      "arm": r.arm, "preprocess": r.preprocess, "n": m["n"], "n_patients": m.get("n_patients"),
@@ -95,10 +93,9 @@ def arm_table(arms: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
 
 def _versus_intact(arms: pd.DataFrame, arm: Any, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     intact = arms[(arms["set"] == arm.set) & (arms["preprocess"] == "none")]
-    files = [Path(d) / "predictions.csv" for d in (arm.run_dir, *intact["run_dir"])]
-    if arm.preprocess == "none" or intact.empty or not all(f.is_file() for f in files):
+    if arm.preprocess == "none" or intact.empty:
         return {"auc_vs_intact": None, "auc_vs_intact_ci": None}
-    pred = [pd.read_csv(f, dtype={"patient_id": str, "image_id": str}) for f in files]
+    pred = [Run(d).predictions() for d in (arm.run_dir, *intact["run_dir"])]
     auc = paired_bootstrap([(pred[0], pred[1])], classes, n_boot=n_boot, seed=seed)["roc_auc"]
     return {"auc_vs_intact": auc["difference"], "auc_vs_intact_ci": auc["ci"]}
 

@@ -19,7 +19,6 @@ scored, held-out images excluded (`metrics.paired_bootstrap`, each run at its va
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from .config import hold_out_terms
 from .data import column_values, held_out
 from .metrics import apply_threshold, paired_bootstrap
 from .results import fmt_ci
+from .rundir import Run
 
 # (cohort, preprocess) -> the arm's name, in the chapter's order; the first is the comparison for the rest
 REMEDIES = {("all", "none"): "paper set-up", ("all", "lungs_only"): "lungs only",
@@ -77,10 +77,10 @@ def goal_rows(arms: pd.DataFrame, ages: pd.Series | None = None, n_boot: int = g
 
 def _test(run_dir: str | Path) -> pd.DataFrame:
     """A run's own test predictions at its operating point, its held-out images left out."""
-    run_dir = Path(run_dir)
-    m = json.loads((run_dir / "metrics.json").read_text())
-    held = set(json.loads((run_dir / "params.json").read_text())["data"].get("held_out_images", []))
-    pred = pd.read_csv(run_dir / "predictions.csv", dtype={"patient_id": str})
+    run = Run(run_dir)
+    m = run.metrics()
+    held = set(run.data.get("held_out_images", []))
+    pred = run.predictions()
     threshold = m.get("threshold_selection", {}).get("threshold")
     pred = apply_threshold(pred, threshold, m["classes"]) if threshold is not None else pred
     return pred[~pred["image_id"].isin(held)].reset_index(drop=True)
@@ -93,7 +93,7 @@ def versus(arms: pd.DataFrame, label: str, against: str = BASELINE, n_boot: int 
     seeds = sorted(set(mine.index) & set(theirs.index))
     if not seeds:
         return None
-    classes = json.loads((Path(mine[seeds[0]]) / "metrics.json").read_text())["classes"]
+    classes = Run(mine[seeds[0]]).metrics()["classes"]
     pairs = [(_test(mine[s]), _test(theirs[s])) for s in seeds]
     return {**paired_bootstrap(pairs, classes, n_boot=n_boot), "seeds": seeds}
 
@@ -165,10 +165,10 @@ def settings(arms: pd.DataFrame) -> str:
     def values(name: str) -> str:
         return ", ".join(str(v) for v in dict.fromkeys(c.get(name) for c in configs))
 
-    devices = ", ".join(dict.fromkeys(json.loads((Path(d) / "params.json").read_text()).get("device", "?")
-                                      for d in arms["run_dir"]))
+    runs = [Run(d) for d in arms["run_dir"]]
+    devices = ", ".join(dict.fromkeys(run.record.get("device", "?") for run in runs))
     words = dict.fromkeys(generalise.run_words({**c, "seed": None}).rsplit(", seed", 1)[0] for c in configs)
-    epochs_run = sorted({json.loads((Path(d) / "metrics.json").read_text()).get("epochs_run") for d in arms["run_dir"]})
+    epochs_run = sorted({run.metrics().get("epochs_run") for run in runs}, key=str)
     return (f"{'; '.join(words)}; {values('image_size')} px, {values('epochs')} epochs asked "
             f"({', '.join(map(str, epochs_run))} run); {generalise.seed_words(len(arms), arms['seed'].tolist())}; "
             f"on {devices}; held out of training and validation: "

@@ -210,3 +210,87 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
     if diff:
         raise CXRError(f"{run_dir} is a complete run with other parameters ({'; '.join(diff)}); "
                        "choose another run_dir or delete that folder to retrain")
+
+
+# --- reading run folders: every reader goes through `Run` --------------------------------------------------
+
+PARAMS, METRICS, PREDICTIONS = RESULT_FILES
+EXTERNAL = "external"  # <run>/external/<name>/{metrics.json,predictions.csv}: the run scored on other data
+
+
+class Run:
+    """One run folder as recorded: its parameters (`config`), data record, model record and status, with its
+    metrics and predictions read on demand. Every read names the file it could not parse (`read_json`)."""
+
+    def __init__(self, run_dir: str | Path, record: dict[str, Any] | None = None):
+        self.dir = Path(run_dir)
+        self.record = record if record is not None else read_json(self.dir / PARAMS)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r})"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.get("config", {})
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.record.get("data", {})
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.record.get("model", {})
+
+    @property
+    def status(self) -> str:
+        return read_status(self.dir)
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.dir / METRICS)
+
+    def predictions(self, external: str = "") -> "pd.DataFrame":
+        """The test split's predictions, or an external set's (`external` = its name); ids read as text."""
+        import pandas as pd
+
+        path = (self.dir / EXTERNAL / external if external else self.dir) / PREDICTIONS
+        try:
+            return pd.read_csv(path, dtype={"patient_id": str})
+        except FileNotFoundError as err:
+            raise CXRError(f"{path}: missing; rerun the run (python -m cxrlib.runs) or restore the file") from err
+        except (OSError, ValueError) as err:
+            raise CXRError(f"{path}: not a readable predictions table ({err}); rerun the run") from err
+
+    def external_metrics(self, name: str) -> dict[str, Any]:
+        return read_json(self.dir / EXTERNAL / name / METRICS)
+
+    def externals(self) -> list[str]:
+        """The external sets the run was scored on, by name."""
+        return sorted(p.parent.name for p in (self.dir / EXTERNAL).glob(f"*/{PREDICTIONS}"))
+
+
+def find_runs(root: str | Path, status: str | None = "complete", **filters: Any) -> list[Run]:
+    """The fine-tuning runs under `root` (any depth), selected by their recorded parameters, never their folder
+    names: each filter is a config field and a value, or a predicate on the value (`preprocess=lambda p: p !=
+    "none"`); a field a run did not record reads as RunConfig's default. `status` None keeps every status."""
+    from .config import RunConfig
+
+    root = Path(root)
+    defaults = RunConfig.__dataclass_fields__
+    runs = []
+    for params in sorted(root.rglob(PARAMS)) if root.is_dir() else []:
+        run = Run(params.parent)
+        if "task" not in run.config or (status is not None and run.status != status):
+            continue  # pretraining folders record no task
+        def value(name: str) -> Any:
+            return run.config.get(name, defaults[name].default if name in defaults else None)
+        if all(want(value(k)) if callable(want) else value(k) == want for k, want in filters.items()):
+            runs.append(run)
+    return runs
+
+
+def run_root(profile: str, tag: str, base: str | Path | None = None) -> Path:
+    """Where the run matrix puts the runs of one profile and data tag: <base>/runs/<profile>/<tag> (base: the
+    repository)."""
+    from .paths import ROOT
+
+    return Path(base or ROOT) / "runs" / profile / tag

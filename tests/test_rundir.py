@@ -85,3 +85,41 @@ def test_the_matrix_reruns_a_damaged_run_and_two_matrices_train_a_folder_once(tm
     assert trained == ["binary-ce-resnet50-none-s0"]  # the second waited on the lock, then found it complete
     (tmp_path / "binary-ce-resnet50-none-s0" / "predictions.csv").unlink()
     assert runs.execute_run(cfg, "inline").status == "complete" and len(trained) == 2  # damaged: trained again
+
+
+def test_find_runs_selects_by_recorded_parameters_not_folder_names(tmp_path):
+    import json
+
+    from cxrlib.config import RunConfig
+    from cxrlib.rundir import Run, find_runs, run_root
+
+    def write(name: str, status: str = "complete", **config) -> Path:
+        run_dir = tmp_path / "deep" / name
+        run_dir.mkdir(parents=True)
+        cfg = RunConfig(**config).to_dict()
+        cfg.pop("cohort")  # a field added later: a run of the earlier layout does not record it
+        (run_dir / "params.json").write_text(json.dumps({"config": cfg, "data": {"held_out_images": ["x"]}}))
+        (run_dir / "metrics.json").write_text("{}")
+        (run_dir / "predictions.csv").write_text("image_id,true\na,covid\n")
+        (run_dir / "status").write_text(status)
+        return run_dir
+
+    write("binary-focal-s0", task="multiclass", loss="ce")  # the folder name lies; the record does not
+    write("b", task="binary", loss="focal", preprocess="lungs_only")
+    write("c", status="failed: boom", task="binary")
+    (tmp_path / "deep" / "pretrain").mkdir()
+    (tmp_path / "deep" / "pretrain" / "params.json").write_text(json.dumps({"config": {"backbone": "resnet50"}}))
+    assert [r.dir.name for r in find_runs(tmp_path, task="binary")] == ["b"]
+    assert [r.dir.name for r in find_runs(tmp_path, loss="ce")] == ["binary-focal-s0"]
+    assert [r.dir.name for r in find_runs(tmp_path, preprocess=lambda p: p != "none")] == ["b"]
+    assert [r.dir.name for r in find_runs(tmp_path, cohort="all")] == ["b", "binary-focal-s0"]  # the default
+    assert {r.dir.name for r in find_runs(tmp_path, status=None)} == {"b", "binary-focal-s0", "c"}
+    run = Run(tmp_path / "deep" / "b")
+    assert run.data["held_out_images"] == ["x"] and run.externals() == []
+    (run.dir / "predictions.csv").write_text('image_id,true\n"a,b\n')
+    with pytest.raises(CXRError, match="predictions.csv: not a readable predictions table"):
+        run.predictions()
+    (run.dir / "metrics.json").unlink()
+    with pytest.raises(CXRError, match="metrics.json: missing"):
+        run.metrics()
+    assert run_root("quick", "synthetic", base=tmp_path) == tmp_path / "runs" / "quick" / "synthetic"
