@@ -28,7 +28,7 @@ from .atomic import write_text
 from .metrics import METRIC_WORDS, PAIRED, paired_bootstrap
 from .weights import Weights
 from .paths import ROOT
-from .rundir import read_json, read_status
+from .rundir import Run, open_run, read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
@@ -71,17 +71,9 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
     Parameters are read with .get(), so fields added later (extra_covid_train, extra_negatives) are optional.
     """
     rows = []
-    for run_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
-        if (run_dir / "params.json").is_file():  # written by training
-            params = read_json(run_dir / "params.json")
-            params = params.get("config", params)
-        elif (run_dir / "config.json").is_file():  # written by the run matrix before training starts
-            params = read_json(run_dir / "config.json")
-        else:
-            continue
-        if "task" not in params:  # e.g. the ChestX-ray14 pretraining folder
-            continue
-        rows.append(_run_row(run_dir, params))
+    for run in filter(None, map(open_run, sorted(p for p in Path(run_root).iterdir() if p.is_dir()))):
+        if "task" in run.config:  # not the ChestX-ray14 pretraining folder
+            rows.append(_run_row(run))
     return pd.DataFrame(rows)
 
 
@@ -403,8 +395,9 @@ def read_claims(path: str | Path) -> dict[str, Any]:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+def _run_row(run: Run) -> dict[str, Any]:
     """One load_runs row: shown parameters, identity for pairing, and the metrics of a complete run."""
+    run_dir, params = run.dir, run.config
     weights = params.get("weights", "none")
     row = {k: params.get(k) for k in ("task", "loss", "backbone", "weights", "seed", "image_size", "epochs",
                                       "weighted_sampler", "extra_negatives")}
@@ -416,9 +409,8 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     identity = {k: v for k, v in params.items() if k not in NOT_COMPARED}
     row["identity"] = {**identity, "init": row["init"], "init_family": row["init_family"],
                        "extra_covid_train": row["extra_covid_train"], "debiased": row["debiased"]}
-    metrics_file = run_dir / "metrics.json"
-    if row["status"] == "complete" and metrics_file.is_file():
-        m = read_json(metrics_file)
+    if row["status"] == "complete":
+        m = run.metrics()
         row.update(classes=m.get("classes"), accuracy=m["accuracy"], macro_precision=m["macro"]["precision"],
                    macro_recall=m["macro"]["recall"], macro_f1=m["macro_f1"],
                    covid_sensitivity=m.get("covid_sensitivity"), roc_auc=m.get("roc_auc"),
@@ -436,10 +428,7 @@ def _run_row(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _predictions(run_dir: str) -> pd.DataFrame:
-    path = Path(run_dir) / "predictions.csv"
-    if not path.is_file():
-        raise CXRError(f"{path}: a complete run without predictions.csv; rerun it (python -m cxrlib.runs)")
-    return pd.read_csv(path)
+    return Run(run_dir).predictions()
 
 
 def _paired_claim(runs: pd.DataFrame, factor: str, a: Any, b: Any, not_run, n_boot: int, seed: int) -> dict:

@@ -215,6 +215,7 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
 # --- reading run folders: every reader goes through `Run` --------------------------------------------------
 
 PARAMS, METRICS, PREDICTIONS = RESULT_FILES
+PLANNED = "config.json"  # written by the run matrix before training starts: a run that fails early is still listed
 EXTERNAL = "external"  # <run>/external/<name>/{metrics.json,predictions.csv}: the run scored on other data
 
 
@@ -231,7 +232,8 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.record.get("config", {})
+        """The run's parameters (the earliest layout's params.json held them at its top level)."""
+        return self.record.get("config", self.record)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -266,6 +268,17 @@ class Run:
     def externals(self) -> list[str]:
         """The external sets the run was scored on, by name."""
         return sorted(p.parent.name for p in (self.dir / EXTERNAL).glob(f"*/{PREDICTIONS}"))
+
+
+def open_run(run_dir: str | Path) -> Run | None:
+    """The run in a folder: trained (params.json), or only planned by the matrix (config.json: its `config` is
+    what was asked for); None for a folder that is neither."""
+    run_dir = Path(run_dir)
+    if (run_dir / PARAMS).is_file():
+        return Run(run_dir)
+    if (run_dir / PLANNED).is_file():
+        return Run(run_dir, {"config": read_json(run_dir / PLANNED)})
+    return None
 
 
 def find_runs(root: str | Path, status: str | None = "complete", **filters: Any) -> list[Run]:
