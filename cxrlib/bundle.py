@@ -29,14 +29,13 @@ import nbformat
 
 from .errors import CXRError
 from .paths import GENERATED, ROOT
-from .rundir import MANIFEST, read_status
+from .rundir import MANIFEST, METRICS, PARAMS, PLANNED, PREDICTIONS, open_run, read_status
 
 RECORD = "bundle.json"
 # What a run folder keeps in a bundle: everything but the weights and checkpoints.
-RUN_FILES = ("params.json", "config.json", "metrics.json", "history.csv", "predictions.csv", "status",
-             "notebook.ipynb", MANIFEST)
+RUN_FILES = (PARAMS, PLANNED, METRICS, "history.csv", PREDICTIONS, "status", "notebook.ipynb", MANIFEST)
 MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
-REQUIRED_RUN_FILES = ("params.json", "metrics.json", "predictions.csv", "history.csv")  # what a complete run keeps
+REQUIRED_RUN_FILES = (PARAMS, METRICS, PREDICTIONS, "history.csv")  # what a complete run keeps
 CLAIMS = "claims.json"  # written into the run root by the results chapter (results.save_claims)
 GENERALISATION = "generalisation.json"  # written into the run root by chapter 06 (generalise.save_summary)
 
@@ -390,8 +389,7 @@ def join_weights(parts: list[str | Path], out: str | Path) -> Path:
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
-    params = _read_json(run_dir / "params.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    params, metrics = _records(run_dir)
     return {"run": run_dir.name, "status": read_status(run_dir),
             "data_fingerprint": (params.get("data") or {}).get("fingerprint") or metrics.get("data_fingerprint"),
             "device": metrics.get("device") or params.get("device"),
@@ -406,7 +404,7 @@ def _aggregate_throughput(run_root: Path, wall_seconds: float | None) -> float |
         return None
     seen = 0
     for run_dir in (p for p in run_root.iterdir() if p.is_dir()):
-        params, metrics = _read_json(run_dir / "params.json"), _read_json(run_dir / "metrics.json")
+        params, metrics = _records(run_dir)
         counts = (params.get("data") or {}).get("train_class_counts") or {}
         seen += sum(counts.values()) * int(metrics.get("epochs_run") or 0)
     return round(seen / wall_seconds, 1) if seen else None
@@ -430,6 +428,12 @@ def _git_commit(runs: list[dict[str, Any]]) -> str | None:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def _records(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run folder's params and metrics records, {} for what it does not hold (planned, failed, not a run)."""
+    run = open_run(run_dir)
+    return (run.record, run.metrics(missing_ok=True)) if run else ({}, {})
 
 
 def _read_json(path: Path) -> dict[str, Any]:

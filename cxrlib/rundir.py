@@ -247,7 +247,10 @@ class Run:
     def status(self) -> str:
         return read_status(self.dir)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, missing_ok: bool = False) -> dict[str, Any]:
+        """metrics.json; {} when it is not there and `missing_ok` (a run that has not finished)."""
+        if missing_ok and not (self.dir / METRICS).is_file():
+            return {}
         return read_json(self.dir / METRICS)
 
     def predictions(self, external: str = "") -> "pd.DataFrame":
