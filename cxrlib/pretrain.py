@@ -32,13 +32,13 @@ from .errors import CXRError
 from .infer import amp_dtype, describe_device, predict_dataset
 from .losses import bce_loss
 from .loop import FitOptions, fit, main_first, seed_everything
-from .rundir import BEST, LAST, reuse, running
+from .rundir import BEST, LAST, METRICS, PARAMS, reuse, running
 
 REFERENCES = {
     "chexnet_mean_auroc": 0.841,  # Rajpurkar et al. 2017, DenseNet121
     "reproduce_chexnet_pneumonia_auroc": 0.7617,  # Zech 2018 (github.com/jrzech/reproduce-chexnet), DenseNet121
 }
-OUTPUTS = (BEST, LAST, "history.csv", "metrics.json")  # what a fresh run clears
+OUTPUTS = (BEST, LAST, "history.csv", METRICS)  # what a fresh run clears
 
 
 def split_chestxray14(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.1) -> pd.DataFrame:
@@ -159,7 +159,7 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
             "training": {"loss": "bce", "pos_weight": _tolist(loss_fn.pos_weight), "world_size": info.world_size,
                          "global_batch_size": cfg.batch_size * info.world_size, **dataclasses.asdict(opts),
                          "amp_dtype": str(amp_dtype(opts.amp, device))},
-        }, out_dir / "params.json", prov)  # fmt: skip
+        }, out_dir / PARAMS, prov)  # fmt: skip
 
     meta = {"backbone": cfg.backbone, "num_classes": len(FINDINGS), "classes": list(FINDINGS),
             "input_spec": model.input_spec, "task": "chestxray14", "weights": cfg.weights,
@@ -176,7 +176,7 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
     metrics.save_metrics({
         "mean_auroc": auroc["test"]["mean"], "per_finding_auroc": auroc["test"]["per_finding"],
         "n_test": auroc["test"]["n"], "val": auroc["val"],
-    }, out_dir / "metrics.json", {
+    }, out_dir / METRICS, {
         "references": REFERENCES, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "stopped_early": result.stopped_early, "train_seconds": float(result.history["seconds"].sum()),
         "params": cfg.to_dict(), "data_fingerprint": _fingerprint(used), **prov,
