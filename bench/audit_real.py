@@ -28,7 +28,7 @@ import torch
 
 from cxrlib import audit, data, explain, lungfields
 from cxrlib.evaluate import load_model
-from cxrlib.rundir import read_status
+from cxrlib.rundir import Run, read_status
 from cxrlib.images import ImageCache, make_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def mean(values: np.ndarray) -> float | None:
 
 def model_audit(run: Path, table: pd.DataFrame, seed: int, n_cam: int) -> dict:
     model, meta = load_model(run / "model.pt")
-    pred = pd.read_csv(run / "predictions.csv")
+    pred = Run(run).predictions()
     test = table[table["image_id"].isin(pred["image_id"])].reset_index(drop=True)
     cache = ImageCache(meta["image_size"])
     images, _ = cache.load(test["path"].tolist())
@@ -74,7 +74,7 @@ def model_audit(run: Path, table: pd.DataFrame, seed: int, n_cam: int) -> dict:
         "run": str(run), "task": meta["task"], "image_size": meta["image_size"],
         "training_params": {k: meta.get("config", {}).get(k)
                             for k in ("backbone", "weights", "epochs", "loss", "freeze", "lr")},
-        "n_test": len(test), "test_metrics_from_run": {k: json.loads((run / "metrics.json").read_text()).get(k)
+        "n_test": len(test), "test_metrics_from_run": {k: Run(run).metrics().get(k)
                                                        for k in ("accuracy", "macro_f1", "covid_sensitivity")},
         "probes_test_split": records(probes),
         "masked_template": records(masked.reset_index()),

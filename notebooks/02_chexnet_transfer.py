@@ -46,7 +46,6 @@ extra_covid_dir = None
 run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
 
 # %% tags=["hide-input"]
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -57,9 +56,10 @@ from IPython.display import Markdown, display
 from cxrlib import book, plots, results
 from cxrlib.config import banner_from_record
 from cxrlib.errors import CXRError
-from cxrlib.weights import Weights
 from cxrlib.models import build_model, count_parameters, transfer_check
+from cxrlib.rundir import Run
 from cxrlib.runs import chest_pretraining, default_run_root
+from cxrlib.weights import Weights
 
 INIT_WORDS = {"random": "random init", "imagenet": "ImageNet", "chest_xray": "chest X-ray"}  # the paper's three arms
 LOSS_WORDS = {"ce": "cross-entropy", "focal": "focal"}
@@ -103,8 +103,8 @@ except CXRError:  # no cxrlib ChestX-ray14 pretraining behind the chest-X-ray ar
 skipped = Markdown("*Skipped: " + ("the chest-X-ray arm did not run (see above)." if "chest_xray" not in ran else
                                    "the chest-X-ray arm used a ready init, not a cxrlib pretraining.") + "*")
 if pretrained is not None:
-    params = json.loads((pretrained / "params.json").read_text())
-    pre_metrics = json.loads((pretrained / "metrics.json").read_text())
+    pretraining = Run(pretrained)
+    params, pre_metrics = pretraining.record, pretraining.metrics()
     display(Markdown(
         f"**Pretraining: {'synthetic ChestX-ray14 images (NIH layout), so this arm tests the code path, not CheXNet' if params['data']['synthetic'] else 'ChestX-ray14 at ' + params['data']['root']}**, "
         f"{params['config']['image_size']} px, {pre_metrics['epochs_run']} epoch(s), "

@@ -58,7 +58,6 @@ device = None
 run_dir = None  # None: runs/<profile>/<data tag>/<run name> in the repository
 
 # %% tags=["hide-input"]
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -66,6 +65,7 @@ from IPython.display import Markdown, display
 
 from cxrlib import RunConfig, book, explain, plots
 from cxrlib.config import banner_from_record
+from cxrlib.rundir import Run
 from cxrlib.train import run
 
 cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
@@ -76,9 +76,10 @@ out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<pro
 
 # %% tags=["hide-input"]
 display(book.banner(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters
-metrics = json.loads((out / "metrics.json").read_text())
+record = Run(out)
+metrics = record.metrics()
 history = pd.read_csv(out / "history.csv")
-predictions = pd.read_csv(out / "predictions.csv")
+predictions = record.predictions()
 classes = list(cfg.classes)
 assert (out / "status").read_text().strip() == "complete"
 assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1

@@ -50,7 +50,6 @@ n_cam_share = 60  # test images whose Grad-CAM lung share is measured (a CI need
 seed = 0
 
 # %% tags=["hide-input"]
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -61,6 +60,7 @@ from cxrlib.config import banner_from_record
 from cxrlib.evaluate import evaluate, load_model
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.results import fmt_ci
+from cxrlib.rundir import Run
 from cxrlib.runs import default_run_root, featured_run
 
 tables = book.Tables(4)
@@ -73,13 +73,14 @@ assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `pytho
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
 display(book.banner(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
-synthetic = json.loads((run_dir / "params.json").read_text())["data"]["record"]["synthetic"]
+record = Run(run_dir)
+synthetic = record.data["record"]["synthetic"]
 coronahack_dir = coronahack_dir or meta["config"]["coronahack_dir"]  # the data here, else where the run read it
 extra_covid_dir = extra_covid_dir or meta["config"]["extra_covid_dir"]
 table, report = data.load_table(coronahack_dir, extra_covid_dir)
-recorded = json.loads((run_dir / "params.json").read_text())["data"]["record"]["fingerprint"]
+recorded = record.data["record"]["fingerprint"]
 assert data.data_fingerprint(table) == recorded, f"these data are not the run's (fingerprint {recorded})"
-predictions = pd.read_csv(run_dir / "predictions.csv")
+predictions = record.predictions()
 predictions["license"] = predictions.image_id.map(table.set_index("image_id").license).fillna("")
 predictions["path"] = predictions.image_id.map(table.set_index("image_id").path)  # the files here, not the run machine's
 shareable = licences.redistributable(predictions, synthetic=synthetic)  # images the book may show
