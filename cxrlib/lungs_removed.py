@@ -24,7 +24,6 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import CXRError
 from .metrics import paired_bootstrap
 from .results import LOSS_WORDS, fmt_ci
 from .rundir import Run, find_runs
@@ -98,16 +97,6 @@ def _versus_intact(arms: pd.DataFrame, arm: Any, classes: list[str], n_boot: int
     pred = [Run(d).predictions() for d in (arm.run_dir, *intact["run_dir"])]
     auc = paired_bootstrap([(pred[0], pred[1])], classes, n_boot=n_boot, seed=seed)["roc_auc"]
     return {"auc_vs_intact": auc["difference"], "auc_vs_intact_ci": auc["ci"]}
-
-
-def lungs_removed_table(root: str | Path) -> pd.DataFrame:
-    """`arm_table(find_arms(root))`; a CXRError when `root` holds no lungs-removed run to compare."""
-    arms = find_arms(root)
-    if arms.empty:
-        raise CXRError(f"no complete lungs_removed run under {root}: train one, e.g. `python -m cxrlib.runs "
-                       "--variants lungs_removed,lungs_removed_marker` or `python -m cxrlib train --preprocess "
-                       "lungs_removed`")
-    return arm_table(arms)
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:

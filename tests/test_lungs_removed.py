@@ -76,6 +76,10 @@ def test_the_arms_are_variants_of_the_run_matrix():
     assert RunConfig(preprocess="lungs_removed_marker").run_name().endswith("-lungs_removed_marker-s0")
 
 
+def _table(root):
+    return lungs_removed.arm_table(lungs_removed.find_arms(root))
+
+
 def _fake_run(root: Path, preprocess: str, p_covid: np.ndarray, y: np.ndarray, epochs: int = 3,
               status: str = "complete") -> Path:
     """A run folder as training writes it (params.json, status, metrics.json) with test scores `p_covid`."""
@@ -112,7 +116,7 @@ def test_table_and_verdicts_when_the_model_learned_outside_the_lungs(tmp_path, s
     _fake_run(tmp_path, "lungs_removed_marker", p["perfect"], y)
     _fake_run(tmp_path, "lungs_removed_marker", p["chance"], y, epochs=9)  # other settings: not this comparison
     _fake_run(tmp_path, "clahe", p["chance"], y)  # not an arm
-    table = lungs_removed.lungs_removed_table(tmp_path)
+    table = _table(tmp_path)
     assert table["arm"].tolist() == ["intact", "lungs removed", "lungs removed + marker (control)"]
     assert (table["baseline_macro_f1"] < 0.5).all() and table.loc[2, "roc_auc"] > 0.99
     text = " ".join(lungs_removed.verdicts(table))
@@ -128,29 +132,26 @@ def test_verdicts_at_chance_and_with_a_failed_or_missing_control(tmp_path, score
     y, p = scores
     _fake_run(tmp_path / "a", "lungs_removed", p["chance"], y)
     _fake_run(tmp_path / "a", "lungs_removed_marker", p["perfect"], y)
-    text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "a")))
+    text = " ".join(lungs_removed.verdicts(_table(tmp_path / "a")))
     assert "no better than chance" in text and "finds the marker" in text and "proves little" not in text
     _fake_run(tmp_path / "b", "lungs_removed", p["chance"], y)
     _fake_run(tmp_path / "b", "lungs_removed_marker", p["chance"], y)
-    text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "b")))
+    text = " ".join(lungs_removed.verdicts(_table(tmp_path / "b")))
     assert "did not reliably learn" in text and "says nothing" in text
     _fake_run(tmp_path / "d", "lungs_removed", p["chance"], y)
     _fake_run(tmp_path / "d", "lungs_removed_marker", p["perfect"] * 0.4, y)  # ranks perfectly, calls nothing COVID
-    text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "d")))
+    text = " ".join(lungs_removed.verdicts(_table(tmp_path / "d")))
     assert "finds the marker" in text and "not above the majority class" in text
     _fake_run(tmp_path / "c", "lungs_removed", p["good"], y)
     _fake_run(tmp_path / "c", "lungs_removed_marker", p["perfect"], y, status="failed: x")
-    text = " ".join(lungs_removed.verdicts(lungs_removed.lungs_removed_table(tmp_path / "c")))
+    text = " ".join(lungs_removed.verdicts(_table(tmp_path / "c")))
     assert "No positive-control run" in text and "still separates" in text
 
 
-def test_no_lungs_removed_run_is_a_clear_error(tmp_path, scores):
-    from cxrlib.errors import CXRError
-
+def test_an_intact_run_alone_forms_no_comparison(tmp_path, scores):
     y, p = scores
     _fake_run(tmp_path, "none", p["good"], y)
-    with pytest.raises(CXRError, match="no complete lungs_removed run"):
-        lungs_removed.lungs_removed_table(tmp_path)
+    assert lungs_removed.find_arms(tmp_path).empty  # an intact run alone is no comparison
 
 
 
@@ -205,7 +206,7 @@ def test_repeats_with_other_seeds_are_tallied(tmp_path, scores):
             (run / "params.json").write_text(json.dumps(params))
             (root / f"s{seed}").mkdir(parents=True, exist_ok=True)
             run.rename(root / f"s{seed}" / run.name)
-    table = lungs_removed.lungs_removed_table(root)
+    table = _table(root)
     assert table["set"].nunique() == 2 and table["experiment"].nunique() == 1 and sorted(table["seed"].unique()) == [0, 1]
     said = lungs_removed.verdicts(table)
     assert "**Binary task, seed 0.**" in said and "**Binary task, seed 1.**" in said
