@@ -21,13 +21,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
-from .errors import CXRError
+from .errors import CXRError, report
 from .paths import GENERATED, ROOT
 from .rundir import MANIFEST, METRICS, PARAMS, PLANNED, PREDICTIONS, open_run, read_status
 
@@ -472,23 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "pack":
-            also = dict(item.partition("=")[::2] for item in args.also)
-            if not all(also) or not all(also.values()):
-                raise CXRError(f"--also {' '.join(args.also)}: give NAME=RUN_ROOT")
-            record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
-                          data_dirs=args.data, note=args.note, commit=args.commit, also=also, scratch=args.scratch)
-            print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
-                  + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
-        else:
-            for path in render(args.bundle):
-                print(f"rendered {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    except CXRError as err:
-        print(f"cxrlib.bundle {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return report(f"cxrlib.bundle {args.command}", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "pack":
+        also = dict(item.partition("=")[::2] for item in args.also)
+        if not all(also) or not all(also.values()):
+            raise CXRError(f"--also {' '.join(args.also)}: give NAME=RUN_ROOT")
+        record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
+                      data_dirs=args.data, note=args.note, commit=args.commit, also=also, scratch=args.scratch)
+        print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
+              + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
+    else:
+        for path in render(args.bundle):
+            print(f"rendered {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from .config import (CHOICES, INFERENCE_DEFAULTS, PRETRAIN_PROFILES, PROFILE_CHOICES, PROFILES, PretrainConfig,
-                     RunConfig, field_default)
-from .errors import CXRError
+                     RunConfig, check_checkpoint, check_device, check_paths, field_default, too_low)
+from .errors import RERUN, CXRError, report
 
 RUN_DEFAULT = "runs/<profile>/<data tag>/<run name>, under the current directory"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # what `predict` scores in a folder it is given
+# What Ctrl-C tells to do next: train and pretrain continue from their last epoch only with --resume.
+INTERRUPTED = dict.fromkeys(("train", "pretrain"), "rerun it with --resume to continue from the last finished epoch")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -31,6 +35,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def examples(*lines: str) -> str:
     """A command's epilog: the examples its --help ends with."""
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a `kind` of at least `low` (above it when `strict`), so a bad count fails at parsing."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if why := too_low(value, low, strict):
+            raise argparse.ArgumentTypeError(f"must be {why}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+def _device(text: str) -> str:
+    """--device of evaluate and predict, checked as RunConfig checks its own."""
+    try:
+        return check_device(text)
+    except CXRError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +84,14 @@ def add_data_parser(sub) -> None:
                     "de-duplicates and splits it, checks the split for patient leakage and prints the summary.",
         epilog=examples("python -m cxrlib data", "python -m cxrlib data --coronahack data/coronahack "
                         "--extra-covid data/covid-chestxray-dataset --json"))
-    p.add_argument("--coronahack", default="", help="Kaggle CoronaHack folder (empty, with no other source: "
-                   "the synthetic default)")
-    p.add_argument("--extra-covid", default="", help="ieee8023 covid-chestxray-dataset folder")
+    p.add_argument("--coronahack", "--coronahack-dir", dest="coronahack_dir", default="",
+                   help="Kaggle CoronaHack folder (empty, with no other source: the synthetic default)")
+    p.add_argument("--extra-covid", "--extra-covid-dir", dest="extra_covid_dir", default="",
+                   help="ieee8023 covid-chestxray-dataset folder")
     p.add_argument("--manifest", default="", help="CSV with path,label[,patient_id,split,source,view]")
     p.add_argument("--task", default=field_default(RunConfig, "task"), choices=CHOICES["task"],
                    help="binary: COVID vs not; multiclass: covid, pneumonia, normal")
-    p.add_argument("--seed", type=int, default=field_default(RunConfig, "seed"), help="split seed")
+    p.add_argument("--seed", type=at_least(0), default=field_default(RunConfig, "seed"), help="split seed")
     p.add_argument("--split", default=field_default(RunConfig, "split"), choices=CHOICES["split"],
                    help="patient: a seeded patient-disjoint re-split; published: CoronaHack's own train/test")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
@@ -76,10 +101,11 @@ def add_data_parser(sub) -> None:
 def _run_data(args: argparse.Namespace) -> int:
     import json
 
+    check_paths(args)
     from .data import format_summary, load_table, split_table, summarize
 
-    table, report = load_table(args.coronahack, args.extra_covid, args.manifest)
-    summary = summarize(split_table(table, args.task, seed=args.seed, mode=args.split), report)
+    table, read = load_table(args.coronahack_dir, args.extra_covid_dir, args.manifest)
+    summary = summarize(split_table(table, args.task, seed=args.seed, mode=args.split), read)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -149,7 +175,7 @@ def add_pretrain_parser(sub) -> None:
     )
     p.add_argument("--profile", choices=PROFILE_CHOICES,
                    help="pretraining defaults under the flags given (config.PRETRAIN_PROFILES; default: 'custom')")
-    _add_dataclass_flags(p, PretrainConfig, PRETRAIN_PROFILES, {"chestxray14": ["--chestxray14"]})
+    _add_dataclass_flags(p, PretrainConfig, PRETRAIN_PROFILES, {"chestxray14": ["--chestxray14", "--chestxray14-dir"]})
     p.add_argument("--out", default="", help="run folder (default: runs/pretrain/chestxray14-<backbone>-<weights>"
                                              "-s<seed> under the current directory)")
     p.add_argument("--resume", action="store_true", default=False,
@@ -159,6 +185,7 @@ def add_pretrain_parser(sub) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(PretrainConfig, PRETRAIN_PROFILES, args)
+    check_paths(cfg)
     from .pretrain import pretrain
 
     pretrain(cfg, args.out or None, resume=args.resume)
@@ -196,10 +223,13 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    cfg = RunConfig.from_parameters(vars(args))  # a bad value fails here, before torch is imported
+    cfg = RunConfig.from_parameters(vars(args))  # a bad value or path fails here, before torch is imported
+    check_paths(cfg)
+    from .distributed import resolve_device
     from .rundir import read_status
     from .train import default_run_dir, load_data, run
 
+    resolve_device(cfg.device)  # a GPU that is not here fails before the data are read
     loaded = None if cfg.run_dir else load_data(cfg)  # read once: it names the folder and trains the model
     target = default_run_dir(cfg, loaded and loaded.record)
     existed = read_status(target) == "complete"
@@ -220,21 +250,13 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _checkpoint(path: str) -> str:
-    """`--checkpoint` as given, or a CXRError that calls it a checkpoint (the loader would say "weights file")."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise CXRError(f"checkpoint {path} does not exist: give a run folder's model.pt (python -m cxrlib train)")
-    return path
-
-
 def _add_inference_flags(p: argparse.ArgumentParser, command: str) -> None:
     """--checkpoint, --batch-size and --device, shared by evaluate and predict."""
     p.add_argument("--checkpoint", required=True, help="a run folder's model.pt")
-    p.add_argument("--batch-size", type=int, default=INFERENCE_DEFAULTS[command]["batch_size"],
+    p.add_argument("--batch-size", type=at_least(1), default=INFERENCE_DEFAULTS[command]["batch_size"],
                    help="images per forward pass")
-    p.add_argument("--device", default=field_default(RunConfig, "device"), help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=_device, default=field_default(RunConfig, "device"),
+                   help="auto | cpu | cuda | cuda:N")
 
 
 def add_evaluate_parser(sub) -> None:
@@ -256,7 +278,7 @@ def add_evaluate_parser(sub) -> None:
                    help="auto: every image the model did not train or validate on; all; "
                         "test: re-split as in training and score its test split")
     p.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
-    p.add_argument("--n-boot", type=int, default=INFERENCE_DEFAULTS["evaluate"]["n_boot"],
+    p.add_argument("--n-boot", type=at_least(0), default=INFERENCE_DEFAULTS["evaluate"]["n_boot"],
                    help="bootstrap resamples for the CIs")
     p.set_defaults(func=_run_evaluate)
 
@@ -264,14 +286,17 @@ def add_evaluate_parser(sub) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     if not (args.manifest or args.coronahack_dir or args.extra_covid_dir):
         raise CXRError("no data to score: give --manifest CSV or --coronahack DIR [--extra-covid DIR]")
-    checkpoint = _checkpoint(args.checkpoint)
-    from .evaluate import evaluate
+    checkpoint = check_checkpoint(args.checkpoint)
+    check_paths(args)
+    from .evaluate import evaluate, skipped_line
 
     source = {"manifest": args.manifest, "coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
     m = evaluate(checkpoint, source, args.out, rows=args.rows, batch_size=args.batch_size,
                  device=args.device, n_boot=args.n_boot)
     print(f"{args.out}: n={m['n']} macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, "
           f"ROC AUC {_fmt(m['roc_auc'])}, COVID sensitivity {_fmt(m.get('covid_sensitivity'))}")
+    if line := skipped_line(m["skipped"]):
+        print(f"{line} (all listed under \"skipped\" in {args.out}/metrics.json)")
     return 0
 
 
@@ -279,29 +304,57 @@ def add_predict_parser(sub) -> None:
     p = command_parser(
         sub, "predict", help="class probabilities of images (JPEG, PNG, DICOM) with a trained model.pt",
         description="Preprocesses each image exactly as in training and prints one row per image: path, "
-                    "predicted class, p_<class>... Research use only; not a diagnostic device.",
+                    "predicted class, p_<class>... A file that cannot be read is named on stderr and the others "
+                    "are scored (exit code 2 only when none can be). Research use only; not a diagnostic device.",
         epilog=examples("python -m cxrlib predict --checkpoint runs/mine/model.pt image1.png image2.dcm",
-                        "python -m cxrlib predict --checkpoint runs/mine/model.pt --json scans/*.png"))
+                        "python -m cxrlib predict --checkpoint runs/mine/model.pt --json scans/   # each image in it"))
     _add_inference_flags(p, "predict")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help=f"image files, or folders: a folder stands for its "
+                                             f"{', '.join(IMAGE_SUFFIXES)} files, sorted by name (not its subfolders)")
     p.add_argument("--json", action="store_true", help="JSON records instead of a table")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    checkpoint = _checkpoint(args.checkpoint)
+    checkpoint = check_checkpoint(args.checkpoint)
+    files, absent = image_files(args.images)
+    _say_skipped(absent)
+    if not files:
+        raise CXRError("no image to score: every path given is named above")
     from .evaluate import predict
 
-    table = predict(checkpoint, args.images, batch_size=args.batch_size, device=args.device)
+    table = predict(checkpoint, files, batch_size=args.batch_size, device=args.device)
+    _say_skipped(table.attrs["skipped"])
     print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False, float_format="%.4f"))
     return 0
 
 
+def image_files(paths: list[str]) -> tuple[list[str], list[str]]:
+    """The files `predict` scores, a folder standing for its IMAGE_SUFFIXES files (sorted), and "path: why" of
+    each path that gives none: found before the model is loaded."""
+    from pathlib import Path
+
+    files, absent = [], []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            inside = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += inside
+            if not inside:
+                absent.append(f"{text}: a folder without {', '.join(IMAGE_SUFFIXES)} files")
+        elif path.is_file():
+            files.append(text)
+        else:
+            absent.append(f"{text}: no such file or folder")
+    return files, absent
+
+
+def _say_skipped(items: list[str]) -> None:
+    """One stderr line per input left out, each naming the file and why."""
+    for item in items:
+        print(f"cxrlib predict: skipped {item}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CXRError as err:
-        print(f"cxrlib {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return report(f"cxrlib {args.command}", lambda: args.func(args), INTERRUPTED.get(args.command, RERUN))

@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import write_text
 from .errors import CXRError
+from .weights import Weights
 
 # Class names and order, defined once. Index 1 of the binary task is the positive (COVID) class.
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -50,14 +51,92 @@ def check_choice(name: str, value: Any) -> Any:
     return value
 
 
-def check_fields(obj: Any) -> None:
-    """Every field of a config dataclass that CHOICES lists, checked (RunConfig and PretrainConfig alike)."""
+# The least value of each numeric field a config may have (True: that value itself is refused too).
+LOWEST: dict[str, tuple[float, bool]] = {
+    "image_size": (1, False), "epochs": (1, False), "batch_size": (1, False), "lr": (0, True),
+    "weight_decay": (0, False), "gamma": (0, False), "patience": (0, False), "seed": (0, False),
+    "num_workers": (0, False),
+}
+FRACTIONS = ("val_frac", "test_frac")  # shares of the patients: each in (0, 1), together below 1
+DEVICE_SPECS = "auto | cpu | cuda | cuda:N"
+# Path parameters (of RunConfig, PretrainConfig and the commands' flags of the same names) and what each must be.
+PATH_KINDS = {"coronahack_dir": "folder", "extra_covid_dir": "folder", "manifest": "file",
+              "extra_negatives": "folder or file", "chestxray14": "folder", "chestxray14_dir": "folder"}
+
+
+def too_low(value: float, low: float, strict: bool = False) -> str:
+    """"" when `value` is at least `low` (above it when `strict`), else what it must be; NaN is always too low."""
+    if float(value) > low or (float(value) == low and not strict):
+        return ""
+    return f"{'greater than' if strict else 'at least'} {low}, got {value}"
+
+
+def check_device(device: str) -> str:
+    """`device` if it is one of DEVICE_SPECS (whether that GPU is here is distributed.resolve_device's question)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise CXRError(f"parameter device={device!r}: use one of {DEVICE_SPECS}")
+    return device
+
+
+def check_fields(obj: Any, lowest: dict[str, tuple[float, bool]] = LOWEST) -> None:
+    """Every field of a config dataclass that CHOICES, `lowest` or FRACTIONS constrain, and its weights and device
+    specs, checked (RunConfig and PretrainConfig alike): a bad value fails before anything is read (whether a
+    path is there is `check_paths`'s question)."""
     for name in CHOICES:
         if hasattr(obj, name):
             check_choice(name, getattr(obj, name))
-    for name in ("image_size", "epochs", "batch_size"):
-        if int(getattr(obj, name)) < 1:
-            raise CXRError(f"parameter {name} must be at least 1, got {getattr(obj, name)}")
+    for name, (low, strict) in lowest.items():
+        if hasattr(obj, name) and (why := too_low(getattr(obj, name), low, strict)):
+            raise CXRError(f"parameter {name} must be {why}")
+    fractions = {name: getattr(obj, name) for name in FRACTIONS if hasattr(obj, name)}
+    for name, value in fractions.items():
+        if not 0 < value < 1:
+            raise CXRError(f"parameter {name} must be between 0 and 1 (a share of the patients), got {value}")
+    if sum(fractions.values()) >= 1:
+        raise CXRError(f"parameters {' + '.join(fractions)} must be below 1 (the rest trains), got "
+                       f"{' + '.join(map(str, fractions.values()))}")
+    Weights.parse(obj.weights)
+    check_device(obj.device)
+
+
+def check_exists(label: str, path: str, kind: str) -> None:
+    """A `kind` ("folder", "file" or "folder or file") is at `path`, else a CXRError naming `label` and `path`."""
+    found = Path(path).expanduser()
+    if not (found.is_dir() if kind == "folder" else found.is_file() if kind == "file" else found.exists()):
+        raise CXRError(f"{label}: no such {kind}: {path}")
+
+
+def check_paths(obj: Any) -> None:
+    """Every path a config (or a command's flags) names is there: its data folders and manifests (PATH_KINDS),
+    external sets and weights file. Called before any data is read or any folder made, so a typo costs
+    nothing; not in __post_init__, because a config may describe a run made on another machine."""
+    for name, kind in PATH_KINDS.items():
+        if getattr(obj, name, ""):
+            check_exists(f"parameter {name}", getattr(obj, name), kind)
+    for name, where in external_sets(getattr(obj, "external", "")).items():
+        check_exists(f"parameter external {name}", where, "folder or file")
+    weights = Weights.parse(getattr(obj, "weights", "none"))
+    if weights.path:
+        check_exists(f"parameter weights={obj.weights!r}", str(weights.path), "file")
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """`path` if it is a file PyTorch wrote (a zip archive with a data.pkl, as every model.pt), checked before
+    torch is imported; else a CXRError that says what to give."""
+    import zipfile
+
+    file = Path(path).expanduser()
+    hint = "give a run folder's model.pt (python -m cxrlib train)"
+    if not file.is_file():
+        raise CXRError(f"checkpoint {path} {'is a folder' if file.is_dir() else 'does not exist'}: {hint}")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            pickled = any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        pickled = False
+    if not pickled:
+        raise CXRError(f"checkpoint {path} is not a cxrlib checkpoint (not a file torch.save wrote): {hint}")
+    return file
 
 
 def field_default(cls: Any, name: str) -> Any:
@@ -173,17 +252,13 @@ class RunConfig:
 
     def run_name(self) -> str:
         """Folder name from the parameters that define a run in the matrix."""
-        weights = self.weights.split(":", 1)[0]
-        if self.weights.startswith(("file:", "chexnet:")):
-            path = Path(self.weights.split(":", 1)[1])  # a run folder's model.pt is named by its folder
-            weights += "-" + (path.parent.name if path.stem == "model" else path.stem)
-        elif self.weights.startswith("torchxrayvision:"):
-            weights += "-" + self.weights.split(":", 1)[1].split("@")[0]
-        arms = ["negs" if self.extra_negatives and self.cohort == "all" else self.cohort if self.cohort != "all" else "",  # the generalisation arms (chapter 06) get their own folders
+        data = "negs" if self.extra_negatives else ""  # the generalisation arms (chapter 06) get their own folders
+        arms = [self.cohort if self.cohort != "all" else data,
                 f"holdout-{re.sub(r'[^A-Za-z0-9.]+', '_', self.hold_out)}" if self.hold_out else "",
                 self.preprocess if self.preprocess != "none" else "",
                 "" if self.weighted_sampler else "unweighted"]
-        return "-".join([self.task, self.loss, self.backbone, weights, *filter(None, arms), f"s{self.seed}"]) + (
+        return "-".join([self.task, self.loss, self.backbone, Weights.parse(self.weights).folder_part,
+                         *filter(None, arms), f"s{self.seed}"]) + (
             "" if self.extra_covid_train else "-noextra")
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,7 +310,7 @@ class PretrainConfig:
     num_workers: int = -1  # -1: 0 on CPU, else min(8, CPU cores per local process)
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, {**LOWEST, "num_workers": (-1, False)})  # -1: chosen per machine
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

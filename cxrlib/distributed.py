@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import CXRError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -84,13 +86,19 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def resolve_device(spec: str = "auto", info: DistInfo | None = None) -> torch.device:
-    """auto -> this rank's GPU when there is one, else the CPU; "cuda" means this rank's GPU under torchrun."""
+    """auto -> this rank's GPU when there is one, else the CPU; "cuda" means this rank's GPU under torchrun.
+    A GPU that is not here is a CXRError naming it and the GPUs there are, before any work."""
     info = info or current()
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        return torch.device("cuda", info.local_rank if info.distributed else torch.cuda.current_device())
-    return torch.device(spec)
+    if not spec.startswith("cuda"):
+        return torch.device(spec)
+    count = torch.cuda.device_count()
+    index = int(spec[5:]) if spec.startswith("cuda:") else info.local_rank if info.distributed else None
+    if count == 0 or (index or 0) >= count:
+        have = f"{count} CUDA GPU(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
+        raise CXRError(f"device {spec!r} is not available: this machine has {have}; use --device auto or cpu")
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
 
 class WeightedShardSampler(Sampler[int]):

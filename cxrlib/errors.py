@@ -1,4 +1,12 @@
-"""The one exception type users see: a message naming the file, row or parameter, and what to do."""
+"""The one exception type users see: a message naming the file, row or parameter, and what to do; and the one
+way every command line turns it (or an interrupt, or a failed read or write) into a single line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+RERUN = "rerun the same command to continue"
 
 
 class CXRError(Exception):
@@ -6,3 +14,19 @@ class CXRError(Exception):
 
     The command line prints its message without a traceback.
     """
+
+
+def report(prog: str, work: Callable[[], int | None], interrupted: str = RERUN) -> int:
+    """Run a command's `work` and return its exit code; a CXRError or an OSError (a file that cannot be read or
+    written, named) is one line `<prog>: error: ...` and exit code 2, Ctrl-C one line and 130: never a traceback."""
+    try:
+        return int(work() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    except CXRError as err:
+        message = str(err)
+    except OSError as err:  # permission denied, disk full, ...: the path and the system's reason
+        message = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2

@@ -478,7 +478,8 @@ class CXRDataset(torch.utils.data.Dataset):
             )
             table = table[~table["path"].astype(str).isin(bad)]
         self.table = table.reset_index(drop=True)
-        self.images = _controls(images, self.table["label"].eq("covid").to_numpy(), getattr(cache, "marker", ""))
+        order = getattr(cache, "marker", "")  # a control arm's marker, by label (multi-label tables have none)
+        self.images = _controls(images, self.table["label"].eq("covid").to_numpy(), order) if order else images
         if targets:
             self.labels = self.table[list(targets)].to_numpy(np.float32, copy=True)  # writable for torch
         else:

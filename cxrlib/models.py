@@ -311,8 +311,8 @@ def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> tuple[
             f"obj = torch.load(path, weights_only=False) and re-save only the tensors: "
             f"torch.save(obj.state_dict() for a model, or obj['state_dict'] for a checkpoint, new_path)"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CXRError(f"{file} is not a readable PyTorch weights file: {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:  # the last two: a text file
+        raise CXRError(f"{file} is not a readable PyTorch weights file ({type(err).__name__}: {err})") from err
     if isinstance(obj, nn.Module):
         return obj.state_dict(), {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -23,18 +23,19 @@ import shutil
 import sys
 import time
 import typing
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
-from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PROFILES, RunConfig, profile_config,
-                     with_profile)
-from .errors import CXRError
+from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PROFILES, RunConfig, check_paths,
+                     profile_config, with_profile)
+from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
-from .results import load_runs
 from .rundir import check_reusable, damage, locked, read_status, write_status
+from .weights import Weights
 
 FINETUNE = "03_finetune"
 CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results", "06_generalisation")
@@ -96,10 +97,11 @@ def chest_pretraining(run_root: str | Path) -> Path:
     record = json.loads(matrix_file.read_text()) if matrix_file.is_file() else {}
     arms = record.get("arms", {})
     weights = arms.get("run", {}).get("chest_xray", "")
-    if not weights.startswith("file:") or not (Path(weights[5:]).parent / "metrics.json").is_file():
+    spec = Weights.parse(weights) if weights else None
+    if spec is None or spec.scheme != "file" or not (spec.path.parent / "metrics.json").is_file():
         why = arms.get("not_run", {}).get("chest_xray", {}).get("reason", f"its init is {weights or 'unknown'}")
         raise CXRError(f"no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm in {run_root}: {why}")
-    return Path(weights[5:]).parent
+    return spec.path.parent
 
 
 # --- the initialisations -------------------------------------------------------------------------
@@ -165,8 +167,6 @@ def resolve_arms(args: argparse.Namespace, root: Path, synthetic: bool, override
 
     arms = Arms()
     for arm in args.arms.split(","):
-        if arm not in ARMS:
-            raise CXRError(f"--arms: unknown arm {arm!r}: choose from {', '.join(ARMS)}")
         weights, why, command = None, "", ""
         if arm == "random":
             weights = "none"
@@ -360,25 +360,39 @@ def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_r
         return [show(f.result()) for f in futures]
 
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}  # --set NAME=VALUE
+# RunConfig fields the matrix sets itself, and the flag that sets them (a --set of one would be lost or clash).
+MATRIX_FIELDS = {"task": "--tasks", "loss": "--losses", "weights": "--arms and --chest-init", "seed": "--seeds",
+                 "extra_covid_train": "--extra-covid-axis", "coronahack_dir": "--coronahack-dir",
+                 "extra_covid_dir": "--extra-covid-dir", "run_dir": "--run-root", "profile": "--profile"}
+
+
 def parse_settings(items: list[str]) -> dict[str, Any]:
-    """`--set NAME=VALUE` pairs as RunConfig values of the field's type (e.g. image_size=32 epochs=1)."""
+    """`--set NAME=VALUE` pairs as RunConfig values of the field's type (e.g. image_size=32 epochs=1); a value
+    that is not of that type is a CXRError naming it (RunConfig checks the rest)."""
     types = typing.get_type_hints(RunConfig)
     out: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
         if not sep or name not in types:
             raise CXRError(f"--set {item!r}: use NAME=VALUE with NAME a RunConfig field")
+        if name in MATRIX_FIELDS:
+            raise CXRError(f"--set {item!r}: the matrix sets {name} itself; use {MATRIX_FIELDS[name]}")
         kind = types[name]
-        if kind is bool:
-            out[name] = text.lower() in ("1", "true", "yes")
-        else:
-            out[name] = kind(text) if kind in (int, float, str) else text
+        try:
+            out[name] = (BOOLEANS[text.lower()] if kind is bool else kind(text) if kind in (int, float, str)
+                         else text)
+        except (KeyError, ValueError) as err:
+            kind_name = f"bool ({', '.join(BOOLEANS)})" if kind is bool else getattr(kind, "__name__", str(kind))
+            raise CXRError(f"--set {item!r}: {name} takes values of type {kind_name}") from err
     return out
 
 
 def featured_run(run_root: Path) -> Path | None:
     """The run chapter 3 shows: 3-class, focal loss, with the extra COVID images, preferring the chest-X-ray init
     as in the paper."""
+    from .results import load_runs  # pandas and the metrics: not for --help or a bad flag
+
     runs = load_runs(run_root)
     if runs.empty:
         return None
@@ -430,8 +444,21 @@ def default_executor() -> str:
     return "papermill"
 
 
+def comma_list(choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type: comma-separated items of `choices`, at least one, so a typo fails at parsing."""
+    def parse(text: str) -> str:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}: "
+                                             f"give comma-separated items of {', '.join(choices)}")
+        return ",".join(items)
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, examples
+    from .cli import HelpFormatter, at_least, examples
 
     p = argparse.ArgumentParser(
         prog="python -m cxrlib.runs", description=__doc__, formatter_class=HelpFormatter,
@@ -449,10 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chestxray14-dir", default="", help="real ChestX-ray14 to pretrain the chest-X-ray arm on")
     p.add_argument("--chest-init", default="",
                    help="a ready chest-X-ray init: chexnet:PATH | torchxrayvision:NAME[@PATH] | file:PATH")
-    p.add_argument("--tasks", default=",".join(CHOICES["task"]), help=f"comma-separated, of {', '.join(CHOICES['task'])}")
-    p.add_argument("--losses", default=",".join(PAPER_LOSSES), help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
-    p.add_argument("--arms", default=",".join(ARMS), help="initialisations asked for, comma-separated")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--tasks", type=comma_list(CHOICES["task"]), default=",".join(CHOICES["task"]),
+                   help=f"comma-separated, of {', '.join(CHOICES['task'])}")
+    p.add_argument("--losses", type=comma_list(CHOICES["loss"]), default=",".join(PAPER_LOSSES),
+                   help=f"comma-separated, of {', '.join(CHOICES['loss'])}")
+    p.add_argument("--arms", type=comma_list(ARMS), default=",".join(ARMS),
+                   help=f"initialisations asked for, comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--seeds", type=at_least(1), default=None,
                    help="seeds 0..N-1 per configuration (default: " +
                         ", ".join(f"{k} {v['seeds']}" for k, v in MATRIX_PROFILES.items()) + ")")
     p.add_argument("--extra-covid-axis", choices=list(EXTRA_AXIS), default=None,
@@ -461,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["papermill", "inline"], default=None,
                    help="papermill (03_finetune per run) or inline (train.run in-process); default: papermill "
                         "if installed")
-    p.add_argument("--concurrent", type=int, default=1, help="worker processes (spawned; they share CPU threads "
-                                                             "and GPU)")
+    p.add_argument("--concurrent", type=at_least(1), default=1,
+                   help="worker processes (spawned; they share CPU threads and GPU)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                    help="a RunConfig value for every run, over the profile (e.g. --set image_size=32); "
                         "same-named pretraining settings follow it")
@@ -470,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adult non-COVID images (ChestX-ray14 layout or manifest) for the 'negs' variant")
     p.add_argument("--variants", default="", help="chapter 06 arms, e.g. negs,negs+clahe,holdout:country=italy "
                    "(each with the extra COVID images and the first init)")
-    p.add_argument("--variant-losses", default="", help="losses of the variants (empty: --losses)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--variant-losses", type=comma_list(CHOICES["loss"]), default=None,
+                   help="losses of the variants, comma-separated (default: --losses)")
+    p.add_argument("--time-budget", type=at_least(0, float, strict=True), default=None, metavar="SECONDS",
                    help="start no run after this many seconds (those are listed as not run in matrix.json); "
                         "default: no budget")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
@@ -492,57 +523,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def extra_axis(args: argparse.Namespace) -> tuple[bool, ...]:
+    """--extra-covid-axis, else both when the ieee8023 folder is given, else with."""
+    return EXTRA_AXIS[args.extra_covid_axis or ("both" if args.extra_covid_dir else "with")]
+
+
+def plan(args: argparse.Namespace, root: Path, inits: list[str], overrides: dict[str, Any]) -> list[RunConfig]:
+    """The runs the flags ask for, over `inits` (`matrix`)."""
+    data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
+    return matrix(args.profile, root, data, inits, args.tasks.split(","), args.losses.split(","), args.seeds,
+                  extra_axis(args), parse_variants(args.variants, args.extra_negatives),
+                  tuple(args.variant_losses.split(",")) if args.variant_losses else None, **overrides)
+
+
+def check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The --set values, once every run the flags ask for has passed RunConfig's checks and every folder and file
+    they name is found: a bad flag fails before any data is read or any model pretrained."""
+    overrides = parse_settings(args.settings)
+    for cfg in plan(args, Path(args.run_root or "."), [args.chest_init or "none"], overrides):
+        check_paths(cfg)
+    check_paths(args)  # --chestxray14-dir, which no RunConfig holds
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return report("cxrlib.runs", lambda: run_matrix(args))
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    """Train the matrix of `args` (or, with --where or --book, print its folder or execute its chapters)."""
+    started = time.monotonic()
+    overrides = check_args(args)
     from .train import load_data
 
-    args = parse_args(argv)
     data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
-    started = time.monotonic()
-    try:
-        overrides = parse_settings(args.settings)
-        loaded = load_data(RunConfig(**data))
-        root = data_root(Path(args.run_root or ROOT / "runs" / args.profile).resolve(), loaded.record)
-        if args.where:
-            print(root)
-            return 0
-        if args.book:
-            build_book_notebooks(root, data, args.profile)
-            return 0
-        root.mkdir(parents=True, exist_ok=True)
-        arms = resolve_arms(args, root, loaded.record["synthetic"], overrides)
-        axis = args.extra_covid_axis or ("both" if args.extra_covid_dir else "with")
-        executor = args.executor or default_executor()
-        configs = matrix(args.profile, root, data, list(arms.run.values()), args.tasks.split(","),
-                         args.losses.split(","), args.seeds, EXTRA_AXIS[axis],
-                         parse_variants(args.variants, args.extra_negatives),
-                         tuple(args.variant_losses.split(",")) if args.variant_losses else None, **overrides)
-        print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
-        record = {
-            "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
-            "hardware": hardware(), "wall_seconds": time.monotonic() - started,
-            "arms": {"asked": args.arms.split(","), "run": arms.run, "init_quality": arms.quality,
-                     "not_run": arms.not_run},
-            "axes": {"tasks": args.tasks.split(","), "losses": args.losses.split(","),
-                     "seeds": sorted({c.seed for c in configs}), "extra_covid_train": list(EXTRA_AXIS[axis])},
-            "settings": overrides, "variants": args.variants, "variant_losses": args.variant_losses,
-            "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
-            "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
-        }
-        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
-        deadline = time.time() + args.time_budget if args.time_budget else None
-        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
-                              deadline)
-        failed = sum(r.status.startswith("failed") for r in results)
-        skipped = sum(r.status == NOT_STARTED for r in results)
-        record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
-                      runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
-        print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
-              f"in {root} (see {MATRIX_FILE})")
-        return 1 if failed else 0
-    except CXRError as err:
-        print(f"cxrlib.runs: error: {err}", file=sys.stderr)
-        return 2
+    loaded = load_data(RunConfig(**data))
+    root = data_root(Path(args.run_root or ROOT / "runs" / args.profile).resolve(), loaded.record)
+    if args.where:
+        print(root)
+        return 0
+    if args.book:
+        build_book_notebooks(root, data, args.profile)
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    arms = resolve_arms(args, root, loaded.record["synthetic"], overrides)
+    executor = args.executor or default_executor()
+    configs = plan(args, root, list(arms.run.values()), overrides)
+    print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
+    record = {
+        "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
+        "hardware": hardware(), "wall_seconds": time.monotonic() - started,
+        "arms": {"asked": args.arms.split(","), "run": arms.run, "init_quality": arms.quality,
+                 "not_run": arms.not_run},
+        "axes": {"tasks": args.tasks.split(","), "losses": args.losses.split(","),
+                 "seeds": sorted({c.seed for c in configs}), "extra_covid_train": list(extra_axis(args))},
+        "settings": overrides, "variants": args.variants, "variant_losses": args.variant_losses,
+        "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
+        "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
+    }
+    write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+    deadline = time.time() + args.time_budget if args.time_budget else None
+    results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
+                          deadline)
+    failed = sum(r.status.startswith("failed") for r in results)
+    skipped = sum(r.status == NOT_STARTED for r in results)
+    record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
+                  runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
+    write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
+    print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
+          f"in {root} (see {MATRIX_FILE})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CXRError
+from .errors import CXRError, report
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 RECORD = "TRANSPORT.json"
@@ -65,7 +64,7 @@ def transport_copy(src: str | Path, dst: str | Path, *, max_side: int = 224, qua
 def build_parser() -> argparse.ArgumentParser:
     import inspect
 
-    from .cli import HelpFormatter, examples
+    from .cli import HelpFormatter, at_least, examples
 
     defaults = inspect.signature(transport_copy).parameters
     parser = argparse.ArgumentParser(prog="python -m cxrlib.transport", description=__doc__.split("\n\n    ")[0],
@@ -74,23 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "--max-side 224 --quality 85"))
     parser.add_argument("src", help="data folder to copy (e.g. ../shared/data)")
     parser.add_argument("dst", help="where the copy goes")
-    parser.add_argument("--max-side", type=int, default=defaults["max_side"].default,
+    parser.add_argument("--max-side", type=at_least(1), default=defaults["max_side"].default,
                         help="longest image side in the copy")
-    parser.add_argument("--quality", type=int, default=defaults["quality"].default,
+    parser.add_argument("--quality", type=at_least(1), default=defaults["quality"].default,
                         help="JPEG quality of re-encoded images")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+
+    def copy() -> None:
         record = transport_copy(args.src, args.dst, max_side=args.max_side, quality=args.quality)
-    except CXRError as err:
-        print(f"cxrlib.transport: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(record, indent=2))
-    return 0
+        print(json.dumps(record, indent=2))
+
+    return report("cxrlib.transport", copy)
 
 
 if __name__ == "__main__":

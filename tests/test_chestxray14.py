@@ -198,8 +198,8 @@ def test_pretrain_one_process_writes_a_complete_run_folder(nih, tmp_path):
 def test_cli_reports_a_missing_folder(tmp_path, capsys):
     code = main(["pretrain", "--chestxray14", str(tmp_path / "absent"), "--out", str(tmp_path / "run"),
                  "--device", "cpu", "--weights", "none"])  # fmt: skip
-    assert code == 2 and "is not a folder" in capsys.readouterr().err
-    assert (tmp_path / "run" / "status").read_text().startswith("failed: CXRError")
+    assert code == 2 and f"no such folder: {tmp_path / 'absent'}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
 SPY = """
