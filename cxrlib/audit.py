@@ -56,7 +56,8 @@ from sklearn.preprocessing import StandardScaler
 from .config import CLASSES, classes as task_classes, task_label
 from .errors import CXRError
 from .lungfields import MASK_MODES, lung_masks, mask_images
-from .images import DeviceBatches, ImageCache, make_transform, plant_marker
+from .images import DeviceBatches, ImageCache, make_transform
+from .preprocess import plant_marker
 from .infer import forward_all
 from .metrics import (bootstrap_counts, compute_metrics, majority_baseline, patient_groups, predictions_table,
                       wilson_interval)

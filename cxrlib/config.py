@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("cosine", "step", "none"),
     "split": ("patient", "published"),
     "amp": ("auto", "bf16", "fp16", "off"),
-    # images.PREPROCESSORS, applied by images.make_cache; *_marker = the controls of lungs_removed and lungs_only
+    # preprocess.PREPROCESSORS, applied by preprocess.make_cache; *_marker = the controls of lungs_removed and lungs_only
     "preprocess": ("none", "clahe", "lung_crop", "lungs_removed", "lungs_removed_marker", "lungs_only",
                    "lungs_only_marker", "lungs_only_clahe"),
     "cohort": ("all", "adults"),  # data.in_cohort: adults = no paediatric image (needs extra_negatives)

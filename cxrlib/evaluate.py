@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from . import data, distributed, images, metrics, models
+from . import data, distributed, images, metrics, models, preprocess
 from .atomic import write_csv
 from .config import INFERENCE_DEFAULTS, check_checkpoint, classes as task_classes
 from .errors import CXRError
@@ -77,7 +77,7 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         table = table.assign(split="test")  # every scored row is this evaluation's test set
     if len(table) == 0:
         raise CXRError(f"no images to evaluate: {note or 'the data source has no rows'}")
-    dataset = images.CXRDataset(table, meta["task"], images.make_cache(meta["image_size"], cfg.get("preprocess", "none")),
+    dataset = images.CXRDataset(table, meta["task"], preprocess.make_cache(meta["image_size"], cfg.get("preprocess", "none")),
                                 images.make_transform(meta["input_spec"], train=False))
     dev = distributed.resolve_device(device)
     probs, _, _ = predict_dataset(model, dataset, batch_size=batch_size, device=dev, progress=progress)
@@ -137,11 +137,11 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], *,
     model, meta = load_model(checkpoint)
     transform = images.make_transform(meta["input_spec"], train=False)
     size = meta["image_size"]
-    preprocess = meta.get("config", {}).get("preprocess", "none")
+    method = meta.get("config", {}).get("preprocess", "none")
     read, pixels, skipped = [], [], []
     for path in map(str, image_paths):
         try:
-            pixels.append(transform(images.load_preprocessed(path, size, preprocess)))
+            pixels.append(transform(preprocess.load_preprocessed(path, size, method)))
             read.append(path)
         except CXRError as err:
             skipped.append(_skip_entry(f"{path}: {err}"))

@@ -1,12 +1,12 @@
 """Train on lungs removed: does a model that never sees the lungs still tell COVID from the rest?
 
-Three arms, identical but for `preprocess` (images.PREPROCESSORS), each trained and tested on its own images:
+Three arms, identical but for `preprocess` (preprocess.PREPROCESSORS), each trained and tested on its own images:
 - `none` (intact): the reference;
 - `lungs_removed`: every image's estimated lung fields (refined per-image masks) painted grey, in train, val
   and test. A model that still separates the classes far above the majority baseline learned something
   outside the lungs (age, body shape, markers, scanner processing);
 - `lungs_removed_marker`, the positive control: the same, plus a planted marker on every COVID image
-  (images.plant_marker, by label, in every split). It must reach a near-perfect score: that shows the
+  (preprocess.plant_marker, by label, in every split). It must reach a near-perfect score: that shows the
   pipeline *can* learn from lungs-removed images, so a low score of the plain arm is not a broken pipeline.
 
 Arms are matched from what the runs recorded (params.json: every run parameter but the preprocess and

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from . import data, distributed, images, losses, metrics, models
+from . import data, distributed, images, losses, metrics, models, preprocess
 from .atomic import save_torch, write_csv
 from .config import RunConfig, check_paths, data_record, external_sets
 from .errors import CXRError
@@ -97,7 +97,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
             table = table[data.without_extra_covid(table)]
         table = table[data.in_cohort(table, cfg.cohort)]  # after the split too: the other images keep their side
         model, load_report = models.build_model(cfg.backbone, cfg.weights, len(classes), freeze=cfg.freeze)
-        cache = images.make_cache(cfg.image_size, cfg.preprocess)
+        cache = preprocess.make_cache(cfg.image_size, cfg.preprocess)
         eval_tf = images.make_transform(model.input_spec, train=False)
         sets = {s: images.CXRDataset(table[table["split"] == s], cfg.task, cache, eval_tf) for s in data.SPLITS}
     for s, ds in sets.items():

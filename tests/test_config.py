@@ -129,6 +129,6 @@ def test_fit_options_take_the_run_defaults_not_restate_them():
 
 
 def test_preprocess_choices_and_preprocessors_are_one_list():
-    from cxrlib import images
+    from cxrlib import preprocess
 
-    assert config.CHOICES["preprocess"] == ("none", *images.PREPROCESSORS)  # same names, same order
+    assert config.CHOICES["preprocess"] == ("none", *preprocess.PREPROCESSORS)  # same names, same order

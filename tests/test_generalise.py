@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import data, generalise, images, metrics, readers, synthetic, train
+from cxrlib import data, generalise, images, metrics, preprocess, readers, synthetic, train
 from cxrlib.cli import build_parser
 from cxrlib.config import RunConfig, external_sets
 from cxrlib.errors import CXRError
@@ -131,11 +131,11 @@ def test_hold_out_sends_a_source_to_test_only():
 def test_clahe_equalises_contrast_and_lung_crop_cuts_the_border():
     rng = np.random.default_rng(0)
     dull = (100 + 20 * rng.random((64, 80))).astype(np.uint8)  # a low-contrast image
-    out = images.clahe(dull)
+    out = preprocess.clahe(dull)
     assert out.shape == dull.shape and out.dtype == np.uint8 and out.std() > 3 * dull.std()
-    assert np.array_equal(images.clahe(dull), out)
+    assert np.array_equal(preprocess.clahe(dull), out)
     img = synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=True))
-    crop = images.lung_crop(img)
+    crop = preprocess.lung_crop(img)
     assert crop.shape[0] < img.shape[0] and crop.shape[1] < img.shape[1]
 
 
@@ -144,12 +144,12 @@ def test_preprocessed_cache_is_its_own_store_and_matches_prediction_time(tmp_pat
     path = tmp_path / "x.png"
     rng = np.random.default_rng(1)
     Image.fromarray(synthetic.chest_image(rng, "covid", synthetic._patient(rng, "covid", adult=True))).save(path)
-    plain, clahe = images.make_cache(32), images.make_cache(32, "clahe")
+    plain, clahe = preprocess.make_cache(32), preprocess.make_cache(32, "clahe")
     assert plain.dir != clahe.dir
     a, b = plain.load([path])[0][0], clahe.load([path])[0][0]
     assert not np.array_equal(a, b)
-    assert np.array_equal(b, images.load_preprocessed(path, 32, "clahe"))
-    assert np.array_equal(a, images.load_preprocessed(path, 32))
+    assert np.array_equal(b, preprocess.load_preprocessed(path, 32, "clahe"))
+    assert np.array_equal(a, preprocess.load_preprocessed(path, 32))
 
 
 @pytest.fixture(scope="module")

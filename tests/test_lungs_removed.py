@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlib import audit, bundle, data, images, lungs_removed, synthetic
+from cxrlib import audit, bundle, data, images, lungs_removed, preprocess, synthetic
 from cxrlib.config import RunConfig
 from cxrlib.metrics import compute_metrics, majority_baseline
 
@@ -27,7 +27,7 @@ def adults(tmp_path_factory):
     for shortcut in (False, True):
         table, _ = data.read_ieee8023(synthetic.make_ieee8023(base / str(shortcut), n=110, shortcut=shortcut))
         intact = images.ImageCache(SIZE, root=base / "cache").load(table["path"].tolist())[0]
-        removed = images.PreprocessedCache(SIZE, "lungs_removed", root=base / "cache").load(table["path"].tolist())[0]
+        removed = preprocess.PreprocessedCache(SIZE, "lungs_removed", root=base / "cache").load(table["path"].tolist())[0]
         out[shortcut] = (table, intact, removed)
     return out
 
@@ -58,14 +58,14 @@ def test_the_control_marker_is_planted_by_label_in_every_split(tmp_path):
         Image.fromarray(synthetic.chest_image(rng, label, synthetic._patient(rng, label, adult=True))).save(path)
         rows.append({"path": str(path), "label": label})
     table = pd.DataFrame(rows)
-    plain = images.CXRDataset(table, "binary", images.make_cache(SIZE, "lungs_removed"))
-    marked = images.CXRDataset(table, "binary", images.make_cache(SIZE, "lungs_removed_marker"))
-    assert images.make_cache(SIZE, "lungs_removed").dir == images.make_cache(SIZE, "lungs_removed_marker").dir
+    plain = images.CXRDataset(table, "binary", preprocess.make_cache(SIZE, "lungs_removed"))
+    marked = images.CXRDataset(table, "binary", preprocess.make_cache(SIZE, "lungs_removed_marker"))
+    assert preprocess.make_cache(SIZE, "lungs_removed").dir == preprocess.make_cache(SIZE, "lungs_removed_marker").dir
     changed = (plain.images != marked.images).any(axis=(1, 2))
     assert changed.tolist() == [True, False, False, True]
     assert not (marked.images[:, synthetic.lung_mask(SIZE)] == 250).any()  # the marker is outside the lungs
     # prediction has no label: the control's preprocessing there is the plain one
-    assert np.array_equal(images.load_preprocessed(rows[0]["path"], SIZE, "lungs_removed_marker"), plain.images[0])
+    assert np.array_equal(preprocess.load_preprocessed(rows[0]["path"], SIZE, "lungs_removed_marker"), plain.images[0])
 
 
 def test_the_arms_are_variants_of_the_run_matrix():
@@ -185,12 +185,12 @@ def test_the_intro_states_the_experiment_of_a_bundle(tmp_path, scores):
 
 
 def test_each_remedy_caches_under_its_own_settings(tmp_path, monkeypatch):
-    assert images.PreprocessedCache(SIZE, "lungs_removed_marker", root=tmp_path).dir == \
-        images.PreprocessedCache(SIZE, "lungs_removed", root=tmp_path).dir  # the marker is planted after loading
-    stores = {m: images.preprocess_store(m) for m in ("clahe", "lung_crop", "lungs_removed")}
+    assert preprocess.PreprocessedCache(SIZE, "lungs_removed_marker", root=tmp_path).dir == \
+        preprocess.PreprocessedCache(SIZE, "lungs_removed", root=tmp_path).dir  # the marker is planted after loading
+    stores = {m: preprocess.preprocess_store(m) for m in ("clahe", "lung_crop", "lungs_removed")}
     assert len(set(stores.values())) == 3
-    monkeypatch.setattr(images, "LUNGS_REMOVED_MARGIN", images.LUNGS_REMOVED_MARGIN + 1)
-    assert images.preprocess_store("lungs_removed") != stores["lungs_removed"]  # a new margin, a new store
+    monkeypatch.setattr(preprocess, "LUNGS_REMOVED_MARGIN", preprocess.LUNGS_REMOVED_MARGIN + 1)
+    assert preprocess.preprocess_store("lungs_removed") != stores["lungs_removed"]  # a new margin, a new store
 
 
 def test_repeats_with_other_seeds_are_tallied(tmp_path, scores):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib import audit, data, images, synthetic
+from cxrlib import audit, data, images, preprocess, synthetic
 from cxrlib.config import CHOICES, RunConfig
 from cxrlib.errors import CXRError
 from cxrlib.runs import parse_variants
@@ -22,7 +22,7 @@ def adults(tmp_path_factory):
     base = tmp_path_factory.mktemp("remedy")
     table, _ = data.read_ieee8023(synthetic.make_ieee8023(base / "ieee", n=110))
     plain = images.ImageCache(SIZE, root=base / "cache").load(table["path"].tolist())[0]
-    only = images.PreprocessedCache(SIZE, "lungs_only", root=base / "cache").load(table["path"].tolist())[0]
+    only = preprocess.PreprocessedCache(SIZE, "lungs_only", root=base / "cache").load(table["path"].tolist())[0]
     return table, plain, only
 
 
@@ -34,8 +34,8 @@ def test_lungs_only_keeps_the_lungs_and_paints_the_rest(adults):
     inner[SIZE // 4:3 * SIZE // 4] = template[SIZE // 4:3 * SIZE // 4]
     kept = np.abs(only[:, inner].astype(int) - plain[:, inner].astype(int)) <= 8  # resizing blurs the edge
     assert kept.mean() > 0.95
-    removed = images.lungs_removed(plain[0])
-    assert ((images.lungs_only(plain[0]) == 128) | (removed == 128)).all()  # the mirror: between them, all is grey
+    removed = preprocess.lungs_removed(plain[0])
+    assert ((preprocess.lungs_only(plain[0]) == 128) | (removed == 128)).all()  # the mirror: between them, all is grey
 
 
 def _probe(table: pd.DataFrame, pixels: np.ndarray, covid: np.ndarray) -> float:
@@ -43,26 +43,28 @@ def _probe(table: pd.DataFrame, pixels: np.ndarray, covid: np.ndarray) -> float:
     return audit.probe(small, pd.Series(covid), table["patient_id"], seed=0)["balanced_accuracy"]
 
 
-def test_the_lungs_only_control_marker_is_painted_away(adults):
+def test_the_lungs_only_control_marker_is_painted_away(adults, tmp_path):
     table, plain, _ = adults
     rng = np.random.default_rng(1)
     patients = table["patient_id"].unique()
     covid = table["patient_id"].isin(rng.choice(patients, len(patients) // 2, replace=False)).to_numpy()
-    after = images._controls(plain, covid, "after")  # a marker the model can see (the lungs-removed control's order)
-    before = images._controls(plain, covid, "before")  # the lungs-only control: planted, then painted
+    after = preprocess.plant_marker(plain, covid)  # a marker the model can see (the lungs-removed control's order)
+    before = preprocess.MarkerCache(SIZE, root=tmp_path).mark(plain, covid)  # the lungs-only control: planted, then painted
     assert _probe(table, after, covid) > 0.9  # the marker alone tells the labels apart ...
     assert _probe(table, before, covid) < 0.7  # ... and once the outside is painted it no longer does
-    marker = images.plant_marker(np.zeros_like(plain[:1]), [True])[0] == 250
+    marker = preprocess.plant_marker(np.zeros_like(plain[:1]), [True])[0] == 250
     assert (before[:, marker] == 128).all()  # not a pixel of it is left
-    unmarked = np.stack([images.lungs_only(p) for p in plain])
+    unmarked = np.stack([preprocess.lungs_only(p) for p in plain])
     assert (before == unmarked).all(axis=(1, 2)).mean() > 0.95  # almost every image is exactly the unmarked one
 
 
 def test_the_control_reads_plain_images_and_marks_before_painting(tmp_path):
-    cache = images.make_cache(SIZE, "lungs_only_marker")
-    assert cache.marker == "before" and not isinstance(cache, images.PreprocessedCache)
-    assert images.make_cache(SIZE, "lungs_only").marker == "" and images.make_cache(SIZE, "lungs_removed_marker").marker == "after"
-    assert images.preprocess_store("lungs_only") != images.preprocess_store("lungs_only_clahe")
+    cache = preprocess.make_cache(SIZE, "lungs_only_marker")
+    assert cache.marker == "before" and isinstance(cache, preprocess.MarkerCache)
+    assert cache.dir == images.ImageCache(SIZE).dir  # the plain images: marked, then painted, as a dataset loads them
+    assert preprocess.make_cache(SIZE, "lungs_only").marker == ""
+    assert preprocess.make_cache(SIZE, "lungs_removed_marker").marker == "after"
+    assert preprocess.preprocess_store("lungs_only") != preprocess.preprocess_store("lungs_only_clahe")
 
 
 def test_hold_out_takes_several_terms_and_names_one_that_matches_nothing():
