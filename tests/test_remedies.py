@@ -182,3 +182,17 @@ def test_source_and_label_says_when_debiasing_by_source_cannot_work():
                           "label": ["covid", "pneumonia", "normal", "covid"], "location": ["", "", "", "Italy"]})
     assert "coincide" in remedies.source_and_label(table, UNSEEN)
     assert "could be tried" in remedies.source_and_label(table, "country=italy")
+
+
+def test_held_out_negatives_never_reach_train_or_val_on_the_synthetic_default():
+    """The small-data twin of the real-data test: every ieee8023 image without COVID-19 is test-only, also
+    after the adults cohort drops the children."""
+    table, _ = data.load_table()
+    spec = "collection=ieee8023&covid=no"
+    split = data.split_table(table, "binary", seed=0, hold_out=spec)
+    negatives = split["patient_id"].str.startswith("ieee8023:") & split["label"].ne("covid")
+    assert negatives.sum() >= 5 and (split.loc[negatives, "split"] == "test").all()
+    adults = split[data.in_cohort(split, "adults")]
+    assert not adults["patient_id"].str.startswith("kermany:").any()
+    assert (adults.loc[adults["patient_id"].str.startswith("ieee8023:") & adults["label"].ne("covid"), "split"]
+            == "test").all()
