@@ -149,9 +149,8 @@ def control_paragraph(arms: pd.DataFrame, n_boot: int = 1000) -> str:
                "the marker changed the result: something outside the lungs survives the painting"
                if low > 0 else "the comparison is too loose to say (its interval reaches beyond ±"
                f"{SAME})")
-    return (f"**{CONTROL_NAME}** ({generalise.seed_words(len(record['seeds']), record['seeds'])}): a marker that "
-            "alone tells COVID-19 apart (chapter 4's control) was planted on every COVID-19 image before the "
-            f"outside of the lungs was painted. ROC AUC minus the lungs-only arm's, on the same "
+    return (f"**{CONTROL_NAME}** ({generalise.seed_words(len(record['seeds']), record['seeds'])}): chapter 4's "
+            "marker was planted on every COVID-19 image, outside the lungs, before the outside was painted. ROC AUC minus the lungs-only arm's, on the same "
             f"{sum(record['n_images'])} test images: {_difference(record, 'roc_auc')}: {verdict}.")
 
 
@@ -170,7 +169,7 @@ def settings(arms: pd.DataFrame) -> str:
     words = dict.fromkeys(generalise.run_words({**c, "seed": None}).rsplit(", seed", 1)[0] for c in configs)
     epochs_run = sorted({run.metrics().get("epochs_run") for run in runs}, key=str)
     return (f"{'; '.join(words)}; {values('image_size')} px, {values('epochs')} epochs asked "
-            f"({', '.join(map(str, epochs_run))} run); {generalise.seed_words(len(arms), arms['seed'].tolist())}; "
+            f"(epochs run: {', '.join(map(str, epochs_run))}); {generalise.seed_words(len(arms), arms['seed'].tolist())}; "
             f"on {devices}; held out of training and validation: "
             + "; ".join(dict.fromkeys(held_words(c["hold_out"]) for c in configs)))
 
