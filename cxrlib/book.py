@@ -1,13 +1,17 @@
-"""What makes an executed chapter read like a published one: the data banner, numbered tables that read
-(`Tables`), a tidy notebook (parameter cells removed from the page, no progress-bar widgets), and launch
-buttons that open a notebook the repository holds (`setup`, a Sphinx extension)."""
+"""What makes an executed chapter read like a published one: its parameters checked (`chapter_parameters`), the
+data banner, numbered tables that read (`Tables`), a tidy notebook (parameter cells removed from the page, no
+progress-bar widgets), and launch buttons that open a notebook the repository holds (`setup`, a Sphinx
+extension)."""
 
 from __future__ import annotations
 
+import ast
+import difflib
 import html
 import math
 import numbers
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,9 @@ import pandas as pd
 from IPython.display import HTML
 from markdown_it import MarkdownIt
 
-from .paths import ROOT
+from .config import type_name, typed_value
+from .errors import CXRError
+from .paths import NOTEBOOKS, ROOT
 
 HIDDEN_TAGS = ("parameters", "injected-parameters")  # papermill's tags; Jupyter Book removes `remove-cell`
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -55,6 +61,94 @@ def banner(text: str, kind: str = "note") -> HTML:
     title_html = MarkdownIt().renderInline(title)  # `code` in a title renders as code (escaped like the body)
     return HTML(f'<div class="admonition {html.escape(kind)}">\n<p class="admonition-title">{title_html}</p>\n'
                 f"{body_html}</div>")
+
+
+def chapter_parameters(namespace: dict[str, Any], chapter: str, fields: type | None = None) -> dict[str, Any]:
+    """The parameters of `chapter` (its parameters cell's names, and the fields of the dataclass `fields`) as this
+    execution has them in `namespace` (the chapter's globals()), each of its type. A name papermill injected that
+    is neither (`-p los focal`), or a value of the wrong type (`-p image_size abc`), is one CXRError naming it and
+    what it should be, before the chapter does any work; papermill itself only warns of the first and passes the
+    second on."""
+    declared, own = chapter_names(chapter)
+    kinds = {**{k: type(v) for k, v in declared.items() if v is not None},
+             **(typing.get_type_hints(fields) if fields else {})}
+    known = set(declared) | set(kinds)
+    unknown = sorted(k for k, v in namespace.items() if _injected(k, v) and k not in known and k not in own)
+    if unknown:
+        raise CXRError("; ".join(f"{chapter} has no parameter {k!r}" + _nearest(k, known) for k in unknown))
+    values = {}
+    for name in sorted(known & set(namespace)):
+        value = namespace[name]
+        try:
+            values[name] = None if value is None else typed_value(kinds.get(name), value)
+        except ValueError as err:
+            raise CXRError(f"{chapter}: parameter {name}={value!r} is not of type {type_name(kinds[name])}") from err
+    return values
+
+
+def chapter_names(chapter: str) -> tuple[dict[str, Any], set[str]]:
+    """The names and defaults the chapter's parameters cell sets (a default that is not a literal reads None), and
+    every name its other cells bind (a chapter run again in one kernel has them; papermill never injects them)."""
+    from IPython.core.inputtransformer2 import TransformerManager  # the cells' magics as Python
+
+    declared: dict[str, Any] = {}
+    own: set[str] = set()
+    for cell in nbformat.read(NOTEBOOKS / f"{chapter}.ipynb", as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(TransformerManager().transform_cell(cell.source))
+        if "parameters" in cell.metadata.get("tags", []):
+            for node in tree.body:
+                target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+                if isinstance(target, ast.Name) and node.value is not None:
+                    declared[target.id] = _literal(node.value)
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.alias):
+                own.add(node.asname or node.name.split(".")[0])
+    return declared, own
+
+
+def _literal(node: ast.expr) -> Any:
+    """A parameter's default, whose type is the parameter's; None (any type) when it is an expression."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return None
+
+
+def _injected(name: str, value: Any) -> bool:
+    """Whether a global could be a parameter papermill injected: a public name bound to a literal (what papermill
+    writes), not IPython's own (In, Out, _i1, ...)."""
+    return not name.startswith("_") and name not in ("In", "Out") and type(value) in (
+        type(None), bool, int, float, str, list, dict)
+
+
+def _nearest(name: str, known: set[str]) -> str:
+    """": did you mean 'loss'?" for a misspelt parameter, else the parameters there are."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f": did you mean {close[0]!r}?" if close else f" (its parameters: {', '.join(sorted(known))})"
+
+
+def run_banner(run_dir: str | Path) -> str:
+    """What a run folder trained, in words for the banner under the data's (chapter 3): task, loss, initialisation,
+    seed, any departure from the paper's set-up, profile, image size and epochs run, as its params.json and
+    metrics.json recorded them, never as the notebook's parameters say."""
+    from .generalise import arm_label, run_words
+    from .results import PAPER_ARM
+    from .rundir import Run
+
+    run = Run(run_dir)
+    config, metrics = run.config, run.metrics(missing_ok=True)
+    arm = arm_label(config)
+    epochs = (f"{metrics['epochs_run']} of at most {config['epochs']} epoch(s) run, the model of epoch "
+              f"{metrics['best_epoch']} kept" if "epochs_run" in metrics else f"at most {config['epochs']} epoch(s)")
+    return (f"**Run: {run_words(config)}{'' if arm == PAPER_ARM else f' ({arm})'}.** Profile "
+            f"`{config['profile']}`, {config['image_size']} px images, {epochs}.")
 
 
 def tidy_notebook(path: str | Path) -> Path:

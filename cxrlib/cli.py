@@ -1,4 +1,4 @@
-"""`python -m cxrlib data|pretrain|train|evaluate|predict`: thin wrappers over the library.
+"""`python -m cxrlib data|pretrain|train|evaluate|predict|results`: thin wrappers over the library.
 
 Parsing and validation import only `cxrlib.config` (no torch), so a bad argument fails at once; a command imports
 its data or training code only after its arguments and its config are checked. Choices come from
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from .config import (CHOICES, INFERENCE_DEFAULTS, PRETRAIN_PROFILES, PROFILE_CHOICES, PROFILES, PretrainConfig,
-                     RunConfig, check_checkpoint, check_device, check_paths, field_default, too_low)
+                     RunConfig, check_checkpoint, check_device, check_exists, check_paths, field_default, too_low)
 from .errors import RERUN, CXRError, report
 
 RUN_DEFAULT = "runs/<profile>/<data tag>/<run name>, under the current directory"
@@ -61,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxrlib", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
         epilog=examples("python -m cxrlib train --profile quick", "python -m cxrlib train --help"))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,pretrain,train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{data,pretrain,train,evaluate,predict,results}")
     add_data_parser(sub)
     add_pretrain_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_predict_parser(sub)
+    add_results_parser(sub)
     return parser
 
 
@@ -353,6 +355,43 @@ def _say_skipped(items: list[str]) -> None:
     """One stderr line per input left out, each naming the file and why."""
     for item in items:
         print(f"cxrlib predict: skipped {item}", file=sys.stderr)
+
+
+# --- results --------------------------------------------------------------------------------------
+def add_results_parser(sub) -> None:
+    p = command_parser(
+        sub, "results", help="what a run matrix found: its runs' test scores and the paper's claims, tested",
+        description="Reads the run folders in RUN_ROOT (and its matrix.json) as the results chapter does, and "
+                    "prints one row per run (its status and test macro-F1, ROC AUC and COVID-19 sensitivity), "
+                    "then each of the paper's claims with its verdict. Nothing is trained; no notebook runs.",
+        epilog=examples("python -m cxrlib results runs/quick/synthetic",
+                        'python -m cxrlib results "$(python -m cxrlib.runs --where)" --json'))
+    p.add_argument("run_root", metavar="RUN_ROOT",
+                   help="the folder that holds the run folders (`python -m cxrlib.runs --where` prints it)")
+    p.add_argument("--json", action="store_true", help="one JSON object (runs, claims) on stdout instead of text")
+    p.set_defaults(func=_run_results)
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    import json
+
+    check_exists("RUN_ROOT", args.run_root, "folder")  # before pandas is imported
+    from .results import RUN_SCORES, holm_sentence, matrix_results, narrow, run_table
+
+    runs, claims = matrix_results(args.run_root)
+    if args.json:
+        table = run_table(runs, RUN_SCORES, words=False)
+        print(json.dumps({"run_root": args.run_root, "runs": json.loads(table.to_json(orient="records")),
+                          "claims": json.loads(claims.to_json(orient="records")), "holm": holm_sentence(claims)},
+                         indent=2))
+        return 0
+    shown, same = narrow(run_table(runs, RUN_SCORES))
+    print(shown.to_string(index=False, na_rep="–", float_format=_fmt), same, "", sep="\n")
+    for claim in claims.to_dict("records"):
+        print(f"{claim['claim']} [{claim['task']}]: {claim['verdict']}"
+              + ("" if claim["result"] == "–" else f"; {claim['result']}"))
+    print(holm_sentence(claims))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

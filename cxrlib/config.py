@@ -78,6 +78,32 @@ def check_device(device: str) -> str:
     return device
 
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}  # text as a bool
+
+
+def typed_value(kind: Any, value: Any) -> Any:
+    """`value` as a field of type `kind` (bool, int, float or str) takes it: a value of that type as it is, text
+    converted ("32" -> 32, "no" -> False: --set and papermill's -r give text); ValueError when it is neither.
+    Other kinds (alpha's list or its text) are the dataclass's to check."""
+    if kind not in (bool, int, float, str):
+        return value
+    if isinstance(value, str) and kind is not str:
+        if kind is not bool:
+            return kind(value)
+        if value.lower() in BOOLEANS:
+            return BOOLEANS[value.lower()]
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is no int here
+        return value
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{value!r} is not of type {type_name(kind)}")
+
+
+def type_name(kind: Any) -> str:
+    """A field's type as an error message names it: "int", "bool (1, true, yes, 0, false, no)"."""
+    return f"bool ({', '.join(BOOLEANS)})" if kind is bool else getattr(kind, "__name__", str(kind))
+
+
 def check_fields(obj: Any, lowest: dict[str, tuple[float, bool]] = LOWEST) -> None:
     """Every field of a config dataclass that CHOICES, `lowest` or FRACTIONS constrain, and its weights and device
     specs, checked (RunConfig and PretrainConfig alike): a bad value fails before anything is read (whether a

@@ -1,5 +1,6 @@
 """The one exception type users see: a message naming the file, row or parameter, and what to do; and the one
-way every command line turns it (or an interrupt, or a failed read or write) into a single line."""
+way every command line turns it (or an interrupt, or a failed read or write) into a single line (a notebook
+shows it as that line too)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ RERUN = "rerun the same command to continue"
 class CXRError(Exception):
     """A problem the user can fix (bad data, missing weights, bad parameter).
 
-    The command line prints its message without a traceback.
+    The command line prints its message without a traceback; so does a notebook (Jupyter, papermill).
     """
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for it in place of a traceback: the one line (`%debug` still reaches the frames)."""
+        return [f"{type(self).__name__}: {self}"]
 
 
 def report(prog: str, work: Callable[[], int | None], interrupted: str = RERUN) -> int:

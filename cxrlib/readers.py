@@ -8,6 +8,7 @@ rows that cannot be used (unknown label or finding) to `.skipped`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,7 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
     Paths are relative to the CSV's folder (absolute ones work too); label is covid, pneumonia or
     normal; split (optional) is train, val or test and is used by split mode "published".
     Without patient_id every image counts as its own patient (noted: patient-disjointness then rests
-    on your file layout).
+    on your file layout). Image and patient ids name each file by `manifest_key`, whatever its spelling.
     """
     csv = Path(csv_path)
     meta = read_csv(csv, ["path", "label"], "check the --manifest path")
@@ -208,9 +209,10 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
             raise CXRError(f"{csv}, row {line} ({raw}): unknown label {r['label']!r}; use one of {', '.join(LABELS)}")
         if not raw:
             raise CXRError(f"{csv}, row {line}: empty path")
-        if raw in seen:
-            raise CXRError(f"{csv}, row {line}: path {raw} already listed on row {seen[raw]}")
-        seen[raw] = line
+        key = manifest_key(raw, csv.parent)
+        if key in seen:
+            raise CXRError(f"{csv}, row {line}: path {raw} already listed on row {seen[key]}")
+        seen[key] = line
         split = r.get("split", "").lower()
         if split not in ("", *SPLITS):
             raise CXRError(f"{csv}, row {line} ({raw}): unknown split {r['split']!r}; use train, val, test or leave empty")
@@ -219,9 +221,21 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
             report.missing.append(raw)
             continue
         source = r.get("source") or "manifest"
-        rows.append({"path": str(path.resolve()), "image_id": f"{source}/{raw}", "label": label,
-                     "subtype": label, "patient_id": f"{source}:{r.get('patient_id') or raw}",
+        rows.append({"path": str(path.resolve()), "image_id": f"{source}/{key}", "label": label,
+                     "subtype": label, "patient_id": f"{source}:{r.get('patient_id') or key}",
                      "source": source, "published_split": split, "view": r.get("view", "")})  # fmt: skip
     if report.missing:
         report.notes.append(f"{csv}: {len(report.missing)} listed image(s) not found")
     return as_table(rows), report
+
+
+def manifest_key(raw: str, folder: str | Path) -> str:
+    """A manifest row's image as one spelling: its path from the manifest's folder, so "a.png", "./a.png" and
+    "/data/set/a.png" (in /data/set/m.csv) are one image, as are "../x/b.png" and "/data/x/b.png": the data
+    fingerprint hashes these ids, and the same images must give the same fingerprint (and reuse the same runs)."""
+    base = os.path.realpath(folder)
+    if os.path.isabs(raw):  # its folder resolved as the manifest's is (links, ".."); the file itself may be a link
+        path = os.path.join(os.path.realpath(os.path.dirname(raw)), os.path.basename(raw))
+    else:
+        path = os.path.normpath(os.path.join(base, raw))
+    return Path(os.path.relpath(path, base)).as_posix()

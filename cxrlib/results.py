@@ -22,13 +22,14 @@ from typing import Any
 
 import pandas as pd
 
+from .config import check_exists
 from .errors import CXRError
 from . import metrics
 from .atomic import write_text
 from .metrics import METRIC_WORDS, PAIRED, paired_bootstrap
 from .weights import Weights
 from .paths import ROOT
-from .rundir import Run, open_run, read_status
+from .rundir import PARAMS, PLANNED, Run, open_run, read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
@@ -129,12 +130,36 @@ def narrow(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return frame.drop(columns=columns), text
 
 
-def run_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it)."""
-    columns = [c for c in (*SHOWN, "status") if c in runs]
-    table = runs[columns].sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
-                                       if c in runs]).reset_index(drop=True)
-    return table.rename(columns=COLUMN_WORDS)
+def run_table(runs: pd.DataFrame, scores: Sequence[str] = (), words: bool = True) -> pd.DataFrame:
+    """Every run's configuration and status: what the matrix ran (deterministic, so the book checks it); and its
+    test `scores` (e.g. RUN_SCORES), empty where the run is not complete. Columns in words for readers, or
+    (`words` False) as load_runs names them, for programs."""
+    columns = [c for c in (*SHOWN, "status") if c in runs] + list(scores)
+    table = runs.reindex(columns=columns).sort_values([c for c in ("task", "loss", "init", "extra_covid_train", "seed")
+                                                       if c in runs]).reset_index(drop=True)
+    return table.rename(columns={**COLUMN_WORDS, **METRIC_WORDS}) if words else table
+
+
+RUN_SCORES = ("macro_f1", "roc_auc", "covid_sensitivity")  # a run's test scores in `python -m cxrlib results`
+RUN_ROOT_WORDS = "give the folder that holds the run folders (`python -m cxrlib.runs --where` prints it)"
+
+
+def matrix_results(run_root: str | Path, **options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(load_runs, claims_table with `options`) of a run root, as the results chapter computes them; a folder that
+    is not there or holds no run folder is a CXRError that says which folder to give."""
+    root = Path(run_root)
+    check_exists("run_root", str(run_root), "folder")
+    runs = load_runs(root)
+    if runs.empty:
+        below = [str(p) for p in sorted(root.iterdir()) if p.is_dir() and _holds_runs(p)]
+        raise CXRError(f"{run_root}: no run folder in it" + (f"; {', '.join(below)} hold(s) run folders"
+                                                            if below else "") + f"; {RUN_ROOT_WORDS}")
+    return runs, claims_table(runs, read_not_run(root), **options)
+
+
+def _holds_runs(folder: Path) -> bool:
+    """Whether a folder holds a run folder (trained, or planned by the matrix): a run root."""
+    return any((p / name).is_file() for p in folder.iterdir() if p.is_dir() for name in (PARAMS, PLANNED))
 
 
 def arms_table(runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = ()) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from typing import Any
 
 from .atomic import write_text
 from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PROFILES, RunConfig, check_paths,
-                     profile_config, with_profile)
+                     profile_config, type_name, typed_value, with_profile)
 from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
 from .rundir import check_reusable, damage, locked, read_status, write_status
@@ -44,6 +44,7 @@ ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper com
 EXTRA_AXIS = {"both": (True, False), "with": (True,), "without": (False,)}
 MATRIX_FILE = "matrix.json"
 NOT_STARTED = "not run: the matrix's time budget (--time-budget) was spent before it could start"
+INTERRUPTED, NOT_REACHED = "interrupted", "not started"  # a Ctrl-C's run(s) in flight, and those after them
 
 
 @dataclass
@@ -56,6 +57,14 @@ class RunStatus:
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+
+class MatrixInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the runs, with what each run of the matrix had become by then (matrix.json records it)."""
+
+    def __init__(self, results: list[RunStatus]):
+        super().__init__()
+        self.results = results
 
 
 @dataclass
@@ -71,8 +80,10 @@ class Arms:
 
 
 def data_root(run_root: str | Path, record: dict) -> Path:
-    """The run root of one data set: runs of other data (synthetic vs each real fingerprint) never mix."""
-    return Path(run_root) / record["tag"]
+    """The run root of one data set: runs of other data (synthetic vs each real fingerprint) never mix. Given the
+    data set's own folder (what the chapters' `run_root` means), that folder itself: one meaning accepted both ways."""
+    root = Path(run_root)
+    return root if root.name == record["tag"] else root / record["tag"]
 
 
 def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> Path:
@@ -342,13 +353,20 @@ def _worker_init(threads: int) -> None:
 def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_record: dict,
                 table_paths: list[str], deadline: float | None = None) -> list[RunStatus]:
     """Run the configurations one by one, or in `concurrent` spawned worker processes taking them in turn;
-    results come back in the order of `configs` and do not depend on `concurrent`."""
+    results come back in the order of `configs` and do not depend on `concurrent`. Ctrl-C raises
+    MatrixInterrupted, which holds each run's status by then (`settled`)."""
     def show(result: RunStatus) -> RunStatus:
         print(f"{result.status:>10}  {result.name}  ({result.seconds:.0f} s)", flush=True)
         return result
 
     if concurrent <= 1:
-        return [show(execute_run(cfg, executor, data_record, deadline)) for cfg in configs]
+        done: list[RunStatus] = []
+        try:
+            for cfg in configs:
+                done.append(show(execute_run(cfg, executor, data_record, deadline)))
+        except KeyboardInterrupt:
+            raise MatrixInterrupted(settled(configs, dict(enumerate(done)), {len(done)})) from None
+        return done
     from .images import warm_cache
 
     for size in sorted({cfg.image_size for cfg in configs}):  # decoded once, before the workers: they only read
@@ -357,10 +375,27 @@ def execute_all(configs: list[RunConfig], executor: str, concurrent: int, data_r
     with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
         futures = [pool.submit(execute_run, cfg, executor, data_record, deadline) for cfg in configs]
-        return [show(f.result()) for f in futures]
+        try:
+            return [show(f.result()) for f in futures]
+        except KeyboardInterrupt:
+            finished = {i: f.result() for i, f in enumerate(futures) if f.done() and not f.cancelled()
+                        and f.exception() is None}
+            flying = {i for i, f in enumerate(futures) if f.running()}
+            for f in futures:
+                f.cancel()  # the runs not started stay so
+            raise MatrixInterrupted(settled(configs, finished, flying)) from None
 
 
-BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}  # --set NAME=VALUE
+def settled(configs: list[RunConfig], finished: dict[int, RunStatus], flying: set[int]) -> list[RunStatus]:
+    """Each run's status when the matrix was interrupted: as it finished, INTERRUPTED in flight, else NOT_REACHED."""
+    def status(i: int, cfg: RunConfig) -> RunStatus:
+        if i in finished:
+            return finished[i]
+        return RunStatus(cfg.run_name(), Path(cfg.run_dir), INTERRUPTED if i in flying else NOT_REACHED)
+
+    return [status(i, cfg) for i, cfg in enumerate(configs)]
+
+
 # RunConfig fields the matrix sets itself, and the flag that sets them (a --set of one would be lost or clash).
 MATRIX_FIELDS = {"task": "--tasks", "loss": "--losses", "weights": "--arms and --chest-init", "seed": "--seeds",
                  "extra_covid_train": "--extra-covid-axis", "coronahack_dir": "--coronahack-dir",
@@ -378,13 +413,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
             raise CXRError(f"--set {item!r}: use NAME=VALUE with NAME a RunConfig field")
         if name in MATRIX_FIELDS:
             raise CXRError(f"--set {item!r}: the matrix sets {name} itself; use {MATRIX_FIELDS[name]}")
-        kind = types[name]
         try:
-            out[name] = (BOOLEANS[text.lower()] if kind is bool else kind(text) if kind in (int, float, str)
-                         else text)
-        except (KeyError, ValueError) as err:
-            kind_name = f"bool ({', '.join(BOOLEANS)})" if kind is bool else getattr(kind, "__name__", str(kind))
-            raise CXRError(f"--set {item!r}: {name} takes values of type {kind_name}") from err
+            out[name] = typed_value(types[name], text)
+        except ValueError as err:
+            raise CXRError(f"--set {item!r}: {name} takes values of type {type_name(types[name])}") from err
     return out
 
 
@@ -584,13 +616,21 @@ def run_matrix(args: argparse.Namespace) -> int:
     }
     write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
     deadline = time.time() + args.time_budget if args.time_budget else None
-    results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
-                          deadline)
+
+    def record_runs(results: list[RunStatus]) -> None:
+        record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
+                      runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
+        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
+
+    try:
+        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
+                              deadline)
+    except MatrixInterrupted as stop:  # matrix.json says what ran before errors.report says "interrupted"
+        record_runs(stop.results)
+        raise
+    record_runs(results)
     failed = sum(r.status.startswith("failed") for r in results)
     skipped = sum(r.status == NOT_STARTED for r in results)
-    record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
-                  runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-    write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
     print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
           f"in {root} (see {MATRIX_FILE})")
     return 1 if failed else 0

@@ -68,14 +68,17 @@ from cxrlib.config import banner_from_record
 from cxrlib.rundir import Run
 from cxrlib.train import run
 
-cfg = RunConfig.from_parameters(globals())  # every parameter above, and any other RunConfig field papermill injects
+# every parameter above, and any other RunConfig field papermill injects; a misspelt name or a value of the wrong
+# type stops the chapter here, in one line
+cfg = RunConfig.from_parameters(book.chapter_parameters(globals(), "03_finetune", RunConfig))
 tables = book.Tables(3)
 
 # %% tags=["nbval-ignore-output", "remove-cell"]
 out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<profile>/<data tag>/<run name>
 
 # %% tags=["hide-input"]
-display(book.banner(banner_from_record(out)))  # what the run folder recorded, not this notebook's parameters
+# what the run folder recorded (its data, then what it trained), not this notebook's parameters
+display(book.banner(banner_from_record(out)), book.banner(book.run_banner(out)))
 record = Run(out)
 metrics = record.metrics()
 history = pd.read_csv(out / "history.csv")

@@ -144,8 +144,8 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 CHOICE_LIKE = {*config.CHOICES, "profile", "extra_covid_axis", "executor"}
 
 
-COMMANDS = ("cxrlib data", "cxrlib pretrain", "cxrlib train", "cxrlib evaluate", "cxrlib predict", "cxrlib.runs",
-            "cxrlib.bundle pack", "cxrlib.bundle render", "cxrlib.transport")
+COMMANDS = ("cxrlib data", "cxrlib pretrain", "cxrlib train", "cxrlib evaluate", "cxrlib predict", "cxrlib results",
+            "cxrlib.runs", "cxrlib.bundle pack", "cxrlib.bundle render", "cxrlib.transport")
 
 
 def test_the_commands_walked_are_all_there_are():

@@ -100,6 +100,25 @@ def test_banner_comes_from_the_run_record_not_the_caller(tmp_path):
     assert "**Data: synthetic.**" in data_banner(data_record("f" * 16, 10))
 
 
+
+def test_the_run_banner_names_what_the_folder_trained_not_the_notebooks_parameters(tmp_path):
+    """`-p loss focal` and `-p loss ce` showed identical banners in chapter 3: it now names the recorded run."""
+    from cxrlib import book
+
+    record = data_record("f" * 16, 10)
+    texts = {}
+    for loss in ("ce", "focal"):
+        run = write_run(tmp_path / loss, record, task="binary", loss=loss, weights="imagenet", seed=2, image_size=64,
+                        epochs=5, profile="quick")
+        (run / "metrics.json").write_text(json.dumps({"epochs_run": 3, "best_epoch": 2}))
+        texts[loss] = book.run_banner(run)
+    assert texts["focal"] == ("**Run: binary, focal loss, ImageNet, seed 2.** Profile `quick`, 64 px images, 3 of at "
+                              "most 5 epoch(s) run, the model of epoch 2 kept.")
+    assert texts["ce"] == texts["focal"].replace("focal loss", "cross-entropy loss")
+    other = write_run(tmp_path / "other", record, task="binary", preprocess="clahe", extra_covid_train=False)
+    assert book.run_banner(other) == ("**Run: binary, cross-entropy loss, random init, seed 0 (CLAHE, no extra "
+                                      "COVID-19 images).** Profile `custom`, 224 px images, at most 10 epoch(s).")
+
 def test_a_run_root_mixing_data_has_no_banner(tmp_path):
     write_run(tmp_path / "a", data_record("1" * 16, 10), task="binary")
     write_run(tmp_path / "b", data_record("2" * 16, 12, coronahack_dir="/c"), task="binary")

@@ -29,6 +29,7 @@ from cxrlib.readers import (
     COLUMNS,
     CORONAHACK_IMAGES,
     kermany_patient,
+    manifest_key,
     map_finding,
     read_coronahack,
     read_ieee8023,
@@ -173,6 +174,31 @@ def test_read_manifest(tmp_path):
     assert report.missing == ["imgs/none.png"]
     table, report = read_manifest(write_manifest(tmp_path / "x", f"path,label\n{absolute},pneumonia\n"))
     assert table["patient_id"][0].startswith("manifest:") and any("own patient" in n for n in report.notes)
+
+
+
+def test_one_set_of_images_has_one_fingerprint_however_its_paths_are_spelt(tmp_path, monkeypatch):
+    """A manifest's image ids were its paths as written: the same images listed by absolute paths (or "./...")
+    gave another fingerprint, so their complete runs were not reused. The manifest given by a relative or an
+    absolute path, and its relative spellings, keep the ids (and fingerprints) they had."""
+    labels = ("covid", "pneumonia", "normal")
+    files = [write_image(tmp_path / "set" / "imgs" / f"{k}.png", k) for k in range(12)]
+    spellings = {"plain": lambda f: f"imgs/{f.name}", "dotted": lambda f: f"./imgs/../imgs/{f.name}",
+                 "absolute": str, "outside": lambda f: f"../set/imgs/{f.name}"}
+    for name, spell in spellings.items():
+        rows = "".join(f"{spell(f)},{labels[k % 3]}\n" for k, f in enumerate(files))
+        write_manifest(tmp_path / "set", "path,label\n" + rows).rename(tmp_path / "set" / f"{name}.csv")
+    monkeypatch.chdir(tmp_path)
+    given = [f"set/{name}.csv" for name in spellings] + [str(tmp_path / "set" / "absolute.csv")]
+    tables = [load_table(manifest=csv)[0] for csv in given]
+    assert all(t.image_id.tolist() == tables[0].image_id.tolist() for t in tables), [t.image_id[0] for t in tables]
+    assert tables[0].image_id[0] == "manifest/imgs/0.png"  # as written: fingerprints of relative paths unchanged
+    fingerprints = {data_fingerprint(split_table(t, "multiclass", seed=0)) for t in tables}
+    assert len(fingerprints) == 1 and len({data_fingerprint(t) for t in tables}) == 1
+    outside = write_image(tmp_path / "other" / "b.png", 99)
+    assert manifest_key(str(outside), tmp_path / "set") == manifest_key("../other/b.png", "set") == "../other/b.png"
+    with pytest.raises(CXRError, match=r"row 3: path ./imgs/0.png already listed on row 2"):
+        read_manifest(write_manifest(tmp_path / "set", f"path,label\nimgs/0.png,covid\n./imgs/0.png,covid\n"))
 
 
 def test_read_manifest_errors_name_row_and_column(tmp_path):

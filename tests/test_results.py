@@ -171,6 +171,42 @@ def test_arms_and_run_tables(matrix):
     assert set(results.class_table(runs, "binary").columns) == {"precision", "recall", "specificity", "F1"}
 
 
+
+def test_the_results_command_prints_the_runs_and_the_claims(matrix, capsys):
+    """What a matrix found took papermill and chapter 05 to see: `python -m cxrlib results RUN_ROOT` prints it."""
+    from cxrlib import cli
+
+    assert cli.main(["results", str(matrix)]) == 0
+    out = capsys.readouterr().out
+    header, *rows = out.split("\n\n")[0].splitlines()
+    for column in ("loss", "init", "seed", "status", "macro-F1", "ROC AUC", "COVID-19 sensitivity"):
+        assert column in header, column  # the task is binary in every row: said once, below
+    assert len(rows) == 9 + 1 and sum(" complete " in r for r in rows) == 8 and "failed: out of memory" in rows[-2]
+    assert rows[-1] == "Same in every row: arm = paper set-up; task = binary; extra COVID in training = True; " \
+                       "image size (px) = 32; epochs = 1."
+    assert "(a) chest-X-ray (CheXNet) pretraining beats ImageNet initialisation [binary]: supported; Δ macro-F1" in out
+    assert "(b) focal loss beats cross-entropy [binary]: no evidence of a difference; " in out
+    assert "[binary]: not testable here (binary without extra COVID (noextra): no extra_covid_dir given" in out
+    assert cli.main(["results", str(matrix), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["runs"]) == 9 and {"task", "seed", "status", "macro_f1", "roc_auc"} <= set(found["runs"][0])
+    assert [r["macro_f1"] is None for r in found["runs"]].count(True) == 1  # the failed run has no score
+    chapter = results.claims_table(results.load_runs(matrix), results.read_not_run(matrix))  # chapter 05's
+    assert verdicts(pd.DataFrame(found["claims"])) == verdicts(chapter)
+
+
+def test_the_results_command_names_a_folder_without_runs(tmp_path, capsys):
+    from cxrlib import cli
+
+    make_run(tmp_path / "synthetic")
+    for root, said in ((tmp_path / "nope", f"RUN_ROOT: no such folder: {tmp_path / 'nope'}"),
+                       (tmp_path, f"{tmp_path}: no run folder in it; {tmp_path / 'synthetic'} hold(s) run folders; "
+                                  "give the folder that holds the run folders")):
+        assert cli.main(["results", str(root)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"cxrlib results: error: {said}"), err
+
+
 def test_debiasing_arm_pairs_on_extra_negatives(tmp_path):
     plain = make_run(tmp_path, extra_negatives="", pred_seed=1)
     debiased = make_run(tmp_path / "debiased", extra_negatives="/data/nih", pred_seed=1)  # same name, own root

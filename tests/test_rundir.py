@@ -4,6 +4,8 @@ on one folder train it once."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 
@@ -47,6 +49,22 @@ def test_a_sealed_run_is_whole_and_each_damage_is_named(tmp_path):
     (run / "model.pt").write_bytes(b"x" * 5000)  # same size, other bytes: only the hash sees it
     assert rundir.read_status(run) == "complete"
     assert rundir.damage(run) == "model.pt: contents changed since the run completed"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=oct)
+def test_run_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    """Every run file was 0600 (tempfile's mode): others on a shared machine could not read a run folder."""
+    from cxrlib import atomic
+
+    old = os.umask(umask)
+    try:
+        atomic.write_text(tmp_path / "params.json", "{}")
+        atomic.write_text(tmp_path / "params.json", "{}")  # replacing a file too
+        rundir.write_status(tmp_path, "complete")
+    finally:
+        os.umask(old)
+    assert [oct(stat.S_IMODE((tmp_path / n).stat().st_mode)) for n in ("params.json", "status")] == [oct(mode)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.json", "status"]  # no temporary file left
 
 
 def test_a_run_of_the_earlier_layout_still_reads(tmp_path):

@@ -172,6 +172,36 @@ def test_concurrent_workers_give_the_numbers_of_one_by_one(tmp_path, one_thread)
     assert sources[0]["val"] == sources[1]["val"]  # ... and the same validation images (early stopping, threshold)
 
 
+def test_ctrl_c_leaves_a_matrix_json_that_says_what_ran(tmp_path, monkeypatch, capsys):
+    """matrix.json said "planned" for every run after a Ctrl-C: now the runs that completed, the one in flight
+    and those never started, written before the one line that says to rerun."""
+    from types import SimpleNamespace
+
+    from cxrlib.config import data_record
+
+    loaded = SimpleNamespace(record=data_record("0" * 16, 3), table=pd.DataFrame({"path": []}))
+    monkeypatch.setattr(train, "load_data", lambda cfg: loaded)  # no data read: the matrix's bookkeeping only
+    calls = []
+
+    def execute_run(cfg, *args):
+        calls.append(cfg.run_name())
+        if len(calls) == 2:
+            assert "planned" in (tmp_path / "synthetic" / "matrix.json").read_text()
+            raise KeyboardInterrupt
+        return runs.RunStatus(cfg.run_name(), Path(cfg.run_dir), "complete", 1.0)
+
+    monkeypatch.setattr(runs, "execute_run", execute_run)
+    argv = ["--executor", "inline", "--arms", "random", "--tasks", "binary", "--losses", "ce,focal", "--seeds", "2",
+            "--run-root", str(tmp_path)]
+    assert runs.main(argv) == 130
+    assert capsys.readouterr().err == "cxrlib.runs: interrupted; rerun the same command to continue\n"
+    record = json.loads((tmp_path / "synthetic" / "matrix.json").read_text())
+    assert [(r["name"], r["status"]) for r in record["runs"]] == [
+        ("binary-ce-resnet50-none-s0", "complete"), ("binary-focal-resnet50-none-s0", "interrupted"),
+        ("binary-ce-resnet50-none-s1", "not started"), ("binary-focal-resnet50-none-s1", "not started")]
+    assert record["runs"][0]["wall_seconds"] == 1.0 and len(calls) == 2
+
+
 def test_variants_follow_the_core_runs_of_each_seed(tmp_path):
     data = {"coronahack_dir": "C", "extra_covid_dir": "E"}
     variants = runs.parse_variants("negs,negs+clahe,holdout:country=italy,unweighted", extra_negatives="N")
@@ -214,3 +244,11 @@ def test_execute_notebook_passes_only_declared_parameters_and_tidies(tmp_path, m
     assert len(injected) == 1 and "a = 2" in injected[0].source and "run_root" not in injected[0].source
     assert done.cells[-1].outputs[0]["text"] == "2\n"
     assert all("remove-cell" in c.metadata.tags for c in done.cells if "parameters" in c.metadata.get("tags", []))
+
+
+def test_the_matrix_run_root_also_takes_the_data_sets_own_folder(tmp_path):
+    from cxrlib.runs import data_root
+
+    record = {"tag": "coronahack+ieee8023-a47664a7"}
+    assert data_root(tmp_path, record) == tmp_path / record["tag"]
+    assert data_root(tmp_path / record["tag"], record) == tmp_path / record["tag"]  # the chapters' run_root

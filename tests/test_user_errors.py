@@ -131,6 +131,42 @@ def test_a_gpu_that_is_not_here_is_one_line_at_the_start(tmp_path, capsys):
     assert not (tmp_path / "lib").exists()
 
 
+
+@pytest.mark.parametrize("parameters, said", [
+    ({"los": "focal"}, "03_finetune has no parameter 'los': did you mean 'loss'?"),
+    ({"image_size": "abc"}, "03_finetune: parameter image_size='abc' is not of type int"),
+])
+def test_a_chapter_stops_at_a_misspelt_parameter_or_a_wrong_type_in_one_line(parameters, said, tmp_path):
+    """`papermill 03_finetune.ipynb out.ipynb -p los focal` trained the default with only papermill's warning, and
+    `-p image_size abc` died in int() deep in training: now the cell after the parameters stops, in one line."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as failed:  # papermill itself, as a user runs it
+        papermill.execute_notebook(str(runs.NOTEBOOKS / "03_finetune.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={**parameters, "run_dir": str(tmp_path / "run")},
+                                   cwd=str(runs.NOTEBOOKS), kernel_name="python3", progress_bar=False)
+    error = failed.value
+    assert (error.ename, error.evalue, error.traceback) == ("CXRError", said, [f"CXRError: {said}"])
+    assert error.exec_count == 3 and not (tmp_path / "run").exists()  # parameters, papermill's, then this check
+
+
+def test_chapter_parameters_types_them_and_spare_the_chapters_own_names():
+    """Text converts as --set converts it; a chapter run twice in one kernel has its own names (metrics,
+    classes) in its globals: they are no injected parameter."""
+    from cxrlib import book
+
+    declared, own = book.chapter_names("03_finetune")
+    assert declared["profile"] == "quick" and declared["loss"] is None and {"metrics", "classes"} <= own
+    namespace = {**declared, "In": [], "_i3": "", "image_size": "32", "weight_decay": 0.5, "metrics": {},
+                 "classes": ["covid"], "get_ipython": print}
+    values = book.chapter_parameters(namespace, "03_finetune", RunConfig)
+    assert values["image_size"] == 32 and values["weight_decay"] == 0.5 and values["loss"] is None
+    assert RunConfig.from_parameters(values).image_size == 32
+    with pytest.raises(CXRError, match=r"parameter augment='maybe' is not of type bool \(1, true, yes, 0,"):
+        book.chapter_parameters({**declared, "augment": "maybe"}, "03_finetune", RunConfig)
+    with pytest.raises(CXRError, match=r"no parameter 'weight_decay' \(its parameters: coronahack_dir,"):
+        book.chapter_parameters({"weight_decay": 0.5}, "05_results")  # without RunConfig's fields
+
 # --- evaluate and predict -------------------------------------------------------------------------------------
 
 
@@ -151,6 +187,9 @@ def not_a_checkpoint(tmp_path) -> Path:
     path.write_text("hello\n")  # torch.load said KeyError: 101
     return path
 
+
+def test_results_refuses_a_folder_that_is_not_there_before_pandas(tmp_path):
+    assert_one_line_fast("cxrlib", ["results", "/nope"], tmp_path, "RUN_ROOT: no such folder: /nope")
 
 def test_a_text_file_as_checkpoint_is_named(not_a_checkpoint, tmp_path):
     for argv in (["predict", "--checkpoint", str(not_a_checkpoint), "x.png"],
