@@ -222,13 +222,12 @@ def add_train_parser(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
     import os
 
     cfg = RunConfig.from_parameters(vars(args))  # a bad value or path fails here, before torch is imported
     check_paths(cfg)
     from .distributed import resolve_device
-    from .rundir import read_status
+    from .rundir import Run, read_status
     from .train import default_run_dir, load_data, run
 
     resolve_device(cfg.device)  # a GPU that is not here fails before the data are read
@@ -238,7 +237,7 @@ def _run_train(args: argparse.Namespace) -> int:
     run_dir = run(cfg, target, resume=args.resume, progress=args.progress, loaded=loaded)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = Run(run_dir).metrics()
     base = m["majority_baseline"]
     print(f"run folder: {run_dir}" + (" (already complete: nothing retrained)" if existed else ""))
     print(f"test: macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, ROC AUC {_fmt(m['roc_auc'])}, "

@@ -414,10 +414,10 @@ def data_banner(record: dict[str, Any]) -> str:
 def banner_from_record(path: str | Path) -> str:
     """The banner of a run folder, or of a run root (all its runs must share one data record), from what the
     runs recorded in params.json: the data, then the profile, image size and epochs."""
+    from .rundir import find_runs
+
     path = Path(path)
-    folders = [path] if (path / "params.json").is_file() else sorted(p.parent for p in path.glob("*/params.json"))
-    records = [json.loads((f / "params.json").read_text()) for f in folders]
-    records = [r for r in records if "record" in r.get("data", {}) and "task" in r.get("config", {})]
+    records = [run.record for run in find_runs(path, status=None) if "record" in run.data]
     if not records:
         raise CXRError(f"no run folder with a data record in {path}: run `python -m cxrlib.runs` (or train) first")
     data = {r["data"]["record"]["fingerprint"]: r["data"]["record"]  # a debiased run's record names its extra data

@@ -19,6 +19,7 @@ from .atomic import write_csv
 from .config import INFERENCE_DEFAULTS, check_checkpoint, classes as task_classes
 from .errors import CXRError
 from .infer import describe_device, predict_dataset
+from .rundir import METRICS, PREDICTIONS
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, dict]:
@@ -90,12 +91,12 @@ def evaluate(checkpoint: str | Path, data_source: pd.DataFrame | Mapping[str, st
         return results
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(pred, out_dir / "predictions.csv")
+    write_csv(pred, out_dir / PREDICTIONS)
     extra = {"checkpoint": str(Path(checkpoint).resolve()), "rows": chosen, "rows_note": note,
              "threshold_from_validation": threshold,
              "data_fingerprint": data.data_fingerprint(dataset.table), "training_params": cfg,
              **metrics.provenance(describe_device(dev, distributed.current()))}
-    metrics.save_metrics(results, out_dir / "metrics.json", extra)
+    metrics.save_metrics(results, out_dir / METRICS, extra)
     return results
 
 

@@ -34,7 +34,7 @@ from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PR
                      profile_config, type_name, typed_value, with_profile)
 from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
-from .rundir import check_reusable, damage, locked, read_status, write_status
+from .rundir import METRICS, Run, check_reusable, damage, locked, read_status, write_status
 from .weights import Weights
 
 FINETUNE = "03_finetune"
@@ -109,7 +109,7 @@ def chest_pretraining(run_root: str | Path) -> Path:
     arms = record.get("arms", {})
     weights = arms.get("run", {}).get("chest_xray", "")
     spec = Weights.parse(weights) if weights else None
-    if spec is None or spec.scheme != "file" or not (spec.path.parent / "metrics.json").is_file():
+    if spec is None or spec.scheme != "file" or not (spec.path.parent / METRICS).is_file():
         why = arms.get("not_run", {}).get("chest_xray", {}).get("reason", f"its init is {weights or 'unknown'}")
         raise CXRError(f"no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm in {run_root}: {why}")
     return spec.path.parent
@@ -447,7 +447,7 @@ def build_book_notebooks(root: Path, data: dict[str, str], profile: str) -> None
     if (featured / "notebook.ipynb").is_file():
         shutil.copyfile(featured / "notebook.ipynb", GENERATED / f"{FINETUNE}.ipynb")
     else:  # an inline run: the notebook reads the complete folder (nothing is retrained)
-        saved = json.loads((featured / "params.json").read_text())["config"]
+        saved = Run(featured).config
         cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k in RunConfig.__dataclass_fields__})
         local = {k: v for k, v in data.items() if v}  # the data as found here (the run may come from another machine)
         execute_notebook(FINETUNE, GENERATED / f"{FINETUNE}.ipynb", {**notebook_parameters(cfg), **local,

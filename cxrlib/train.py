@@ -9,7 +9,6 @@ operating point on validation.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from .errors import CXRError
 from .evaluate import evaluate
 from .infer import amp_dtype, backbone_features, describe_device, predict_dataset
 from .loop import FitOptions, FitResult, fit, main_first, seed_everything
-from .rundir import BEST, LAST, reuse, running
+from .rundir import BEST, LAST, METRICS, PARAMS, PREDICTIONS, open_run, reuse, running
 from .weights import Weights
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
@@ -134,7 +133,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
             "training": {"augment": augment, "cached_backbone_features": cached_features,
                          "target_sensitivity": TARGET_SENSITIVITY, "world_size": info.world_size,
                          **dataclasses.asdict(opts), "amp_dtype": str(amp_dtype(opts.amp, device))},
-        }, run_dir / "params.json", prov)
+        }, run_dir / PARAMS, prov)
 
     if info.is_main and progress is not False:
         print(f"{run_dir}: {', '.join(f'{len(ds)} {s}' for s, ds in sets.items())} images, {cfg.image_size} px, "
@@ -176,7 +175,7 @@ def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], score
     pred = {s: metrics.predictions_table(sets[s].table, scored[s], classes, labels[s]) for s in ("val", "test")}
     threshold, why = _choose_threshold(pred["val"])
     results = metrics.compute_metrics(pred["test"], classes, seed=cfg.seed, threshold=threshold)
-    write_csv(pred["test"], run_dir / "predictions.csv")
+    write_csv(pred["test"], run_dir / PREDICTIONS)
     extra = {
         "threshold_selection": {"target_sensitivity": TARGET_SENSITIVITY, "threshold": threshold,
                                 "chosen_on": "val", "note": why},
@@ -185,7 +184,7 @@ def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], score
         "stopped_early": result.stopped_early, "train_seconds": float(result.history["seconds"].sum()),
         "params": cfg.to_dict(), "seed": cfg.seed, "data_fingerprint": fingerprint,
     }
-    metrics.save_metrics(results, run_dir / "metrics.json", {**extra, **prov})
+    metrics.save_metrics(results, run_dir / METRICS, {**extra, **prov})
     checkpoint = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
     checkpoint["threshold"] = threshold  # evaluate() applies the same operating point to other data
     save_torch(checkpoint, run_dir / BEST)
@@ -200,10 +199,10 @@ def init_quality(weights: str) -> dict[str, Any] | None:
         return None
     if spec.scheme == "imagenet":
         return {"source": "torchvision ImageNet-1k weights"}
-    folder = spec.path.parent if spec.path else Path()
-    if spec.scheme == "file" and (folder / "metrics.json").is_file():
-        m = json.loads((folder / "metrics.json").read_text())
-        pre = json.loads((folder / "params.json").read_text()) if (folder / "params.json").is_file() else {}
+    pretraining = open_run(spec.path.parent) if spec.scheme == "file" else None
+    m = pretraining.metrics(missing_ok=True) if pretraining else {}
+    if m:
+        folder, pre = pretraining.dir, pretraining.record
         return {"source": f"cxrlib ChestX-ray14 pretraining ({folder})",
                 "synthetic_chestxray14": pre.get("data", {}).get("synthetic"),
                 "val_mean_auroc": m.get("val", {}).get("mean"), "test_mean_auroc": m.get("mean_auroc")}
