@@ -141,3 +141,19 @@ def test_find_runs_selects_by_recorded_parameters_not_folder_names(tmp_path):
     with pytest.raises(CXRError, match="metrics.json: missing"):
         run.metrics()
     assert run_root("quick", "synthetic", base=tmp_path) == tmp_path / "runs" / "quick" / "synthetic"
+
+
+def test_the_committed_bundle_reads_through_the_run_store():
+    """Run folders written by earlier code (the committed bundle's, some before manifests) read as whole runs."""
+    from cxrlib.paths import ROOT
+    from cxrlib.rundir import find_runs
+
+    for record in sorted(ROOT.glob("results/*/bundle.json")):
+        bundle = record.parent
+        listed = json.loads(record.read_text())
+        found = find_runs(bundle / "runs")
+        assert len(found) == sum(r["status"] == "complete" for r in listed["runs"]), bundle
+        for name, entries in (listed.get("also") or {}).items():
+            assert len(find_runs(bundle / name)) == sum(r["status"] == "complete" for r in entries), name
+        for run in found:
+            assert run.metrics()["classes"] and len(run.predictions()) == run.metrics()["n"]
