@@ -34,7 +34,7 @@ from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PR
                      profile_config, type_name, typed_value, with_profile)
 from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
-from .rundir import METRICS, Run, check_reusable, damage, locked, read_status, write_status
+from .rundir import METRICS, Run, check_reusable, damage, locked, read_status, run_root, write_status
 from .weights import Weights
 
 FINETUNE = "03_finetune"
@@ -91,7 +91,7 @@ def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: st
     from .train import load_data
 
     cfg = RunConfig(coronahack_dir=coronahack_dir or "", extra_covid_dir=extra_covid_dir or "", manifest=manifest or "")
-    return data_root(ROOT / "runs" / profile, load_data(cfg).record)
+    return run_root(profile, load_data(cfg).record["tag"])
 
 
 def pretrain_dir(run_root: str | Path, backbone: str = "resnet50", chestxray14_dir: str = "") -> Path:
