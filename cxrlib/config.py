@@ -409,22 +409,3 @@ def data_banner(record: dict[str, Any]) -> str:
              f"`{negs['folder']}`, fingerprint `{negs['fingerprint']}`)." if negs else "")
     return (f"**Data: {parts}** ({record['n_images']} images after de-duplication, data fingerprint "
             f"`{record['fingerprint']}`).{extra} Research use only; not a diagnostic device.")
-
-
-def banner_from_record(path: str | Path) -> str:
-    """The banner of a run folder, or of a run root (all its runs must share one data record), from what the
-    runs recorded in params.json: the data, then the profile, image size and epochs."""
-    from .rundir import find_runs
-
-    path = Path(path)
-    records = [run.record for run in find_runs(path, status=None) if "record" in run.data]
-    if not records:
-        raise CXRError(f"no run folder with a data record in {path}: run `python -m cxrlib.runs` (or train) first")
-    data = {r["data"]["record"]["fingerprint"]: r["data"]["record"]  # a debiased run's record names its extra data
-            for r in sorted(records, key=lambda r: "extra_negatives" in r["data"]["record"])}
-    if len(data) > 1:
-        raise CXRError(f"{path} mixes runs of different data ({', '.join(d['tag'] for d in data.values())}); "
-                       "give one data set's run root")
-    settings = sorted({(r["config"]["profile"], r["config"]["image_size"], r["config"]["epochs"]) for r in records})
-    runs_text = "; ".join(f"profile `{p}`, {size} px, {epochs} epoch(s)" for p, size, epochs in settings)
-    return f"{data_banner(next(iter(data.values())))}\n\n*Recorded by {len(records)} run(s): {runs_text}.*"

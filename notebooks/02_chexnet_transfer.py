@@ -54,7 +54,6 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from cxrlib import book, plots, results
-from cxrlib.config import banner_from_record
 from cxrlib.errors import CXRError
 from cxrlib.models import build_model, count_parameters, transfer_check
 from cxrlib.rundir import Run
@@ -66,7 +65,7 @@ LOSS_WORDS = {"ce": "cross-entropy", "focal": "focal"}
 tables = book.Tables(2)
 
 run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
-display(book.banner(banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
+display(book.banner(book.banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
 runs = results.load_runs(run_root)
 done = runs[runs.status == "complete"]
 assert not done.empty, f"no complete runs in {run_root}"

@@ -64,7 +64,6 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from cxrlib import RunConfig, book, explain, plots
-from cxrlib.config import banner_from_record
 from cxrlib.rundir import Run
 from cxrlib.train import run
 
@@ -78,7 +77,7 @@ out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<pro
 
 # %% tags=["hide-input"]
 # what the run folder recorded (its data, then what it trained), not this notebook's parameters
-display(book.banner(banner_from_record(out)), book.banner(book.run_banner(out)))
+display(book.banner(book.banner_from_record(out)), book.banner(book.run_banner(out)))
 record = Run(out)
 metrics = record.metrics()
 history = pd.read_csv(out / "history.csv")

@@ -56,7 +56,6 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from cxrlib import audit, book, data, explain, licences, lungfields, lungs_removed, plots
-from cxrlib.config import banner_from_record
 from cxrlib.evaluate import evaluate, load_model
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.results import fmt_ci
@@ -72,7 +71,7 @@ run_dir = Path(run_dir or featured_run(root) or "")  # the library's choice of t
 assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `python -m cxrlib.runs` first"
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])
-display(book.banner(banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
+display(book.banner(book.banner_from_record(run_dir)))  # what the run recorded, not this notebook's parameters
 record = Run(run_dir)
 synthetic = record.data["record"]["synthetic"]
 coronahack_dir = coronahack_dir or meta["config"]["coronahack_dir"]  # the data here, else where the run read it
@@ -256,7 +255,7 @@ if arms.empty:
                      "`python -m cxrlib.runs --variants lungs_removed,lungs_removed_marker` (same data) to add them."))
 else:
     trained = lungs_removed.arm_table(arms)
-    display(book.banner(banner_from_record(arms.run_dir.iloc[0])))  # as recorded by these runs, not this notebook
+    display(book.banner(book.banner_from_record(arms.run_dir.iloc[0])))  # as recorded by these runs, not this notebook
     for n, rows in arms.groupby("set"):  # one comparison per set of settings (e.g. per seed)
         macro = rows.config.iloc[0]["task"] != "binary"  # a 3-class "ROC AUC" is the mean of three one-vs-rest AUCs
         display(tables(lungs_removed.display_table(trained[trained.set == n]).rename(

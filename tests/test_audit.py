@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib import audit, data, synthetic
-from cxrlib import images as images_module
+from cxrlib import audit, data, preprocess, synthetic
 from cxrlib.errors import CXRError
 from cxrlib.images import ImageCache
 from cxrlib.metrics import compute_metrics
@@ -224,7 +223,7 @@ def test_positive_control_finds_the_planted_marker_and_nothing_without_it(synthe
     control = audit.positive_control(images[keep], table["patient_id"][keep], stats, n_permutations=20)
     assert control.loc["planted", "flagged"] and control.loc["planted", "p_value"] < 0.05
     assert not control.loc["not planted", "flagged"] and control.loc["not planted", "verdict"] != "shortcut"
-    marked = images_module.plant_marker(images[:2], np.array([True, False]))
+    marked = preprocess.plant_marker(images[:2], np.array([True, False]))
     assert (marked[1] == images[1]).all() and (marked[0] != images[0]).any()
 
 

@@ -11,7 +11,8 @@ import pytest
 from papermill.parameterize import parameterize_notebook
 
 from cxrlib import cli, config
-from cxrlib.config import PROFILES, RunConfig, banner_from_record, data_banner, data_record
+from cxrlib.book import banner_from_record
+from cxrlib.config import PROFILES, RunConfig, data_banner, data_record
 from cxrlib.errors import CXRError
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
