@@ -21,7 +21,7 @@ import pandas as pd
 from IPython.display import HTML
 from markdown_it import MarkdownIt
 
-from .config import data_banner, type_name, typed_value
+from .config import SYNTHETIC_TAG, data_banner, data_sources, type_name, typed_value
 from .errors import CXRError
 from .paths import NOTEBOOKS, ROOT
 
@@ -168,6 +168,65 @@ def run_banner(run_dir: str | Path) -> str:
               f"{metrics['best_epoch']} kept" if "epochs_run" in metrics else f"at most {config['epochs']} epoch(s)")
     return (f"**Run: {run_words(config)}{'' if arm == PAPER_ARM else f' ({arm})'}.** Profile "
             f"`{config['profile']}`, {config['image_size']} px images, {epochs}.")
+
+
+# --- what a chapter shows when given no run ------------------------------------------------------
+
+
+def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "",
+                     base: str | Path | None = None) -> Path:
+    """runs/<profile>/<data tag> (under `base`, the repository): where the chapters look when given no run_root.
+    The tag is what the runs there recorded for these data folders; the data are read (to fingerprint them) only
+    when no run, or runs of two versions of the data, recorded them."""
+    from .rundir import find_runs, run_root
+
+    sources = data_sources(coronahack_dir, extra_covid_dir, manifest)
+    if not sources:
+        return run_root(profile, SYNTHETIC_TAG, base)
+    given = {name: Path(folder).resolve() for name, folder in sources.items()}
+    tags = {run.data["record"]["tag"] for run in find_runs(run_root(profile, "", base), status=None)
+            if {name: Path(folder).resolve() for name, folder in run.data.get("record", {}).get("sources", {}).items()}
+            == given}
+    if len(tags) == 1:
+        return run_root(profile, tags.pop(), base)
+    from .config import RunConfig
+    from .train import load_data
+
+    cfg = RunConfig(coronahack_dir=coronahack_dir or "", extra_covid_dir=extra_covid_dir or "", manifest=manifest or "")
+    return run_root(profile, load_data(cfg).record["tag"], base)
+
+
+def featured_run(run_root: str | Path) -> Path | None:
+    """The run chapters 3 and 4 show: 3-class, focal loss, with the extra COVID images, preferring the
+    chest-X-ray init as in the paper, by the parameters each run recorded (never its folder name)."""
+    from .results import load_runs
+
+    runs = load_runs(run_root)
+    if runs.empty:
+        return None
+    done = runs[(runs.status == "complete") & runs.paper_arm & runs.extra_covid_train.map(bool)]
+    for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
+                   lambda r: r.weights == "none"):
+        pick = done[(done.task == "multiclass") & (done.loss == "focal") & prefer(done)]
+        if not pick.empty:
+            return Path(pick.iloc[0].run_dir)
+    return Path(done.iloc[0].run_dir) if not done.empty else None
+
+
+def chest_pretraining(run_root: str | Path) -> Path:
+    """The pretraining folder whose model.pt the chest-X-ray arm fine-tuned from (chapter 2 reads it), as the
+    run root's matrix.json recorded it."""
+    from .rundir import MATRIX, METRICS, read_json
+    from .weights import Weights
+
+    matrix_file = Path(run_root) / MATRIX
+    arms = (read_json(matrix_file) if matrix_file.is_file() else {}).get("arms", {})
+    weights = arms.get("run", {}).get("chest_xray", "")
+    spec = Weights.parse(weights) if weights else None
+    if spec is None or spec.scheme != "file" or not (spec.path.parent / METRICS).is_file():
+        why = arms.get("not_run", {}).get("chest_xray", {}).get("reason", f"its init is {weights or 'unknown'}")
+        raise CXRError(f"no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm in {run_root}: {why}")
+    return spec.path.parent
 
 
 def tidy_notebook(path: str | Path) -> Path:

@@ -28,7 +28,7 @@ import nbformat
 
 from .errors import CXRError, report
 from .paths import GENERATED, ROOT
-from .rundir import MANIFEST, METRICS, PARAMS, PLANNED, PREDICTIONS, open_run, read_status
+from .rundir import MANIFEST, MATRIX, METRICS, PARAMS, PLANNED, PREDICTIONS, open_run, read_status
 
 RECORD = "bundle.json"
 # What a run folder keeps in a bundle: everything but the weights and checkpoints.
@@ -58,7 +58,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
         refuse_ignored(out, run_root, also or {})
     runs = _copy_runs(run_root, out / "runs")
     extra = {name: _copy_runs(Path(root), out / name) for name, root in (also or {}).items()}
-    for name in ("matrix.json", CLAIMS, GENERALISATION):
+    for name in (MATRIX, CLAIMS, GENERALISATION):
         if (run_root / name).is_file():
             shutil.copyfile(run_root / name, out / name)
     if chapters:
@@ -68,7 +68,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     for path in map(Path, bench):
         (out / "bench").mkdir(exist_ok=True)
         shutil.copyfile(path, out / "bench" / path.name)
-    matrix = _read_json(run_root / "matrix.json")
+    matrix = _read_json(run_root / MATRIX)
     record = {
         "name": out.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -29,7 +29,7 @@ from .atomic import write_text
 from .metrics import METRIC_WORDS, PAIRED, paired_bootstrap
 from .weights import Weights
 from .paths import ROOT
-from .rundir import PARAMS, PLANNED, Run, open_run, read_status
+from .rundir import MATRIX, PARAMS, PLANNED, Run, open_run, read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
 NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
@@ -81,7 +81,7 @@ def load_runs(run_root: str | Path) -> pd.DataFrame:
 def read_not_run(run_root: str | Path) -> list[dict[str, str]]:
     """The arms the run matrix asked for but did not run, with its reason and the command that would run them
     (matrix.json "not_run"; [] if absent; command "" when none was recorded)."""
-    path = Path(run_root) / "matrix.json"
+    path = Path(run_root) / MATRIX
     if not path.is_file():
         return []
     try:

@@ -44,6 +44,7 @@ NOT_IDENTITY = ("run_dir", "device", "num_workers", "profile", "coronahack_dir",
 
 
 MANIFEST = "manifest.json"
+MATRIX = "matrix.json"  # a run root's record of what the run matrix planned, ran and did not run (runs writes it)
 RESULT_FILES = ("params.json", "metrics.json", "predictions.csv")  # what every complete fine-tuning run holds
 LOCK = ".lock"
 # Not in the manifest: the status and lock, the resume checkpoint (deleted on completion) and papermill's notebook

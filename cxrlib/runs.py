@@ -34,15 +34,13 @@ from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PR
                      profile_config, type_name, typed_value, with_profile)
 from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
-from .rundir import METRICS, Run, check_reusable, damage, locked, read_status, run_root, write_status
-from .weights import Weights
+from .rundir import MATRIX, Run, check_reusable, damage, locked, read_status, write_status
 
 FINETUNE = "03_finetune"
 CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results", "06_generalisation")
 PAPER_LOSSES = ("ce", "focal")  # the losses the paper compares (CHOICES["loss"] also has weighted_ce)
 ARMS = ("random", "imagenet", "chest_xray")  # the initialisations the paper compares
 EXTRA_AXIS = {"both": (True, False), "with": (True,), "without": (False,)}
-MATRIX_FILE = "matrix.json"
 NOT_STARTED = "not run: the matrix's time budget (--time-budget) was spent before it could start"
 INTERRUPTED, NOT_REACHED = "interrupted", "not started"  # a Ctrl-C's run(s) in flight, and those after them
 
@@ -86,33 +84,12 @@ def data_root(run_root: str | Path, record: dict) -> Path:
     return root if root.name == record["tag"] else root / record["tag"]
 
 
-def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: str = "", manifest: str = "") -> Path:
-    """runs/<profile>/<data tag> at the repository root: where the chapters look when given no run_root."""
-    from .train import load_data
-
-    cfg = RunConfig(coronahack_dir=coronahack_dir or "", extra_covid_dir=extra_covid_dir or "", manifest=manifest or "")
-    return run_root(profile, load_data(cfg).record["tag"])
-
-
 def pretrain_dir(run_root: str | Path, backbone: str = "resnet50", chestxray14_dir: str = "") -> Path:
     """The matrix's ChestX-ray14 pretraining folder: synthetic, or one per real ChestX-ray14 folder."""
     if not chestxray14_dir:
         return Path(run_root) / f"pretrain-synthetic-chestxray14-{backbone}"
     digest = hashlib.sha1(str(Path(chestxray14_dir).resolve()).encode()).hexdigest()[:8]
     return Path(run_root) / f"pretrain-chestxray14-{digest}-{backbone}"
-
-
-def chest_pretraining(run_root: str | Path) -> Path:
-    """The pretraining folder whose model.pt the chest-X-ray arm fine-tuned from (chapter 2 reads it)."""
-    matrix_file = Path(run_root) / MATRIX_FILE
-    record = json.loads(matrix_file.read_text()) if matrix_file.is_file() else {}
-    arms = record.get("arms", {})
-    weights = arms.get("run", {}).get("chest_xray", "")
-    spec = Weights.parse(weights) if weights else None
-    if spec is None or spec.scheme != "file" or not (spec.path.parent / METRICS).is_file():
-        why = arms.get("not_run", {}).get("chest_xray", {}).get("reason", f"its init is {weights or 'unknown'}")
-        raise CXRError(f"no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm in {run_root}: {why}")
-    return spec.path.parent
 
 
 # --- the initialisations -------------------------------------------------------------------------
@@ -420,26 +397,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def featured_run(run_root: Path) -> Path | None:
-    """The run chapter 3 shows: 3-class, focal loss, with the extra COVID images, preferring the chest-X-ray init
-    as in the paper."""
-    from .results import load_runs  # pandas and the metrics: not for --help or a bad flag
-
-    runs = load_runs(run_root)
-    if runs.empty:
-        return None
-    # the paper's set-up with the extra COVID images, by the parameters each run recorded (never its folder name)
-    done = runs[(runs.status == "complete") & runs.paper_arm & runs.extra_covid_train.map(bool)]
-    for prefer in (lambda r: ~r.weights.isin(["none", "imagenet"]), lambda r: r.weights == "imagenet",
-                   lambda r: r.weights == "none"):
-        pick = done[(done.task == "multiclass") & (done.loss == "focal") & prefer(done)]
-        if not pick.empty:
-            return Path(pick.iloc[0].run_dir)
-    return Path(done.iloc[0].run_dir) if not done.empty else None
-
-
 def build_book_notebooks(root: Path, data: dict[str, str], profile: str) -> None:
     """Execute the chapters into book/generated/ from one data set's run root; chapter 3 is the featured run."""
+    from .book import featured_run  # pandas and nbformat: not for --help or a bad flag
+
     featured = featured_run(root)
     if featured is None:
         raise CXRError(f"no complete run in {root}: run `python -m cxrlib.runs --profile {profile}` first")
@@ -614,13 +575,13 @@ def run_matrix(args: argparse.Namespace) -> int:
         "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
         "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
     }
-    write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+    write_text(root / MATRIX, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
     deadline = time.time() + args.time_budget if args.time_budget else None
 
     def record_runs(results: list[RunStatus]) -> None:
         record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
                       runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-        write_text(root / MATRIX_FILE, json.dumps(record, indent=2, default=str))
+        write_text(root / MATRIX, json.dumps(record, indent=2, default=str))
 
     try:
         results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
@@ -632,7 +593,7 @@ def run_matrix(args: argparse.Namespace) -> int:
     failed = sum(r.status.startswith("failed") for r in results)
     skipped = sum(r.status == NOT_STARTED for r in results)
     print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
-          f"in {root} (see {MATRIX_FILE})")
+          f"in {root} (see {MATRIX})")
     return 1 if failed else 0
 
 

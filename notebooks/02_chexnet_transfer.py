@@ -57,14 +57,13 @@ from cxrlib import book, plots, results
 from cxrlib.errors import CXRError
 from cxrlib.models import build_model, count_parameters, transfer_check
 from cxrlib.rundir import Run
-from cxrlib.runs import chest_pretraining, default_run_root
 from cxrlib.weights import Weights
 
 INIT_WORDS = {"random": "random init", "imagenet": "ImageNet", "chest_xray": "chest X-ray"}  # the paper's three arms
 LOSS_WORDS = {"ce": "cross-entropy", "focal": "focal"}
 tables = book.Tables(2)
 
-run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+run_root = run_root or book.default_run_root(profile, coronahack_dir, extra_covid_dir)
 display(book.banner(book.banner_from_record(run_root)))  # fine-tuning data, as the runs recorded it
 runs = results.load_runs(run_root)
 done = runs[runs.status == "complete"]
@@ -96,7 +95,7 @@ if ran == ["random"]:
         "The paper's question, whether CheXNet pretraining beats ImageNet pretraining, cannot be answered here.",
         kind="warning"))
 try:
-    pretrained = chest_pretraining(run_root)
+    pretrained = book.chest_pretraining(run_root)
 except CXRError:  # no cxrlib ChestX-ray14 pretraining behind the chest-X-ray arm (none ran, or it came from --chest-init)
     pretrained = None
 skipped = Markdown("*Skipped: " + ("the chest-X-ray arm did not run (see above)." if "chest_xray" not in ran else

@@ -42,7 +42,7 @@ profile = "quick"
 coronahack_dir = ""
 extra_covid_dir = ""
 run_root = ""  # empty: the folder of run_dir when given, else runs/<profile>/<data tag> in the repository (the matrix's)
-run_dir = ""  # empty: runs.featured_run(run_root), the 3-class focal-loss run with the extra COVID images
+run_dir = ""  # empty: book.featured_run(run_root), the 3-class focal-loss run with the extra COVID images
 lungs_root = ""  # where the lungs-removed training runs are (any depth); empty: run_root
 external_manifest = ""
 n_cam = 6  # Grad-CAM examples shown (true COVID-19 first), each panel at least 2.5 in wide
@@ -60,14 +60,13 @@ from cxrlib.evaluate import evaluate, load_model
 from cxrlib.images import ImageCache, to_batch
 from cxrlib.results import fmt_ci
 from cxrlib.rundir import Run
-from cxrlib.runs import default_run_root, featured_run
 
 tables = book.Tables(4)
 words = plots.class_words  # "COVID-19", "not COVID-19", "pneumonia", "normal"
 
 # a given run_dir's own folder is the run root (its lungs-removed arms are next to it), else the matrix's for this data
-root = Path(run_root or (Path(run_dir).parent if run_dir else default_run_root(profile, coronahack_dir, extra_covid_dir)))
-run_dir = Path(run_dir or featured_run(root) or "")  # the library's choice of the run to show
+root = Path(run_root or (Path(run_dir).parent if run_dir else book.default_run_root(profile, coronahack_dir, extra_covid_dir)))
+run_dir = Path(run_dir or book.featured_run(root) or "")  # the library's choice of the run to show
 assert (run_dir / "model.pt").is_file(), f"no complete run in {root}: run `python -m cxrlib.runs` first"
 model, meta = load_model(run_dir / "model.pt")
 classes = list(meta["classes"])

@@ -48,9 +48,8 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from cxrlib import book, plots, results
-from cxrlib.runs import default_run_root
 
-run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+run_root = run_root or book.default_run_root(profile, coronahack_dir, extra_covid_dir)
 display(book.banner(book.banner_from_record(run_root)))  # what the runs recorded, not this notebook's parameters
 tables = book.Tables(5)
 runs = results.load_runs(run_root)

@@ -45,9 +45,8 @@ from IPython.display import Markdown, display
 from cxrlib import book, data, generalise, plots, remedies, results
 from cxrlib.audit import MIN_SUBGROUP
 from cxrlib.config import external_sets
-from cxrlib.runs import default_run_root
 
-run_root = run_root or default_run_root(profile, coronahack_dir, extra_covid_dir)
+run_root = run_root or book.default_run_root(profile, coronahack_dir, extra_covid_dir)
 display(book.banner(book.banner_from_record(run_root)))  # the runs' data, adult negatives included, as recorded
 tables = book.Tables(6)
 arms = generalise.load_arms(run_root)

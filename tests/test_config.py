@@ -11,9 +11,11 @@ import pytest
 from papermill.parameterize import parameterize_notebook
 
 from cxrlib import cli, config
+from cxrlib import book, synthetic
 from cxrlib.book import banner_from_record
 from cxrlib.config import PROFILES, RunConfig, data_banner, data_record
 from cxrlib.errors import CXRError
+from cxrlib.rundir import MATRIX, run_root
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -152,3 +154,37 @@ def test_preprocess_choices_and_preprocessors_are_one_list():
     from cxrlib import preprocess
 
     assert config.CHOICES["preprocess"] == ("none", *preprocess.PREPROCESSORS)  # same names, same order
+
+
+def test_the_default_run_root_is_named_by_the_runs_records_without_reading_the_data(tmp_path):
+    """Chapters given no run_root used to read and de-duplicate the whole data set just to name the folder."""
+    gone = tmp_path / "no-such-coronahack"  # reading it would fail: the tag can only come from the record
+    record = data_record("abcdef0123456789", 10, coronahack_dir=str(gone))
+    write_run(run_root("quick", record["tag"], tmp_path) / "a", record, task="binary")
+    assert book.default_run_root("quick", str(gone), base=tmp_path) == tmp_path / "runs/quick/coronahack-abcdef01"
+    assert book.default_run_root("quick", base=tmp_path) == tmp_path / "runs/quick/synthetic"
+    # runs of two versions of the data in that folder: the records cannot decide, so the data are read (missing here)
+    other = data_record("9999999999999999", 12, coronahack_dir=str(gone))
+    write_run(run_root("quick", other["tag"], tmp_path) / "b", other, task="binary")
+    with pytest.raises(CXRError, match="no-such-coronahack"):
+        book.default_run_root("quick", str(gone), base=tmp_path)
+
+
+def test_the_default_run_root_of_data_no_run_recorded_is_the_datas_fingerprint(tmp_path):
+    folder = synthetic.make_coronahack(tmp_path / "coronahack", n=40)
+    root = book.default_run_root("quick", str(folder), base=tmp_path)
+    assert root.parent == tmp_path / "runs/quick" and root.name.startswith("coronahack-") and len(root.name) == 19
+
+
+def test_chest_pretraining_names_the_folder_the_matrix_recorded_or_says_why_not(tmp_path):
+    pretrained = tmp_path / "pretrain-x"
+    pretrained.mkdir()
+    (pretrained / "metrics.json").write_text("{}")
+    (tmp_path / MATRIX).write_text(json.dumps({"arms": {"run": {"chest_xray": f"file:{pretrained / 'model.pt'}"}}}))
+    assert book.chest_pretraining(tmp_path) == pretrained
+    (tmp_path / MATRIX).write_text(json.dumps({"arms": {"run": {}, "not_run": {"chest_xray": {"reason": "no data"}}}}))
+    with pytest.raises(CXRError, match="no data"):
+        book.chest_pretraining(tmp_path)
+    (tmp_path / MATRIX).write_text("{cut")
+    with pytest.raises(CXRError, match="matrix.json"):
+        book.chest_pretraining(tmp_path)

@@ -156,7 +156,7 @@ def test_an_intact_run_alone_forms_no_comparison(tmp_path, scores):
 
 
 def test_the_featured_run_is_never_an_audit_arm(tmp_path):
-    from cxrlib.runs import featured_run
+    from cxrlib.book import featured_run
 
     for preprocess in ("lungs_removed_marker", "lungs_removed", "none"):
         cfg = RunConfig(task="multiclass", loss="focal", preprocess=preprocess)
