@@ -47,7 +47,7 @@ lungs_root = ""  # where the lungs-removed training runs are (any depth); empty:
 external_manifest = ""
 n_cam = 6  # Grad-CAM examples shown (true COVID-19 first), each panel at least 2.5 in wide
 n_cam_share = 60  # test images whose Grad-CAM lung share is measured (a CI needs more than a handful)
-seed = 0
+analysis_seed = 0  # the Grad-CAM sample, bootstraps and probes; not a training seed (the run recorded its own)
 
 # %% tags=["hide-input"]
 from pathlib import Path
@@ -140,7 +140,7 @@ else:
 # spread evenly over the image would score exactly that area share. The intervals resample patients.
 
 # %% tags=["hide-input"]
-sample = predictions.sample(frac=1, random_state=seed).groupby("true").head(max(1, n_cam_share // len(classes)))
+sample = predictions.sample(frac=1, random_state=analysis_seed).groupby("true").head(max(1, n_cam_share // len(classes)))
 sample, pixels = audit.readable(sample, cache)
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
 masks = lungfields.lung_masks(pixels, refine=True)
@@ -148,8 +148,8 @@ assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
 sample = sample.assign(cam_lung_share=explain.cam_lung_share(cams, masks), lung_area_share=masks.mean(axis=(1, 2)))
 cells = meta["image_size"] // 16  # layer3's stride
 display(Markdown(f"At this run's {meta['image_size']} px, layer3 maps have {cells}×{cells} cells. "
-                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=seed))
-                 + "\n\nBy true class:\n\n" + explain.lung_share_by_group(cams, masks, sample.patient_id, sample["true"], seed)))
+                 + explain.lung_share_sentence(explain.lung_share_summary(cams, masks, sample.patient_id, seed=analysis_seed))
+                 + "\n\nBy true class:\n\n" + explain.lung_share_by_group(cams, masks, sample.patient_id, sample["true"], analysis_seed)))
 share = sample.groupby("true").agg(images=("cam_lung_share", "size"), maps=("cam_lung_share", "count"),
                                    cam=("cam_lung_share", "mean"), area=("lung_area_share", "mean"))
 tables(pd.DataFrame({"true class": share.index.map(words), "images": share.images.to_numpy(),
@@ -167,7 +167,7 @@ tables(pd.DataFrame({"true class": share.index.map(words), "images": share.image
 # measured above but never drawn.
 
 # %% tags=["hide-input"]
-examples = explain.cam_examples(predictions, shareable, n=n_cam, seed=seed)
+examples = explain.cam_examples(predictions, shareable, n=n_cam, seed=analysis_seed)
 display(Markdown(explain.publishable_note(predictions, shareable)
                  + (" None of them can be shown here, so the figure has no COVID-19 image."
                     if not (examples["true"] == "covid").any() and (predictions["true"] == "covid").any() else "")))
@@ -200,7 +200,7 @@ else:
 probed, all_pixels = audit.readable(table[table.image_id.isin(predictions.image_id)], cache)
 features = audit.backbone_features(model, all_pixels)
 sizes = audit.original_sizes(probed.path)
-probe = audit.source_probe(probed, all_pixels, features=features, sizes=sizes, seed=seed)
+probe = audit.source_probe(probed, all_pixels, features=features, sizes=sizes, seed=analysis_seed)
 tables(audit.probe_table(probe), "What the probes read off the test images: balanced accuracy with its 95% interval "
        "(patient-grouped cross-validation), chance, and the permutation p-value.")
 
@@ -210,7 +210,7 @@ tables(audit.probe_table(probe), "What the probes read off the test images: bala
 # halves without the marker. A probe that misses it is blind, and its "none" verdicts above mean nothing.
 
 # %% tags=["hide-input"]
-control = audit.positive_control(all_pixels, probed.patient_id, audit.image_statistics, seed=seed)
+control = audit.positive_control(all_pixels, probed.patient_id, audit.image_statistics, seed=analysis_seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
 tables(audit.probe_table(control), "Positive control of the image-statistics probe: the same images with and "
        "without a planted marker.", index=True)
@@ -223,7 +223,7 @@ tables(audit.probe_table(control), "Positive control of the image-statistics pro
 # `f1_retained` is macro-F1 relative to intact.
 
 # %% tags=["hide-input"]
-masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=seed)
+masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=analysis_seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
 macro = meta["task"] != "binary"  # a 3-class "ROC AUC" is the mean of three one-vs-rest AUCs
 tables(audit.masked_table(masked).rename(columns={"ROC AUC": "ROC AUC (macro one-vs-rest)"} if macro else {}),
