@@ -86,14 +86,14 @@ def chapter_parameters(namespace: dict[str, Any], chapter: str, fields: type | N
     return values
 
 
-def chapter_names(chapter: str) -> tuple[dict[str, Any], set[str]]:
+def chapter_names(chapter: str, folder: Path = NOTEBOOKS) -> tuple[dict[str, Any], set[str]]:
     """The names and defaults the chapter's parameters cell sets (a default that is not a literal reads None), and
     every name its other cells bind (a chapter run again in one kernel has them; papermill never injects them)."""
     from IPython.core.inputtransformer2 import TransformerManager  # the cells' magics as Python
 
     declared: dict[str, Any] = {}
     own: set[str] = set()
-    for cell in nbformat.read(NOTEBOOKS / f"{chapter}.ipynb", as_version=4).cells:
+    for cell in nbformat.read(Path(folder) / f"{chapter}.ipynb", as_version=4).cells:
         if cell.cell_type != "code":
             continue
         tree = ast.parse(TransformerManager().transform_cell(cell.source))

@@ -253,10 +253,10 @@ def execute_notebook(name: str, output: Path, parameters: dict) -> None:
     only the parameters it declares (papermill warns of any other), then tidy it for the book."""
     import papermill
 
-    from .book import tidy_notebook
+    from .book import chapter_names, tidy_notebook
 
     source = str(NOTEBOOKS / f"{name}.ipynb")
-    declared = papermill.inspect_notebook(source)
+    declared, _ = chapter_names(name, NOTEBOOKS)
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         source, str(output), parameters={k: v for k, v in parameters.items() if k in declared},
@@ -268,9 +268,9 @@ def execute_notebook(name: str, output: Path, parameters: dict) -> None:
 def notebook_parameters(cfg: RunConfig) -> dict:
     """The fields of `cfg` that 03_finetune declares; the notebook takes the others from cfg.profile's defaults,
     so a config that changes an undeclared field would be run wrongly: refuse it."""
-    import papermill
+    from .book import chapter_names
 
-    declared = set(papermill.inspect_notebook(str(NOTEBOOKS / f"{FINETUNE}.ipynb")))
+    declared = set(chapter_names(FINETUNE, NOTEBOOKS)[0])
     values = cfg.to_dict()
     implied = RunConfig.from_parameters({k: v for k, v in values.items() if k in declared}).to_dict()
     differ = sorted(k for k in values if values[k] != implied[k] and k not in declared)

@@ -29,3 +29,14 @@ def test_py_and_ipynb_hold_the_same_code(chapter):
         f"{chapter}.py and .ipynb differ (cell counts {len(py)} vs {len(ipynb)}, first differing cell "
         f"{differ[:1]}): run `jupytext --sync notebooks/{chapter}.py`"
     )
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_the_parameters_cxrlib_reads_are_those_papermill_injects(chapter):
+    """book.chapter_names is the one reader of a chapter's parameters cell (the chapters' checks and the run
+    matrix's papermill calls both use it): it must see the names papermill sees."""
+    import papermill
+
+    from cxrlib.book import chapter_names
+
+    assert set(chapter_names(chapter)[0]) == set(papermill.inspect_notebook(str(NOTEBOOKS / f"{chapter}.ipynb")))
