@@ -202,6 +202,51 @@ def test_ctrl_c_leaves_a_matrix_json_that_says_what_ran(tmp_path, monkeypatch, c
     assert record["runs"][0]["wall_seconds"] == 1.0 and len(calls) == 2
 
 
+def test_ctrl_c_with_concurrent_workers_settles_each_run(tmp_path, monkeypatch):
+    """--concurrent > 1: Ctrl-C reaches the main process while it waits on a worker's future. The pool is a
+    stand-in (spawned workers would not see a monkeypatch): one run finished, one in flight, the rest queued."""
+    from concurrent.futures import Future
+
+    from cxrlib import images
+
+    class Waiting(Future):
+        def result(self, timeout=None):  # what Ctrl-C does to the main process blocked here
+            if not self.done():
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    class Pool:
+        def __init__(self, workers, **options):
+            self.futures: list[Future] = []
+            pools.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, cfg, *args):
+            future = Waiting()
+            if len(self.futures) < 2:
+                future.set_running_or_notify_cancel()
+            if not self.futures:
+                future.set_result(runs.RunStatus(cfg.run_name(), Path(cfg.run_dir), "complete", 1.0))
+            self.futures.append(future)
+            return future
+
+    pools: list[Pool] = []
+    monkeypatch.setattr(runs, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(images, "warm_cache", lambda paths, size: {})
+    configs = runs.matrix("quick", tmp_path, {}, ["none"], ["binary"], ["ce", "focal"], seeds=2)
+    with pytest.raises(runs.MatrixInterrupted) as stopped:
+        runs.execute_all(configs, "inline", 2, {}, [])
+    assert [(r.name, r.status) for r in stopped.value.results] == [
+        ("binary-ce-resnet50-none-s0", "complete"), ("binary-focal-resnet50-none-s0", "interrupted"),
+        ("binary-ce-resnet50-none-s1", "not started"), ("binary-focal-resnet50-none-s1", "not started")]
+    assert [f.cancelled() for f in pools[0].futures] == [False, False, True, True]  # queued runs never start
+
+
 def test_variants_follow_the_core_runs_of_each_seed(tmp_path):
     data = {"coronahack_dir": "C", "extra_covid_dir": "E"}
     variants = runs.parse_variants("negs,negs+clahe,holdout:country=italy,unweighted", extra_negatives="N")
