@@ -1,7 +1,7 @@
-"""What makes an executed chapter read like a published one: its parameters checked (`chapter_parameters`), the
-data banner, numbered tables that read (`Tables`), a tidy notebook (parameter cells removed from the page, no
-progress-bar widgets), and launch buttons that open a notebook the repository holds (`setup`, a Sphinx
-extension)."""
+"""What makes an executed chapter read like a published one: its parameters checked (`chapter_parameters`), what
+it shows when given no run (`default_run_root`, `featured_run`, `chest_pretraining`), the banners, numbered
+tables that read (`Tables`), a tidy notebook (parameter cells removed from the page, no progress-bar widgets),
+and launch buttons that open a notebook the repository holds (`setup`, a Sphinx extension)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pandas as pd
 from IPython.display import HTML
 from markdown_it import MarkdownIt
 
-from .config import SYNTHETIC_TAG, data_banner, data_sources, type_name, typed_value
+from .config import SYNTHETIC_TAG, RunConfig, data_banner, data_sources, type_name, typed_value
 from .errors import CXRError
 from .paths import NOTEBOOKS, ROOT
 
@@ -183,13 +183,14 @@ def default_run_root(profile: str, coronahack_dir: str = "", extra_covid_dir: st
     sources = data_sources(coronahack_dir, extra_covid_dir, manifest)
     if not sources:
         return run_root(profile, SYNTHETIC_TAG, base)
-    given = {name: Path(folder).resolve() for name, folder in sources.items()}
-    tags = {run.data["record"]["tag"] for run in find_runs(run_root(profile, "", base), status=None)
-            if {name: Path(folder).resolve() for name, folder in run.data.get("record", {}).get("sources", {}).items()}
-            == given}
+
+    def resolved(folders: dict[str, str]) -> dict[str, Path]:
+        return {name: Path(folder).resolve() for name, folder in folders.items()}
+
+    records = [run.data["record"] for run in find_runs(run_root(profile, "", base), status=None) if "record" in run.data]
+    tags = {record["tag"] for record in records if resolved(record.get("sources", {})) == resolved(sources)}
     if len(tags) == 1:
         return run_root(profile, tags.pop(), base)
-    from .config import RunConfig
     from .train import load_data
 
     cfg = RunConfig(coronahack_dir=coronahack_dir or "", extra_covid_dir=extra_covid_dir or "", manifest=manifest or "")

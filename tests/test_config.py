@@ -10,8 +10,7 @@ import jupytext
 import pytest
 from papermill.parameterize import parameterize_notebook
 
-from cxrlib import cli, config
-from cxrlib import book, synthetic
+from cxrlib import book, cli, config, synthetic
 from cxrlib.book import banner_from_record
 from cxrlib.config import PROFILES, RunConfig, data_banner, data_record
 from cxrlib.errors import CXRError
