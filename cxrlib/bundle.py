@@ -4,6 +4,7 @@ A bundle is a folder (committed under `results/<name>/`)::
 
     bundle.json       data fingerprints, code commit, hardware, wall time, what did not run and why
     claims.json       the paper's claims with their verdicts, as the results chapter computed them
+    generalisation.json, ages.csv   chapter 6's goal verdicts, and the ages behind its "adults"
     runs/<run>/       run folders without model weights (params, metrics, history, predictions, status)
     chapters/*.ipynb  the executed chapters
     bench/*.json      speed figures with the hardware they came from
@@ -37,6 +38,7 @@ MAX_BYTES = 30 * 2**20  # the size a committed bundle should stay under
 REQUIRED_RUN_FILES = (PARAMS, METRICS, PREDICTIONS, "history.csv")  # what a complete run keeps
 CLAIMS = "claims.json"  # written into the run root by the results chapter (results.save_claims)
 GENERALISATION = "generalisation.json"  # written into the run root by chapter 06 (generalise.save_summary)
+AGES = "ages.csv"  # beside it, the ages its "adults" rest on (generalise.AGES), so `cxrlib verify` can recompute it
 
 
 def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
@@ -58,7 +60,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
         refuse_ignored(out, run_root, also or {})
     runs = _copy_runs(run_root, out / "runs")
     extra = {name: _copy_runs(Path(root), out / name) for name, root in (also or {}).items()}
-    for name in (MATRIX, CLAIMS, GENERALISATION):
+    for name in (MATRIX, CLAIMS, GENERALISATION, AGES):
         if (run_root / name).is_file():
             shutil.copyfile(run_root / name, out / name)
     if chapters:
@@ -91,7 +93,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
 
 def refuse_ignored(out: Path, run_root: Path, also: dict[str, str | Path]) -> None:
     """A CXRError when git would ignore a file the bundle writes under `out` (inside a git work tree)."""
-    probes = [out / RECORD, out / CLAIMS, out / GENERALISATION, out / "chapters" / "probe.ipynb",
+    probes = [out / RECORD, out / CLAIMS, out / GENERALISATION, out / AGES, out / "chapters" / "probe.ipynb",
               out / "bench" / "probe.json"]
     for sub, root in [("runs", run_root), *also.items()]:
         probes += [out / sub / "run" / name for name in RUN_FILES]
@@ -253,7 +255,8 @@ def _claims_said(claims: dict[str, Any] | None) -> list[str]:
     if claims is None:
         return ["**No claim was tested:** this bundle holds no `claims.json` (the results chapter writes it when it "
                 "runs), so there is no verdict to state."]
-    lines = ["**The paper's claims** (paired patient-level bootstrap; verdicts from the 95% interval):", ""]
+    lines = ["**The paper's claims** (each on its own metric; mean paired difference over seeds, 95% interval over "
+             "test patients and seeds; verdicts from the p after Holm's adjustment over the family):", ""]
     by_claim: dict[str, list[dict[str, Any]]] = {}
     for c in claims.get("claims", []):
         by_claim.setdefault(c["claim"], []).append(c)
@@ -440,7 +443,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, examples
+    from .clihelp import HelpFormatter, examples
 
     parser = argparse.ArgumentParser(prog="python -m cxrlib.bundle", description=__doc__,
                                      formatter_class=HelpFormatter)

@@ -9,44 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from .config import (CHOICES, INFERENCE_DEFAULTS, PRETRAIN_PROFILES, PROFILE_CHOICES, PROFILES, PretrainConfig,
-                     RunConfig, check_checkpoint, check_device, check_exists, check_paths, field_default, too_low)
+                     RunConfig, check_checkpoint, check_device, check_exists, check_paths, field_default)
+from .clihelp import HelpFormatter, at_least, examples  # noqa: F401 (runs and transport import them from here)
 from .errors import RERUN, CXRError, report
 
 RUN_DEFAULT = "runs/<profile>/<data tag>/<run name>, under the current directory"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # what `predict` scores in a folder it is given
 # What Ctrl-C tells to do next: train and pretrain continue from their last epoch only with --resume.
 INTERRUPTED = dict.fromkeys(("train", "pretrain"), "rerun it with --resume to continue from the last finished epoch")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help (unless the help says it already), epilog examples kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default:" in text or action.required or not action.option_strings
-                or action.default in (argparse.SUPPRESS, None)):
-            return text
-        return text + " (default: %(default)r)"
-
-
-def examples(*lines: str) -> str:
-    """A command's epilog: the examples its --help ends with."""
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: a `kind` of at least `low` (above it when `strict`), so a bad count fails at parsing."""
-    def parse(text: str) -> float:
-        value = kind(text)
-        if why := too_low(value, low, strict):
-            raise argparse.ArgumentTypeError(f"must be {why}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return parse
 
 
 def _device(text: str) -> str:
@@ -62,13 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxrlib", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
         epilog=examples("python -m cxrlib train --profile quick", "python -m cxrlib train --help"))
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,pretrain,train,evaluate,predict,results}")
+                                metavar="{data,pretrain,train,evaluate,predict,results,verify}")
     add_data_parser(sub)
     add_pretrain_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_predict_parser(sub)
     add_results_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
@@ -391,6 +364,26 @@ def _run_results(args: argparse.Namespace) -> int:
               + ("" if claim["result"] == "–" else f"; {claim['result']}"))
     print(holm_sentence(claims))
     return 0
+
+
+# --- verify ---------------------------------------------------------------------------------------
+def add_verify_parser(sub) -> None:
+    p = command_parser(
+        sub, "verify", help="recompute every number of a results bundle from its committed predictions",
+        description="Recomputes each run's metrics.json from its predictions.csv, and claims.json and "
+                    "generalisation.json (what the book's first page states) from the bundle's run folders, with "
+                    "the bootstrap settings they recorded; prints one line per value that differs (exit 1), else "
+                    "how many numbers agree (exit 0). Nothing is trained; no data or notebook is needed.",
+        epilog=examples("python -m cxrlib verify results/real-cpu-quick"))
+    p.add_argument("bundle", metavar="RESULTS_BUNDLE", help="a results bundle folder (it holds bundle.json)")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    check_exists("RESULTS_BUNDLE", args.bundle, "folder")
+    from .verify import run
+
+    return run(args.bundle)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from .weights import Weights
 ARMS = ("paper set-up", "adult negatives", "held-out source", "remedy")  # chapter 06's order
 GOAL = {"covid_specificity": 0.80, "covid_sensitivity": 0.90}  # issue 10's target, on sources never trained on
 N_BOOT = 2000  # patient-bootstrap resamples per interval
+AGES = "ages.csv"  # beside generalisation.json: the ages its "adults" rest on (save_summary)
 EXTERNAL_WORDS = {"nih": "NIH ChestX-ray14"}  # an external set's name (the `external` parameter) in words
 GROUP_WORDS = {"adults": "adults without COVID-19", "children": f"children (under {ADULT_AGE}) without COVID-19",
                "age unknown": "images without COVID-19, age unknown"}
@@ -432,17 +433,37 @@ def goal_verdict(table: pd.DataFrame) -> str:
     return first + " " + rule + "\n\n" + "\n".join(lines)
 
 
-def save_summary(table: pd.DataFrame, path: str | Path, remedies: dict[str, Any] | None = None) -> Path:
-    """generalisation.json: the goal verdict and the pooled measures, as data the book's first page reads (it
-    cannot recompute them: the ages behind "adults" come from metadata that a results bundle does not carry);
-    `remedies` (remedies.record) where the chapter measured remedy arms."""
+def summary_record(table: pd.DataFrame, remedies: dict[str, Any] | None = None, remedy_root: str = "") -> dict:
+    """generalisation.json's content: the goal verdict and the pooled measures; `remedies` (remedies.record) and
+    the name of the folder of their runs where the chapter measured remedy arms."""
     rows = summary(table) if len(table) else table
     keep = ["arm_runs", "population", "group", "metric", "value", "ci_low", "ci_high", "n", "verdict"]
     record = {"verdict": goal_verdict(table),
               "measures": json.loads(rows[[c for c in keep if c in rows]].to_json(orient="records")) if len(rows) else []}
     if remedies:
         record["remedies"] = remedies
-    return write_text(path, json.dumps(record, indent=1, allow_nan=False) + "\n")
+        record["remedy_root"] = remedy_root
+    return json.loads(json.dumps(record, allow_nan=False))
+
+
+def save_summary(table: pd.DataFrame, path: str | Path, remedies: dict[str, Any] | None = None,
+                 remedy_root: str = "", ages: pd.Series | None = None) -> Path:
+    """generalisation.json (summary_record), as data the book's first page reads, and beside it `AGES` (the ages
+    behind "adults", which come from metadata a results bundle does not carry), so `cxrlib verify` can recompute
+    it from the bundle alone."""
+    if ages is not None:
+        frame = ages.rename("age").rename_axis("image_id").reset_index()
+        write_text(Path(path).with_name(AGES), frame.to_csv(index=False))
+    return write_text(path, json.dumps(summary_record(table, remedies, remedy_root), indent=1) + "\n")
+
+
+def saved_ages(path: str | Path) -> pd.Series:
+    """The ages save_summary wrote (image_id -> age, NaN unknown), with an error naming the file."""
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str})
+    except (OSError, ValueError) as err:
+        raise CXRError(f"{path}: cannot read the ages chapter 6 used ({err})") from err
+    return frame.set_index("image_id")["age"].astype(float)
 
 
 def called_covid(record: Mapping[str, Any]) -> list[str]:

@@ -234,14 +234,20 @@ def paired_bootstrap(
     n_boot: int = 1000,
     seed: int = 0,
     coef: Sequence[float] | None = None,
+    units: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Run A vs run B on the images both saw, for one or more pairs (e.g. one per seed), with paired CIs.
 
     The contrast is sum_i coef_i * (metric(A_i) - metric(B_i)) (default coef 1/m: the mean difference over
-    the m pairs; [+1, -1] over two pairs gives a difference of differences). Its 95 % CI resamples patients
-    once for all pairs, so both runs of a pair, and every pair, see the same resampled patients: the shared
-    noise of the test set cancels, which two separate intervals cannot do. Per metric: the mean of A and B
-    over pairs, the contrast, its CI and in how many pairs A was ahead; per pair: n and McNemar's test.
+    the m pairs; [+1, -1] over two pairs gives a difference of differences). Without `units`, its 95 % CI
+    resamples patients once for all pairs, so both runs of a pair, and every pair, see the same resampled
+    patients: the shared noise of the test set cancels, which two separate intervals cannot do.
+
+    With `units` (one label per pair, e.g. its training seed: chapter 5's claims), the interval also covers the
+    spread between units: each resample draws the units with replacement and, within each unit, its own test
+    split's patients with replacement (the pairs of one unit share that draw). Per metric: the mean of A and B
+    over pairs, the contrast, its CI and p, each unit's own contrast (`per_unit`) and in how many units (or
+    pairs, without `units`) A was ahead; per pair: n and McNemar's test.
     """
     classes = list(classes)
     if not pairs:
@@ -249,34 +255,54 @@ def paired_bootstrap(
     coef = np.full(len(pairs), 1 / len(pairs)) if coef is None else np.asarray(coef, dtype=float)
     if len(coef) != len(pairs):
         raise CXRError(f"paired_bootstrap got {len(coef)} coefficients for {len(pairs)} pairs")
+    if units is not None and len(units) != len(pairs):
+        raise CXRError(f"paired_bootstrap got {len(units)} units for {len(pairs)} pairs")
     joined = [join_predictions(a, b) for a, b in pairs]
     empty = [i for i, (a, _) in enumerate(joined) if a.empty]
     if empty:
         raise CXRError(f"pair {empty[0]} has no image in common: its runs were tested on different data")
+    unit_of = np.zeros(len(pairs), dtype=int) if units is None else pd.factorize(pd.Series(list(units)))[0]
+    n_units = int(unit_of.max()) + 1
     groups = [patient_groups(a) for a, _ in joined]
-    codes, uniques = pd.factorize(pd.Series(np.concatenate(groups)))  # patients of all pairs, resampled together
-    drawn = bootstrap_counts(uniques, n_boot, seed)
-    starts = np.cumsum([0] + [len(a) for a, _ in joined])
-    contrast = np.zeros((n_boot + 1, len(PAIRED)))
+    rng = np.random.default_rng(seed)
+    drawn = []  # per unit: (codes of its patients, (n_boot, n_patients) multiplicities)
+    for u in range(n_units):
+        codes, uniques = pd.factorize(pd.Series(np.concatenate([g for g, k in zip(groups, unit_of) if k == u])))
+        counts = rng.multinomial(len(uniques), np.full(len(uniques), 1 / len(uniques)), size=n_boot)
+        drawn.append((codes, counts))
+    by_unit = np.zeros((n_units, n_boot + 1, len(PAIRED)))  # each unit's share of the contrast, per resample
+    offset = np.zeros(n_units, dtype=int)
     point, per_pair = [], []
     for i, (a, b) in enumerate(joined):
-        weights = np.vstack([np.ones(len(a)), drawn[:, codes[starts[i]:starts[i + 1]]]])  # row 0: the estimate
+        u = unit_of[i]
+        codes, counts = drawn[u]
+        rows = codes[offset[u]:offset[u] + len(a)]
+        offset[u] += len(a)
+        weights = np.vstack([np.ones(len(a)), counts[:, rows]])  # row 0: the estimate
         scores = [_paired_scores(t, classes, weights) for t in (a, b)]
-        contrast += coef[i] * np.stack([scores[0][m] - scores[1][m] for m in PAIRED], axis=1)
+        by_unit[u] += coef[i] * np.stack([scores[0][m] - scores[1][m] for m in PAIRED], axis=1)
         point.append({m: (scores[0][m][0], scores[1][m][0]) for m in PAIRED})
         y = _as_index(a["true"], classes, "column 'true'")
         correct = [_as_index(t["pred"], classes, "column 'pred'") == y for t in (a, b)]
         per_pair.append({"n": len(a), "n_patients": len(set(groups[i])), "mcnemar": mcnemar_exact(*correct)})
+    contrast = by_unit.sum(axis=0)
+    if units is not None and n_boot:  # resample the units too: row b sums the shares of n_units drawn units
+        picks = rng.integers(0, n_units, size=(n_boot, n_units))
+        contrast[1:] = by_unit[picks, np.arange(1, n_boot + 1)[:, None]].sum(axis=1)
+    n_patients = len(set(np.concatenate(groups))) if units is None else sum(len(set(c)) for c, _ in drawn)
     out: dict[str, Any] = {"n_pairs": len(pairs), "n_images": [p["n"] for p in per_pair],
-                           "n_patients": len(uniques), "pairs": per_pair, "n_boot": n_boot, "seed": seed}
+                           "n_patients": n_patients, "pairs": per_pair, "n_boot": n_boot, "seed": seed,
+                           "units": None if units is None else list(pd.unique(pd.Series(list(units))))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a metric undefined in every resample -> None
         for j, m in enumerate(PAIRED):
             a_vals, b_vals = np.array([p[m][0] for p in point]), np.array([p[m][1] for p in point])
+            own = by_unit[:, 0, j] * n_units  # each unit's contrast on its own (its share times the units)
             out[m] = {"a": np.nanmean(a_vals), "b": np.nanmean(b_vals), "difference": contrast[0, j],
                       "ci": np.nanpercentile(contrast[1:, j], [2.5, 97.5]).tolist() if n_boot else [None, None],
                       "p_value": bootstrap_p(contrast[1:, j]) if n_boot else None,
-                      "ahead": int((a_vals > b_vals).sum()), "pairs": len(pairs)}
+                      "ahead": int((own > 0).sum()) if units is not None else int((a_vals > b_vals).sum()),
+                      "pairs": len(pairs), "per_unit": own.tolist() if units is not None else None}
     return _jsonable(out)
 
 

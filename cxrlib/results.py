@@ -17,6 +17,7 @@ import re
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ SHOWN = ("arm", "task", "loss", "init", "extra_covid_train", "seed", "image_size
 COLUMN_WORDS = {"extra_covid_train": "extra COVID in training", "image_size": "image size (px)"}  # for readers
 PAPER_ARM = "paper set-up"  # the paper's own design: no hold-out, preprocessing, extra negatives; weighted sampling
 UNWEIGHTED = "paper set-up, without weighted sampling"  # claim (c)'s other arm
+N_BOOT = 1000  # resamples of every paired comparison of chapter 5 (claims.json records it)
 LOSS_WORDS = {"ce": "cross-entropy", "weighted_ce": "class-weighted cross-entropy", "focal": "focal"}  # + " loss"
 PREPROCESS_WORDS = {"clahe": "CLAHE", "lung_crop": "lung crop", "lungs_removed": "lungs removed",
                     "lungs_removed_marker": "lungs removed + marker (control)", "lungs_only": "lungs only",
@@ -217,14 +219,16 @@ def class_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
 
 
 def paired(
-    runs: pd.DataFrame, factor: str, a: Any, b: Any, by: Sequence[str] = ("task",), n_boot: int = 1000, seed: int = 0
+    runs: pd.DataFrame, factor: str, a: Any, b: Any, by: Sequence[str] = ("task",), n_boot: int = N_BOOT,
+    seed: int = 0, primary: str = "macro_f1",
 ) -> pd.DataFrame:
     """Arm a vs arm b of `factor` (e.g. "loss", "focal", "ce"), one row per group of `by`.
 
     Runs are paired when they are complete and differ only in `factor` (same seed, task, data and every other
-    parameter); each group's pairs (over seeds and the other factors) give one paired_bootstrap: per metric
-    of PAIRED the mean of a and b, the mean difference a − b with its 95 % CI, and in how many pairs a was
-    ahead; McNemar's p per pair. `verdict` reads the macro-F1 interval.
+    parameter); each group's pairs give one paired_bootstrap with the training seed as its unit, so the
+    interval covers the test patients and the spread between seeds: per metric of PAIRED the mean of a and b,
+    the mean difference a − b with its 95 % CI and p, each seed's own difference and in how many seeds a was
+    ahead; McNemar's p per pair; `commits`, the code that made the runs. `interval` reads `primary`'s CI.
     """
     pairs = matched_pairs(runs, factor, a, b)
     by = [k for k in by if k in pairs]
@@ -233,18 +237,31 @@ def paired(
     for group, sub in groups:
         classes = sub["classes"].iloc[0]
         result = paired_bootstrap([(_predictions(x), _predictions(y)) for x, y in zip(sub.run_dir_a, sub.run_dir_b)],
-                                  classes, n_boot=n_boot, seed=seed)
+                                  classes, n_boot=n_boot, seed=seed, units=[int(s) for s in sub.seed])
         row = dict(zip(by, group if isinstance(group, tuple) else (group,)))
         row.update(pairs=result["n_pairs"], images=min(result["n_images"]), patients=result["n_patients"],
-                   seeds=tuple(int(s) for s in sub.seed))
+                   seeds=tuple(int(s) for s in sub.seed), units=tuple(result["units"]),
+                   commits=code_words([*sub.git_commit_a, *sub.git_commit_b], [*sub.git_dirty_a, *sub.git_dirty_b]))
         for m in PAIRED:
             r = result[m]
             row.update({f"{m}_a": r["a"], f"{m}_b": r["b"], f"{m}_difference": r["difference"],
-                        f"{m}_ci": tuple(r["ci"]), f"{m}_ahead": r["ahead"], f"{m}_p": r.get("p_value")})
+                        f"{m}_ci": tuple(r["ci"]), f"{m}_ahead": r["ahead"], f"{m}_p": r.get("p_value"),
+                        f"{m}_per_seed": tuple(r["per_unit"])})
         row["mcnemar_p"] = tuple(p["mcnemar"]["p_value"] for p in result["pairs"])
-        row["verdict"] = verdict(row["macro_f1_ci"])
+        row["interval"] = interval_words(row[f"{primary}_ci"])
         rows.append(row)
-    return pd.DataFrame(rows, columns=None if rows else [*by, "pairs", "verdict"])
+    return pd.DataFrame(rows, columns=None if rows else [*by, "pairs", "interval"])
+
+
+def code_words(commits: Sequence[Any], dirty: Sequence[Any]) -> str:
+    """Which code made a set of runs: "one clean commit abc1234", or what keeps a comparison from being about
+    one factor only (runs of several commits, or of a work tree with uncommitted changes)."""
+    known = sorted({str(c) for c in commits if c})
+    said = (f"one commit {known[0][:7]}" if len(known) == 1 else
+            f"{len(known)} commits ({', '.join(c[:7] for c in known)})" if known else "commit not recorded")
+    if any(d is True or str(d).lower() == "true" for d in dirty):
+        return said + ", uncommitted changes in the work tree"
+    return ("one clean commit " + known[0][:7]) if len(known) == 1 else said
 
 
 def matched_pairs(runs: pd.DataFrame, factor: str, a: Any, b: Any) -> pd.DataFrame:
@@ -256,19 +273,29 @@ def matched_pairs(runs: pd.DataFrame, factor: str, a: Any, b: Any) -> pd.DataFra
     done["_key"] = [json.dumps({k: v for k, v in ident.items() if k not in freed}, sort_keys=True, default=str)
                     + f"|seed={s}" for ident, s in zip(done["identity"], done["seed"])]
     left, right = done[_is(done[factor], a)], done[_is(done[factor], b)]
-    pairs = left.merge(right[["_key", "run_dir"]], on="_key", suffixes=("_a", "_b"))
+    pairs = left.merge(right[["_key", "run_dir", "git_commit", "git_dirty"]], on="_key", suffixes=("_a", "_b"))
     return pairs.drop(columns="_key")
 
 
-def verdict(ci: Any) -> str:
-    """'supported' when the 95 % CI of a − b lies above 0, 'not supported' below 0, else no evidence."""
+VERDICTS = ("supported", "not supported", "no evidence of a difference")
+
+
+def interval_words(ci: Any) -> str:
+    """Where a difference's unadjusted 95 % interval lies: "above 0", "below 0", "contains 0" (a description of one
+    comparison; the claims' verdicts read the Holm-adjusted p instead)."""
     if not isinstance(ci, (tuple, list)) or len(ci) != 2 or not all(_finite(v) for v in ci):
+        return "undefined on these test images"
+    return "above 0" if ci[0] > 0 else "below 0" if ci[1] < 0 else "contains 0"
+
+
+def holm_verdict(difference: Any, p_holm: Any, level: float = 0.05) -> str:
+    """A claim's verdict from its family-adjusted p: 'supported' when p (Holm) < level and the claimed arm is
+    ahead, 'not supported' when p (Holm) < level and the other arm is ahead, else 'no evidence of a difference'."""
+    if not (_finite(difference) and _finite(p_holm)):
         return "not testable here (the difference is undefined on these test images)"
-    if ci[0] > 0:
-        return "supported"
-    if ci[1] < 0:
-        return "not supported"
-    return "no evidence of a difference"
+    if p_holm >= level:
+        return VERDICTS[2]
+    return VERDICTS[0] if difference > 0 else VERDICTS[1]
 
 
 def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> str:
@@ -280,23 +307,30 @@ def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> s
     for _, r in pairs.iterrows():
         where = f"{r['task']} task: " if "task" in r else ""
         ci = r[f"{metric}_ci"]
-        outcome = {"supported": f"{a} scored higher (the interval excludes 0)",
-                   "not supported": f"{b} scored higher (the interval excludes 0)",
-                   "no evidence of a difference": "no evidence of a difference (the interval contains 0)"}
-        said = outcome.get(verdict(ci), "the difference is undefined on these test images")
+        outcome = {"above 0": f"{a} scored higher (the interval excludes 0)",
+                   "below 0": f"{b} scored higher (the interval excludes 0)",
+                   "contains 0": "no evidence of a difference (the interval contains 0)"}
+        said = outcome.get(interval_words(ci), "the difference is undefined on these test images")
         p_values = ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])
-        seeds = ", ".join(map(str, sorted(set(r["seeds"]))))
         sentences.append(
-            f"{where}{a} − {b} {name} = {fmt_ci(r[f'{metric}_difference'], ci, signed=True)} over {r['pairs']} "
-            f"paired run(s) (seed(s) {seeds}; at least {r['images']} shared test images, "
-            f"patient-level paired bootstrap 95% CI): {said}. {a} was ahead in {r[f'{metric}_ahead']} of "
-            f"{r['pairs']}. McNemar's exact test on the paired right/wrong calls: p = {p_values}."
+            f"{where}{a} − {b} {name} = {fmt_ci(r[f'{metric}_difference'], ci, signed=True)}, the mean over "
+            f"{len(r['units'])} seed(s) ({r['pairs']} paired run(s); at least {r['images']} shared test images; 95% "
+            f"interval over test patients and seeds, unadjusted): {said}. By seed: {per_seed(r, metric)}. "
+            f"Code: {r['commits']}. McNemar's "
+            f"exact test on the paired right/wrong calls, per pair: p = {p_values}."
         )
     return "\n\n".join(sentences)
 
 
+def per_seed(row: pd.Series | dict, metric: str) -> str:
+    """"seed 0: +0.021, seed 1: −0.004, seed 2: +0.010; ahead in 2 of 3 seeds": a `paired` row's own differences."""
+    said = ", ".join(f"seed {u}: {fmt_ci(d, signed=True)}" for u, d in zip(row["units"], row[f"{metric}_per_seed"]))
+    n = len(row["units"])
+    return f"{said}; ahead in {row[f'{metric}_ahead']} of {n} seed{'s' if n != 1 else ''}"
+
+
 def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
-    """`paired`'s output for readers: differences with CIs, 3 decimals, no raw tuples."""
+    """`paired`'s output for readers: differences with CIs (test patients and seeds), each seed's own, 3 decimals."""
     if pairs.empty:
         return pd.DataFrame()
     out = pairs[[c for c in pairs.columns if c in ("task", "loss", "init", "init_family", "extra_covid_train")]
@@ -305,8 +339,9 @@ def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
     for m in PAIRED:
         out[f"Δ {METRIC_WORDS[m]}"] = [fmt_ci(d, ci, signed=True) for d, ci in zip(pairs[f"{m}_difference"],
                                                                                    pairs[f"{m}_ci"])]
-    out["McNemar p"] = [", ".join(f"{p:.2g}" for p in ps) for ps in pairs["mcnemar_p"]]
-    out["verdict (macro-F1)"] = pairs["verdict"]
+    out["per seed (macro-F1)"] = [", ".join(fmt_ci(d, signed=True) for d in ds) for ds in pairs["macro_f1_per_seed"]]
+    out["McNemar p"] = [", ".join(fmt_p(p) for p in ps) for ps in pairs["mcnemar_p"]]
+    out["code"] = pairs["commits"]
     return out.reset_index(drop=True)
 
 
@@ -331,14 +366,37 @@ def init_comparison(runs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> tu
     return pairs, note + describe(pairs, a, b)
 
 
-def claims_table(
-    runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = (), n_boot: int = 1000, seed: int = 0
-) -> pd.DataFrame:
-    """The paper's claims (arXiv 2105.08382), each per task: the runs that test it and a computed verdict.
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims and the metric its verdict reads, fixed before any run was looked at."""
 
-    supported / not supported: the 95 % CI of the paired difference (macro-F1) excludes 0 in the claimed /
-    the opposite direction; "no evidence of a difference" when it contains 0; "not testable here (why)" when
-    the runs it needs are missing (with matrix.json's reason where it gives one).
+    letter: str
+    text: str
+    primary: str  # the verdict's metric: what the claim is about
+    beside: tuple[str, ...] = ()  # shown next to it, never judged
+
+
+# (b) and (d) are about overall performance; (c) and (c′) about the minority class the imbalance hurts.
+CLAIMS = (
+    Claim("(a)", "chest-X-ray (CheXNet) pretraining beats ImageNet initialisation", "macro_f1"),
+    Claim("(b)", "focal loss beats cross-entropy", "macro_f1"),
+    Claim("(b′)", "focal loss helps most once extra COVID-19 images are added", "macro_f1"),
+    Claim("(c)", "weighted sampling handles the class imbalance", "covid_sensitivity", ("macro_f1",)),
+    Claim("(c′)", "extra COVID-19 images handle the class imbalance", "covid_sensitivity", ("macro_f1",)),
+    Claim("(d)", "high accuracy (read here: above always predicting the majority class)", "accuracy"),
+)
+
+
+def claims_table(
+    runs: pd.DataFrame, not_run: Sequence[dict[str, str]] = (), n_boot: int = N_BOOT, seed: int = 0
+) -> pd.DataFrame:
+    """The paper's claims (arXiv 2105.08382, CLAIMS), each per task: the runs that test it and a computed verdict.
+
+    Each paired claim's difference is the mean over seeds of the paired difference in its primary metric, its
+    95 % interval and p from a bootstrap over seeds and, within each seed, test patients; the verdicts read the
+    p after Holm's adjustment over the family of paired tests ("supported" / "not supported" when it is below
+    0.05, with the sign saying which; "no evidence of a difference" otherwise), "not testable here (why)" when the
+    runs it needs are missing (with matrix.json's reason where it gives one).
     """
     paper = paper_runs(runs)
     with_unweighted = runs[runs.arm.isin([PAPER_ARM, UNWEIGHTED])] if "arm" in runs else runs  # claim (c)'s two arms
@@ -346,58 +404,96 @@ def claims_table(
     rows = []
     for task in tasks:
         sub = paper[paper.task == task]
-        for claim, factor, a, b, pool in (
-            ("(a) chest-X-ray (CheXNet) pretraining beats ImageNet initialisation", "init_family", "chest_xray",
-             "imagenet", sub),
-            ("(b) focal loss beats cross-entropy", "loss", "focal", "ce", sub),
-            ("(c) weighted sampling handles the class imbalance", "weighted_sampler", True, False,
-             with_unweighted[with_unweighted.task == task]),
-        ):
-            rows.append({"claim": claim, "task": task, **_paired_claim(pool, factor, a, b, not_run, n_boot, seed)})
-        rows.append({"claim": "(b) … most once extra COVID-19 images are added", "task": task,
-                     **_interaction_claim(sub, not_run, n_boot, seed)})
-        rows.append({"claim": "(d) high accuracy (read here: above always predicting the majority class)",
-                     "task": task, **_accuracy_claim(sub)})
-    table = pd.DataFrame(rows, columns=["claim", "task", "tested by", "seeds", "result", "p", "verdict"])
+        tests = {"(a)": (sub, "init_family", "chest_xray", "imagenet"), "(b)": (sub, "loss", "focal", "ce"),
+                 "(c)": (with_unweighted[with_unweighted.task == task], "weighted_sampler", True, False),
+                 "(c′)": (sub, "extra_covid_train", True, False)}
+        for claim in CLAIMS:
+            if claim.letter in tests:
+                found = _paired_claim(claim, *tests[claim.letter], not_run, n_boot, seed)
+            elif claim.letter == "(b′)":
+                found = _interaction_claim(claim, sub, not_run, n_boot, seed)
+            else:
+                found = _accuracy_claim(sub)
+            rows.append({"claim": f"{claim.letter} {claim.text}", "task": task, "metric": METRIC_WORDS[claim.primary],
+                         **found})
+    columns = ["claim", "task", "metric", "tested by", "seeds", "result", "difference", "ci", "p", "code", "verdict"]
+    table = pd.DataFrame(rows, columns=columns)
     table["seeds"] = table["seeds"].fillna("–")
+    table["code"] = table["code"].fillna("–")
     table["p (Holm)"] = metrics.holm([p if _finite(p) else None for p in table["p"]])
+    paired_rows = [_finite(p) for p in table["p"]]
+    table.loc[paired_rows, "verdict"] = [holm_verdict(d, p) for d, p in
+                                         zip(table.loc[paired_rows, "difference"], table.loc[paired_rows, "p (Holm)"])]
     return table
 
 
 def claims_for_reading(claims: pd.DataFrame) -> pd.DataFrame:
-    """The claims table for the page: p-values as text ("–" where a claim has no paired test), in reading order."""
+    """The claims table for the page: the verdict beside the Holm-adjusted p it follows, then the unadjusted p;
+    p-values as text ("–" where a claim has no paired test)."""
     out = claims.copy()
     for column in ("p", "p (Holm)"):
         out[column] = [fmt_p(p) for p in out[column]]
     out["verdict"] = [v if len(v) < 90 else v.split(" (", 1)[0] + " (why: \"What ran, and what did not\" above)"
                       for v in out["verdict"]]  # the arms' full reasons are in that table, said once
-    return out[["claim", "task", "verdict", "result", "seeds", "p", "p (Holm)", "tested by"]]
+    return out[["claim", "task", "verdict", "p (Holm)", "metric", "result", "seeds", "p", "code", "tested by"]]
 
 
 def fmt_p(p: Any) -> str:
     """A p-value for readers: two significant digits, "< 0.001" below that; "–" when there is none."""
     if not _finite(p):
         return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+    return "< 0.001" if p < 0.001 else "> 0.99" if p > 0.99 else f"{p:.2g}"
 
 
 def holm_sentence(claims: pd.DataFrame, level: float = 0.05) -> str:
-    """How many of the family's tested claims keep p < level after Holm's adjustment, said once."""
+    """How the verdicts were reached, and how many of the family's tested claims keep p < level after Holm, once."""
     tested = claims[[_finite(p) for p in claims["p (Holm)"]]]
     if tested.empty:
         return "No claim had a paired test here, so there is no family of p-values to adjust."
     kept = int((tested["p (Holm)"] < level).sum())
-    return (f"The {len(tested)} paired tests (claims × tasks) form one family: after Holm's adjustment, {kept} of "
-            f"them keep p < {level}. The p-values are two-sided paired-bootstrap ones, read from the same "
-            f"resamples as the intervals; claim (d) compares each run's own interval with a fixed baseline and "
-            f"has no p-value.")
+    return (f"Each paired claim is judged on its own metric (column \"metric\"): the mean over seeds of the paired "
+            f"difference, whose 95% interval and two-sided p come from one bootstrap that draws the seeds with "
+            f"replacement and, within each drawn seed, that seed's test patients with replacement, so both the test "
+            f"images and the seed-to-seed spread are in it. The {len(tested)} paired tests (claims × tasks) form one "
+            f"family, and each verdict follows its p after Holm's adjustment: {kept} of {len(tested)} keep "
+            f"p < {level}. Claim (d) compares each run's own interval with a fixed baseline and has no p-value.")
 
 
-def save_claims(claims: pd.DataFrame, runs: pd.DataFrame, path: str | Path) -> Path:
-    """claims.json: the claims, their verdicts and what stands behind them, as data for the book's first page."""
+def rerun_noise(runs: pd.DataFrame, reruns: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """The noise floor: runs of one configuration and seed made twice (in `runs` and in `reruns`, e.g. the matrix
+    and an experiment's baseline), compared like two arms. A claim's difference smaller than this is what
+    training the same thing again moves, not an effect. One row per matched pair."""
+    rows = []
+    if runs.empty or reruns.empty:
+        return pd.DataFrame(rows)
+    key = lambda r: json.dumps(r["identity"], sort_keys=True, default=str) + f"|seed={r['seed']}"  # noqa: E731
+    again = {key(r): r for _, r in reruns[reruns.status == "complete"].iterrows()}
+    for _, r in runs[runs.status == "complete"].iterrows():
+        other = again.get(key(r))
+        if other is None:
+            continue
+        a, b = _predictions(r.run_dir), _predictions(other.run_dir)
+        result = paired_bootstrap([(a, b)], r["classes"], n_boot=n_boot, seed=seed)
+        left, right = metrics.join_predictions(a, b)
+        rows.append({"run": r["run"], "task": r["task"], "seed": int(r["seed"]),
+                     "images called differently": int((left["pred"].astype(str) != right["pred"].astype(str)).sum()),
+                     "images": int(len(left)),
+                     **{f"Δ {METRIC_WORDS[m]}": fmt_ci(result[m]["difference"], result[m]["ci"], signed=True)
+                        for m in ("macro_f1", "covid_sensitivity")},
+                     "code": code_words([r.git_commit, other.git_commit], [r.git_dirty, other.git_dirty])})
+    return pd.DataFrame(rows)
+
+
+def claims_record(claims: pd.DataFrame, runs: pd.DataFrame, noise: pd.DataFrame | None = None,
+                  noise_against: str = "", n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """claims.json's content: the claims, their verdicts and what stands behind them (the bootstrap's settings, the
+    rerun noise floor and the folder of its reruns), as data for the book's first page and `cxrlib verify`."""
     done = runs[runs.status == "complete"] if not runs.empty else runs
     record = {"claims": json.loads(claims.to_json(orient="records")),
               "holm": holm_sentence(claims),
+              "bootstrap": {"n_boot": n_boot, "seed": seed},
+              "noise_floor": {"against": noise_against,
+                              "pairs": json.loads(noise.to_json(orient="records")) if noise is not None else []},
               "runs": {"complete": int(len(done)), "all": int(len(runs)),
                        "seeds": sorted({int(s) for s in done.seed.dropna()}) if len(done) else [],
                        "epochs": sorted({int(e) for e in done.epochs.dropna()}) if len(done) else [],
@@ -405,8 +501,16 @@ def save_claims(claims: pd.DataFrame, runs: pd.DataFrame, path: str | Path) -> P
                        if "epochs_run" in done and len(done) else [],
                        "image_size": sorted({int(e) for e in done.image_size.dropna()}) if len(done) else [],
                        "inits": sorted(set(done.init)) if len(done) else [],
-                       "arms": sorted(set(done.arm)) if "arm" in done and len(done) else []}}
-    return write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+                       "arms": sorted(set(done.arm)) if "arm" in done and len(done) else [],
+                       "code": code_words(done.git_commit.tolist(), done.git_dirty.tolist()) if len(done) else "–"}}
+    return json.loads(json.dumps(record, allow_nan=False))
+
+
+def save_claims(claims: pd.DataFrame, runs: pd.DataFrame, path: str | Path, noise: pd.DataFrame | None = None,
+                noise_against: str = "", n_boot: int = N_BOOT, seed: int = 0) -> Path:
+    """Write claims.json (claims_record)."""
+    record = claims_record(claims, runs, noise, noise_against, n_boot, seed)
+    return write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def read_claims(path: str | Path) -> dict[str, Any]:
@@ -429,6 +533,7 @@ def _run_row(run: Run) -> dict[str, Any]:
     row["arm"] = arm_name(params)
     row["paper_arm"] = row["arm"] == PAPER_ARM  # chapter 06's arms and claim (c)'s unweighted arm are not the paper's
     row["extra_covid_train"] = params.get("extra_covid_train", True)  # before the axis existed: always True
+    row.update(git_commit=run.record.get("git_commit"), git_dirty=run.record.get("git_dirty"))
     row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=Weights.parse(weights).label,
                init_family=Weights.parse(weights).family, debiased=bool(params.get("extra_negatives")))
     identity = {k: v for k, v in params.items() if k not in NOT_COMPARED}
@@ -456,17 +561,20 @@ def _predictions(run_dir: str) -> pd.DataFrame:
     return Run(run_dir).predictions()
 
 
-def _paired_claim(runs: pd.DataFrame, factor: str, a: Any, b: Any, not_run, n_boot: int, seed: int) -> dict:
-    result = paired(runs, factor, a, b, by=(), n_boot=n_boot, seed=seed)
+def _paired_claim(claim: Claim, runs: pd.DataFrame, factor: str, a: Any, b: Any, not_run, n_boot: int,
+                  seed: int) -> dict:
+    result = paired(runs, factor, a, b, by=(), n_boot=n_boot, seed=seed, primary=claim.primary)
     if result.empty:
         return {"tested by": f"{_label(factor, a)} vs {_label(factor, b)}: no paired runs",
                 "result": "–", "verdict": f"not testable here ({_why_missing(runs, factor, (a, b), not_run)})"}
     r = result.iloc[0]
+    said = [f"Δ {METRIC_WORDS[m]} {fmt_ci(r[f'{m}_difference'], r[f'{m}_ci'], signed=True)}"
+            for m in (claim.primary, *claim.beside)]
     return {"tested by": f"{r['pairs']} paired run(s): {_label(factor, a)} vs {_label(factor, b)}",
-            "seeds": _seed_count(r["seeds"]),
-            "result": f"Δ macro-F1 {fmt_ci(r['macro_f1_difference'], r['macro_f1_ci'], signed=True)}; "
-                      f"ahead in {r['macro_f1_ahead']} of {r['pairs']}",
-            "p": r["macro_f1_p"], "verdict": r["verdict"]}
+            "seeds": _seed_count(r["seeds"]), "code": r["commits"],
+            "result": "; ".join(said) + f"; {per_seed(r, claim.primary)}",
+            "difference": r[f"{claim.primary}_difference"], "ci": r[f"{claim.primary}_ci"],
+            "p": r[f"{claim.primary}_p"], "verdict": "(from p (Holm))"}
 
 
 def _seed_count(seeds: Sequence[Any]) -> str:
@@ -475,8 +583,8 @@ def _seed_count(seeds: Sequence[Any]) -> str:
     return f"{len(kept)} seed{'s' if len(kept) != 1 else ''} ({', '.join(map(str, kept))})" if kept else "–"
 
 
-def _interaction_claim(runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> dict:
-    """(focal − CE with extra COVID) − (focal − CE without), on runs matched in everything else."""
+def _interaction_claim(claim: Claim, runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> dict:
+    """(focal − CE with extra COVID) − (focal − CE without), on runs matched in everything else, seeds as units."""
     arms = {}
     for extra in (True, False):
         sub = runs[_is(runs.extra_covid_train, extra)] if "extra_covid_train" in runs else runs.iloc[:0]
@@ -495,12 +603,20 @@ def _interaction_claim(runs: pd.DataFrame, not_run, n_boot: int, seed: int) -> d
     m = len(both)
     pairs = [(_predictions(x), _predictions(y)) for x, y in zip(both.run_dir_a_with, both.run_dir_b_with)]
     pairs += [(_predictions(x), _predictions(y)) for x, y in zip(both.run_dir_a_without, both.run_dir_b_without)]
+    seeds = [int(s) for s in both.seed] * 2
     result = paired_bootstrap(pairs, both["classes_with"].iloc[0], n_boot=n_boot, seed=seed,
-                              coef=[1 / m] * m + [-1 / m] * m)["macro_f1"]
+                              coef=[1 / m] * m + [-1 / m] * m, units=seeds)
+    r = result[claim.primary]
+    row = {"units": result["units"], f"{claim.primary}_per_seed": r["per_unit"], f"{claim.primary}_ahead": r["ahead"]}
+    columns = [f"{side}_{arm}" for side in ("a", "b") for arm in ("with", "without")]
+    commits = code_words([c for col in columns for c in both[f"git_commit_{col}"]],
+                         [d for col in columns for d in both[f"git_dirty_{col}"]])
     return {"tested by": f"{m} set(s) of 4 runs: (focal − CE with extra COVID) − (focal − CE without)",
-            "seeds": _seed_count(both.seed), "p": result.get("p_value"),
-            "result": f"Δ of Δ macro-F1 {fmt_ci(result['difference'], result['ci'], signed=True)}",
-            "verdict": verdict(result["ci"])}
+            "seeds": _seed_count(both.seed), "p": r.get("p_value"), "code": commits,
+            "difference": r["difference"], "ci": r["ci"],
+            "result": f"Δ of Δ {METRIC_WORDS[claim.primary]} {fmt_ci(r['difference'], r['ci'], signed=True)}; "
+                      f"{per_seed(row, claim.primary)}",
+            "verdict": "(from p (Holm))"}
 
 
 def _accuracy_claim(runs: pd.DataFrame) -> dict:

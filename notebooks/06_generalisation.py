@@ -57,8 +57,9 @@ summary = generalise.summary(table)
 remedy_arms = remedies.load_arms(remedy_root or run_root)
 remedy_ages, _ = generalise.read_ages(remedy_arms, external_sets(external_dirs), cohorts=[cohort])
 remedy_goals = remedies.goal_rows(remedy_arms, remedy_ages)
-summary_file = generalise.save_summary(table, Path(run_root) / "generalisation.json",  # the book's first page states it
-                                      remedies.record(remedy_arms, remedy_goals) if len(remedy_arms) else None)
+summary_file = generalise.save_summary(  # the book's first page states it; `cxrlib verify` recomputes it
+    table, Path(run_root) / "generalisation.json", remedies.record(remedy_arms, remedy_goals) if len(remedy_arms) else None,
+    Path(remedy_root).name if remedy_root else "", ages.combine_first(remedy_ages))
 
 # %% [markdown]
 # ## Can any remedy make it generalise?

@@ -145,6 +145,7 @@ CHOICE_LIKE = {*config.CHOICES, "profile", "extra_covid_axis", "executor"}
 
 
 COMMANDS = ("cxrlib data", "cxrlib pretrain", "cxrlib train", "cxrlib evaluate", "cxrlib predict", "cxrlib results",
+            "cxrlib verify",
             "cxrlib.runs", "cxrlib.bundle pack", "cxrlib.bundle render", "cxrlib.transport")
 
 

@@ -62,7 +62,7 @@ def matrix(tmp_path: Path) -> Path:
 
 
 def verdicts(table: pd.DataFrame) -> dict[str, str]:
-    return {claim[:3] + ("*" if "most once" in claim else ""): v for claim, v in zip(table.claim, table.verdict)}
+    return {claim.split(" ", 1)[0]: v for claim, v in zip(table.claim, table.verdict)}
 
 
 def test_load_runs_reads_old_and_new_params(tmp_path):
@@ -102,11 +102,11 @@ def test_identical_runs_give_no_evidence_and_a_planted_better_run_is_found(matri
     same = results.paired(runs, "loss", "focal", "ce", n_boot=200)
     assert same.loc[0, "pairs"] == 4 and same.loc[0, "macro_f1_difference"] == 0
     low, high = same.loc[0, "macro_f1_ci"]
-    assert low <= 0 <= high and same.loc[0, "verdict"] == "no evidence of a difference"
+    assert low <= 0 <= high and same.loc[0, "interval"] == "contains 0"
     text = results.describe(same, "focal", "ce")
-    assert "no evidence of a difference" in text and "ahead in 0 of 4" in text
+    assert "no evidence of a difference" in text and "By seed: seed 0: +0.000, seed 1: +0.000; ahead in 0 of 2 seeds" in text
     better = results.paired(runs, "init_family", "chest_xray", "imagenet", n_boot=200)
-    assert better.loc[0, "macro_f1_ci"][0] > 0 and better.loc[0, "verdict"] == "supported"
+    assert better.loc[0, "macro_f1_ci"][0] > 0 and better.loc[0, "interval"] == "above 0"
     assert all(p < 0.001 for p in better.loc[0, "mcnemar_p"])
     assert "chest X-ray scored higher" in results.describe(better, "chest X-ray", "ImageNet")
     assert "Δ macro-F1" in results.comparison_table(better).columns
@@ -116,7 +116,7 @@ def test_identical_runs_give_no_evidence_and_a_planted_better_run_is_found(matri
 def test_init_comparison_takes_the_papers_pair_else_says_which(matrix):
     runs = results.load_runs(matrix)
     pairs, text = results.init_comparison(runs, n_boot=200)
-    assert pairs.loc[0, "verdict"] == "supported" and text.startswith("binary task: chest-X-ray initialisation")
+    assert pairs.loc[0, "interval"] == "above 0" and text.startswith("binary task: chest-X-ray initialisation")
     no_imagenet = runs[runs.init_family != "imagenet"]
     no_imagenet = pd.concat([no_imagenet, runs[runs.init_family == "imagenet"].assign(init_family="random")])
     pairs, text = results.init_comparison(no_imagenet, n_boot=200)
@@ -135,7 +135,8 @@ def test_claims_table_verdicts(matrix):
     assert found["(a)"] == "supported"
     assert found["(b)"] == "no evidence of a difference"
     assert found["(c)"].startswith("not testable here (no complete run without weighted sampling")
-    assert found["(b)*"].startswith("not testable here (binary without extra COVID (noextra): no extra_covid_dir")
+    assert found["(b′)"].startswith("not testable here (binary without extra COVID (noextra): no extra_covid_dir")
+    assert found["(c′)"].startswith("not testable here (binary without extra COVID (noextra): no extra_covid_dir")
     assert found["(d)"] == "supported"  # focal · chest X-ray at 0.92 vs always non-COVID at 0.75
 
 
@@ -146,9 +147,9 @@ def test_claims_table_contrary_and_interaction(tmp_path):
     for extra, focal_skill in ((True, 0.95), (False, 0.6)):
         make_run(tmp_path, loss="focal", weights="none", extra_covid_train=extra, skill=focal_skill, pred_seed=3)
         make_run(tmp_path, loss="ce", weights="none", extra_covid_train=extra, skill=0.6, pred_seed=4)
-    found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=200))
+    found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=400))
     assert found["(a)"] == "not supported"
-    assert found["(b)*"] == "supported"
+    assert found["(b′)"] == "supported"
     assert found["(c)"].startswith("not testable here")
     make_run(tmp_path, "failed: CUDA out of memory", weighted_sampler=False)
     found = verdicts(results.claims_table(results.load_runs(tmp_path), n_boot=20))
@@ -253,16 +254,17 @@ def test_claim_c_pairs_the_unweighted_arm_and_every_claim_says_its_seeds_and_p(t
     table = results.claims_table(runs, n_boot=200)
     row = table[table.claim.str.startswith("(c)")].iloc[0]
     assert row.verdict == "supported" and row.seeds == "2 seeds (0, 1)" and row.p < 0.05
-    assert "ahead in 2 of 2" in row.result
+    assert "ahead in 2 of 2 seeds" in row.result and row.metric == "COVID-19 sensitivity"
     tested = [p for p in table["p"] if p == p]
     assert table["p (Holm)"].dropna().ge(pd.Series(tested).values).all()  # Holm never lowers a p
     assert (table.seeds != "").all() and not table.seeds.isna().any()
     shown = results.claims_for_reading(table)
-    assert shown["p"].str.match(r"^(–|< 0\.001|[0-9.e-]+)$").all()
+    assert shown["p"].str.match(r"^(–|< 0\.001|> 0\.99|0\.[0-9]+)$").all()
     path = results.save_claims(table, runs, tmp_path / "claims.json")
     back = results.read_claims(path)
     assert back["runs"]["seeds"] == [0, 1] and len(back["claims"]) == len(table)
-    assert back["claims"][2]["verdict"] == "supported" and "Holm" in back["holm"]
+    assert back["claims"][3]["verdict"] == "supported" and "Holm" in back["holm"]
+    assert back["bootstrap"] == {"n_boot": 1000, "seed": 0}  # what `cxrlib verify` recomputes with
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(CXRError, match="bad.json"):
         results.read_claims(tmp_path / "bad.json")

@@ -1,0 +1,82 @@
+"""`python -m cxrlib verify`: a bundle's numbers recomputed from its predictions; a tampered copy is caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxrlib import cli, generalise, results
+from test_results import CHEST, make_run
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A bundle as chapter 5 leaves it: 2 seeds x 2 inits x 2 losses, claims.json with a rerun noise floor."""
+    out = tmp_path / "bundle"
+    for seed in (0, 1):
+        for loss in ("ce", "focal"):
+            make_run(out / "runs", loss=loss, weights=CHEST, seed=seed, skill=0.9, pred_seed=seed)
+            make_run(out / "runs", loss=loss, weights="imagenet", seed=seed, skill=0.7, pred_seed=10 + seed)
+    make_run(out / "again", loss="ce", weights=CHEST, seed=0, skill=0.88, pred_seed=5)  # the same run, trained again
+    (out / "bundle.json").write_text(json.dumps({"name": "bundle", "runs": [], "also": {"again": []}}))
+    runs = results.load_runs(out / "runs")
+    claims = results.claims_table(runs, n_boot=50)
+    noise = results.rerun_noise(runs, results.load_runs(out / "again"), n_boot=50)
+    results.save_claims(claims, runs, out / "claims.json", noise, "again", n_boot=50)
+    return out
+
+
+def test_verify_passes_on_an_untouched_bundle_and_names_what_was_edited(bundle, capsys):
+    assert cli.main(["verify", str(bundle)]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.split()[1:3] == ["numbers", "verified"] and int(said.split()[0]) > 300
+
+    tampered = bundle.parent / "tampered"
+    shutil.copytree(bundle, tampered)
+    run = next(p for p in sorted((tampered / "runs").iterdir()) if "focal" in p.name)
+    pred = pd.read_csv(run / "predictions.csv")
+    flip = pred.index[pred["pred"] == pred["true"]][0]
+    pred.loc[flip, "pred"] = "covid" if pred.loc[flip, "true"] == "non_covid" else "non_covid"
+    pred.to_csv(run / "predictions.csv", index=False)
+    assert cli.main(["verify", str(tampered)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"runs/{run.name}/metrics.json: accuracy: recorded ") for line in lines)
+    assert lines[-1].endswith("agree)") and "value(s) differ" in lines[-1]
+
+    shutil.rmtree(tampered)
+    shutil.copytree(bundle, tampered)
+    record = json.loads((tampered / "claims.json").read_text())
+    record["claims"][0]["verdict"] = "supported" if record["claims"][0]["verdict"] != "supported" else "not supported"
+    record["noise_floor"]["pairs"][0]["images called differently"] += 1
+    (tampered / "claims.json").write_text(json.dumps(record))
+    assert cli.main(["verify", str(tampered)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("claims.json: claims[0].verdict: recorded") for line in lines)
+    assert any(line.startswith("claims.json: noise_floor.pairs[0].images called differently") for line in lines)
+
+
+def test_rerun_noise_pairs_the_same_configuration_and_seed(bundle):
+    noise = results.rerun_noise(results.load_runs(bundle / "runs"), results.load_runs(bundle / "again"), n_boot=50)
+    assert len(noise) == 1 and noise.loc[0, "seed"] == 0 and noise.loc[0, "images called differently"] > 0
+    assert noise.loc[0, "code"] == "commit not recorded"
+
+
+def test_verify_recomputes_generalisation_from_the_saved_ages(tmp_path, capsys):
+    """generalisation.json is checked against its runs and ages.csv; without ages.csv the command says so."""
+    out = tmp_path / "bundle"
+    (out / "runs").mkdir(parents=True)
+    (out / "bundle.json").write_text(json.dumps({"name": "bundle", "runs": []}))
+    table = generalise.measures(generalise.load_arms(out / "runs"))
+    generalise.save_summary(table, out / "generalisation.json", ages=pd.Series({"a.png": 40.0, "b.png": None}))
+    assert generalise.saved_ages(out / generalise.AGES).to_dict().keys() == {"a.png", "b.png"}
+    assert cli.main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    (out / generalise.AGES).unlink()
+    assert cli.main(["verify", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cxrlib verify: error: ") and "ages.csv" in err
+
