@@ -278,6 +278,7 @@ def matched_pairs(runs: pd.DataFrame, factor: str, a: Any, b: Any) -> pd.DataFra
 
 
 VERDICTS = ("supported", "not supported", "no evidence of a difference")
+JUDGED = "(from p (Holm))"  # a paired claim's verdict until the family's p-values are adjusted (claims_table)
 
 
 def interval_words(ci: Any) -> str:
@@ -421,9 +422,9 @@ def claims_table(
     table["seeds"] = table["seeds"].fillna("–")
     table["code"] = table["code"].fillna("–")
     table["p (Holm)"] = metrics.holm([p if _finite(p) else None for p in table["p"]])
-    paired_rows = [_finite(p) for p in table["p"]]
-    table.loc[paired_rows, "verdict"] = [holm_verdict(d, p) for d, p in
-                                         zip(table.loc[paired_rows, "difference"], table.loc[paired_rows, "p (Holm)"])]
+    judged = table["verdict"] == JUDGED
+    table.loc[judged, "verdict"] = [holm_verdict(d, p) for d, p in
+                                    zip(table.loc[judged, "difference"], table.loc[judged, "p (Holm)"])]
     return table
 
 
@@ -574,7 +575,7 @@ def _paired_claim(claim: Claim, runs: pd.DataFrame, factor: str, a: Any, b: Any,
             "seeds": _seed_count(r["seeds"]), "code": r["commits"],
             "result": "; ".join(said) + f"; {per_seed(r, claim.primary)}",
             "difference": r[f"{claim.primary}_difference"], "ci": r[f"{claim.primary}_ci"],
-            "p": r[f"{claim.primary}_p"], "verdict": "(from p (Holm))"}
+            "p": r[f"{claim.primary}_p"], "verdict": JUDGED}
 
 
 def _seed_count(seeds: Sequence[Any]) -> str:
@@ -616,7 +617,7 @@ def _interaction_claim(claim: Claim, runs: pd.DataFrame, not_run, n_boot: int, s
             "difference": r["difference"], "ci": r["ci"],
             "result": f"Δ of Δ {METRIC_WORDS[claim.primary]} {fmt_ci(r['difference'], r['ci'], signed=True)}; "
                       f"{per_seed(row, claim.primary)}",
-            "verdict": "(from p (Holm))"}
+            "verdict": JUDGED}
 
 
 def _accuracy_claim(runs: pd.DataFrame) -> dict:
