@@ -19,7 +19,7 @@ AUDIT_VARIANTS ?= lungs_removed,lungs_removed_marker
 COMMA := ,
 VARIANTS ?= $(if $(EXTRA_NEGATIVES_DIR),negs$(COMMA)negs+clahe$(COMMA))$(AUDIT_VARIANTS)
 VARIANT_LOSSES ?= ce
-BUNDLE ?= results/real-cpu-quick
+BUNDLE ?= results/real-cpu-3seeds
 EXECUTE := $(strip $(PROFILE)$(CORONAHACK_DIR)$(EXTRA_COVID_DIR))
 RUN_PROFILE := $(or $(PROFILE),quick)
 NEW_BUNDLE ?= _build/bundle-$(RUN_PROFILE)
@@ -50,11 +50,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The run matrix into $(RUN_ROOT)/<data tag>/ (skips runs already complete with the same parameters and data).
-# A failed run is kept (status file, executed notebook) and shown as failed in the results chapter;
-# arms that cannot run here (no ImageNet file, no real chest-X-ray init) are listed in matrix.json.
+# A failed run is kept (status file, executed notebook) and shown as failed in the results chapter (exit code 1:
+# make goes on); any other error (a bad value, exit code 2; Ctrl-C, 130) was printed once and stops make here.
 runs: $(STAMP)
-	$(PY) -m cxrlib.runs --profile $(RUN_PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) $(MATRIX_ARGS) \
-	  || echo "some runs failed: see their status files and the results chapter"
+	$(PY) -m cxrlib.runs --profile $(RUN_PROFILE) --run-root $(RUN_ROOT) $(DATA_ARGS) $(MATRIX_ARGS); \
+	  code=$$?; if [ $$code = 1 ]; then echo "some runs failed: see their status files and the results chapter"; \
+	  elif [ $$code != 0 ]; then exit $$code; fi
 
 # Issue 19's remedy arms beside the paper set-up (chapter 06): lungs only, its control (a marker outside the
 # lungs, painted away), adults only, both, and lungs only + CLAHE in adults; every arm holds out the ieee8023

@@ -7,6 +7,7 @@ the old file or the new one. Every file cxrlib writes into a run folder goes thr
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,24 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file(path)
+    tmp = None
     try:
+        tmp = _new_file(path)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only folder: name the file written, not its temporary
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `_new_file`'s temporaries (never part of a run's record)."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name) is not None
 
 
 def _new_file(path: Path) -> Path:
@@ -51,4 +63,8 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     """torch.save, atomically: a crash never leaves a truncated checkpoint."""
     import torch  # here, so that modules reading run folders do not import torch
 
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # through Python's file: a full disk is an OSError (errno 28), not a
+            torch.save(obj, handle)     # RuntimeError of torch's own writer that names no file
+
+    return write_atomic(path, save)

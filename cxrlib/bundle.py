@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=examples("python -m cxrlib.bundle pack runs/quick/synthetic _build/bundle-quick "
                                        "--chapters book/generated --note 'by hand'"))
     p.add_argument("run_root", help="folder of run folders (python -m cxrlib.runs --where prints it)")
-    p.add_argument("out", help="bundle folder to write, e.g. results/real-cpu-quick")
+    p.add_argument("out", help="bundle folder to write, e.g. results/real-cpu-3seeds")
     p.add_argument("--chapters", default="", help="folder of executed chapter notebooks to include (empty: none)")
     p.add_argument("--bench", nargs="*", default=[], help="benchmark JSON files to include")
     p.add_argument("--data", nargs="*", default=[], help="data folders used (their TRANSPORT.json is recorded)")
@@ -468,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/",
                        formatter_class=HelpFormatter, description="Puts a bundle's chapters where the book build "
                        "reads them (then: jupyter-book build .).",
-                       epilog=examples("python -m cxrlib.bundle render results/real-cpu-quick"))
-    r.add_argument("bundle", help="bundle folder, e.g. results/real-cpu-quick")
+                       epilog=examples("python -m cxrlib.bundle render results/real-cpu-3seeds"))
+    r.add_argument("bundle", help="bundle folder, e.g. results/real-cpu-3seeds")
     return parser
 
 

@@ -19,6 +19,7 @@ RUN_DEFAULT = "runs/<profile>/<data tag>/<run name>, under the current directory
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # what `predict` scores in a folder it is given
 # What Ctrl-C tells to do next: train and pretrain continue from their last epoch only with --resume.
 INTERRUPTED = dict.fromkeys(("train", "pretrain"), "rerun it with --resume to continue from the last finished epoch")
+STRICT = "fail when any listed image is missing or unreadable (default: leave it out, printed and recorded)"
 
 
 def _device(text: str) -> str:
@@ -155,6 +156,7 @@ def add_pretrain_parser(sub) -> None:
                                              "-s<seed> under the current directory)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue an interrupted run from its checkpoint-last.pt")
+    p.add_argument("--strict", action="store_true", default=False, help=STRICT)
     p.set_defaults(func=_run_pretrain)
 
 
@@ -163,7 +165,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     check_paths(cfg)
     from .pretrain import pretrain
 
-    pretrain(cfg, args.out or None, resume=args.resume)
+    pretrain(cfg, args.out or None, resume=args.resume, strict=args.strict)
     return 0
 
 
@@ -191,6 +193,7 @@ def add_train_parser(sub) -> None:
                    help="continue an interrupted run from its checkpoint-last.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal or in a notebook)")
+    p.add_argument("--strict", action="store_true", default=False, help=STRICT)
     p.set_defaults(func=_run_train)
 
 
@@ -207,7 +210,7 @@ def _run_train(args: argparse.Namespace) -> int:
     loaded = None if cfg.run_dir else load_data(cfg)  # read once: it names the folder and trains the model
     target = default_run_dir(cfg, loaded and loaded.record)
     existed = read_status(target) == "complete"
-    run_dir = run(cfg, target, resume=args.resume, progress=args.progress, loaded=loaded)
+    run_dir = run(cfg, target, resume=args.resume, progress=args.progress, loaded=loaded, strict=args.strict)
     if os.environ.get("RANK", "0") != "0":
         return 0
     m = Run(run_dir).metrics()
@@ -254,6 +257,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     p.add_argument("--n-boot", type=at_least(0), default=INFERENCE_DEFAULTS["evaluate"]["n_boot"],
                    help="bootstrap resamples for the CIs")
+    p.add_argument("--strict", action="store_true", default=False, help=STRICT)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -266,7 +270,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     source = {"manifest": args.manifest, "coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
     m = evaluate(checkpoint, source, args.out, rows=args.rows, batch_size=args.batch_size,
-                 device=args.device, n_boot=args.n_boot)
+                 device=args.device, n_boot=args.n_boot, strict=args.strict)
     print(f"{args.out}: n={m['n']} macro-F1 {_fmt(m['macro_f1'])}, accuracy {_fmt(m['accuracy'])}, "
           f"ROC AUC {_fmt(m['roc_auc'])}, COVID sensitivity {_fmt(m.get('covid_sensitivity'))}")
     if line := skipped_line(m["skipped"]):
@@ -278,8 +282,10 @@ def add_predict_parser(sub) -> None:
     p = command_parser(
         sub, "predict", help="class probabilities of images (JPEG, PNG, DICOM) with a trained model.pt",
         description="Preprocesses each image exactly as in training and prints one row per image: path, "
-                    "predicted class, p_<class>... A file that cannot be read is named on stderr and the others "
-                    "are scored (exit code 2 only when none can be). Research use only; not a diagnostic device.",
+                    "predicted class, p_<class>..., flag. A file that cannot be read is named on stderr and the others "
+                    "are scored (exit code 2 only when none can be); an image unlike any chest X-ray (tiny, constant, "
+                    "noise-like) is scored, flagged and warned of. A model of a failed or diverged run is refused. "
+                    "Research use only; not a diagnostic device.",
         epilog=examples("python -m cxrlib predict --checkpoint runs/mine/model.pt image1.png image2.dcm",
                         "python -m cxrlib predict --checkpoint runs/mine/model.pt --json scans/   # each image in it"))
     _add_inference_flags(p, "predict")
@@ -299,6 +305,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     table = predict(checkpoint, files, batch_size=args.batch_size, device=args.device)
     _say_skipped(table.attrs["skipped"])
+    for path, flag in zip(table["path"], table["flag"]):
+        if flag:
+            print(f"cxrlib predict: warning: {path}: {flag}; far from the chest X-rays the model learnt from, so its "
+                  "scores there mean little (scored, flagged)", file=sys.stderr)
     print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False, float_format="%.4f"))
     return 0
 
@@ -374,7 +384,7 @@ def add_verify_parser(sub) -> None:
                     "generalisation.json (what the book's first page states) from the bundle's run folders, with "
                     "the bootstrap settings they recorded; prints one line per value that differs (exit 1), else "
                     "how many numbers agree (exit 0). Nothing is trained; no data or notebook is needed.",
-        epilog=examples("python -m cxrlib verify results/real-cpu-quick"))
+        epilog=examples("python -m cxrlib verify results/real-cpu-3seeds"))
     p.add_argument("bundle", metavar="RESULTS_BUNDLE", help="a results bundle folder (it holds bundle.json)")
     p.set_defaults(func=_run_verify)
 

@@ -143,7 +143,13 @@ class ImageCache:
         self.size = int(size)
         base = root or os.environ.get("CXRLIB_CACHE") or Path.home() / ".cache" / "cxrlib" / "images"
         self.dir = Path(base) / f"{CACHE_VERSION}-{self.size}px"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.dir, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as err:  # a read-only HOME: say which variable moves the cache
+            raise CXRError(f"cannot write the image cache {self.dir} ({err.strerror or err}): set CXRLIB_CACHE to a "
+                           "writable folder (default ~/.cache/cxrlib/images)") from err
         self.pixels_path = self.dir / "pixels.u8"
         self.index_path = self.dir / "index.tsv"
         self.files_path = self.dir / "files.tsv"

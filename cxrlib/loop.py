@@ -32,6 +32,8 @@ from .errors import CXRError
 from .infer import amp_dtype, predict_dataset, progress_enabled, to_device
 from .rundir import BEST, LAST
 
+NAN_CHECK_EVERY = 16  # batches between reads of the non-finite-loss record on a GPU (each read waits for the device)
+
 
 @dataclass
 class FitOptions:
@@ -133,13 +135,16 @@ def fit(
     for epoch in tqdm(epochs, desc="epochs", disable=not show, initial=state["epoch"], total=opts.epochs):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         _train_mode(model)
-        train_loss = _train_epoch(net, feed, epoch, loss_fn, optimizer, scaler, dtype, device, opts, show)
+        train_loss = _train_epoch(net, feed, epoch, loss_fn, optimizer, scaler, dtype, device, opts, show, info)
         if scheduler is not None:
             scheduler.step()
         probs, targets, val_loss = predict_dataset(
             model, val_set if val_on_device is None else val_on_device, batch_size=opts.eval_batch_size,
             device=device, amp=opts.amp, output=output, loss_fn=loss_fn, channels_last=opts.channels_last,
             num_workers=opts.num_workers, device_batches=opts.device_batches)
+        if not np.isfinite(probs).all():  # finite losses, yet the last step left weights that overflow
+            raise CXRError(f"non-finite validation outputs after epoch {epoch + 1}: training diverged and stopped; "
+                           f"lower the learning rate (lr={opts.lr:g})")
         scores = dict(score_fn(targets, probs))
         if opts.monitor not in scores:
             raise CXRError(f"monitor={opts.monitor!r} is not among the validation scores {sorted(scores)}")
@@ -236,15 +241,36 @@ class _Feed:
 
 def _train_epoch(net: nn.Module, feed: _Feed, epoch: int, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, dtype: torch.dtype | None, device: torch.device, opts: FitOptions,
-                 show: bool) -> float:
-    """One pass over the training batches; the mean training loss over every process's images."""
+                 show: bool, info: distributed.DistInfo) -> float:
+    """One pass over the training batches; the mean training loss over every process's images.
+
+    A non-finite loss stops training with CXRError naming its epoch and batch (recorded on the device, so no step
+    waits for it): in one process at that batch on a CPU, within NAN_CHECK_EVERY batches on a GPU (each read waits
+    for the device); under torchrun at the epoch's end, on every rank together (a rank stopping alone would leave
+    the others waiting in their next all-reduce)."""
     loss_sum, seen = torch.zeros((), device=device), 0
-    for batch in tqdm(feed.epoch(epoch), desc=f"epoch {epoch + 1}", disable=not show, leave=False, total=len(feed)):
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first batch whose loss is not finite
+    for k, batch in enumerate(tqdm(feed.epoch(epoch), desc=f"epoch {epoch + 1}", disable=not show, leave=False,
+                                   total=len(feed))):
         x, y = to_device(batch[0], device, opts.channels_last), batch[1].to(device, non_blocking=True)
-        loss_sum += train_step(net, x, y, loss_fn, optimizer, scaler, dtype) * len(y)
+        loss = train_step(net, x, y, loss_fn, optimizer, scaler, dtype)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), k, first_bad)
+        loss_sum += loss * len(y)
         seen += len(y)
-    totals = distributed.gather_objects((float(loss_sum), seen))
+        if (not info.distributed and (device.type != "cuda" or k % NAN_CHECK_EVERY == 0)
+                and int(first_bad) >= 0):
+            raise _diverged(epoch, int(first_bad), len(feed), opts)
+    totals = distributed.gather_objects((float(loss_sum), seen, int(first_bad)))
+    bad = [t[2] for t in totals if t[2] >= 0]
+    if bad:
+        raise _diverged(epoch, min(bad), len(feed), opts)
     return sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals))
+
+
+def _diverged(epoch: int, batch: int, batches: int, opts: FitOptions) -> CXRError:
+    """The error that stops a run at its first non-finite loss (`epoch` and `batch` count from 0)."""
+    return CXRError(f"non-finite training loss (NaN or inf) in epoch {epoch + 1}, batch {batch + 1} of {batches}: "
+                    f"training diverged and stopped; lower the learning rate (lr={opts.lr:g})")
 
 
 def _restore(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,

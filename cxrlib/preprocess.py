@@ -191,5 +191,9 @@ def make_cache(size: int, preprocess: str = "none") -> ImageCache:
 
 def load_preprocessed(path: str | Path, size: int, preprocess: str = "none") -> np.ndarray:
     """One file decoded, preprocessed and resized exactly as `make_cache(size, preprocess)` stores it."""
-    img = decode_image(path)
+    return preprocess_image(decode_image(path), size, preprocess)
+
+
+def preprocess_image(img: np.ndarray, size: int, preprocess: str = "none") -> np.ndarray:
+    """A decoded image preprocessed and resized exactly as `make_cache(size, preprocess)` stores it."""
     return resize_square(img if preprocess == "none" else PREPROCESSORS[preprocess](img), size)

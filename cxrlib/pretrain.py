@@ -29,10 +29,11 @@ from . import data, distributed, images, metrics, models, synthetic
 from .chestxray14 import FINDINGS, LISTS, read_chestxray14
 from .config import PretrainConfig
 from .errors import CXRError
+from .evaluate import dropped_line
 from .infer import amp_dtype, describe_device, predict_dataset
 from .losses import bce_loss
 from .loop import FitOptions, fit, main_first, seed_everything
-from .rundir import BEST, LAST, METRICS, PARAMS, reuse, running
+from .rundir import BEST, LAST, METRICS, PARAMS, claimed, reuse, running
 
 REFERENCES = {
     "chexnet_mean_auroc": 0.841,  # Rajpurkar et al. 2017, DenseNet121
@@ -87,20 +88,25 @@ def default_out_dir(cfg: PretrainConfig) -> Path:
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-             progress: bool | None = None) -> Path:
+             progress: bool | None = None, strict: bool = False) -> Path:
     """Train a 14-finding model on ChestX-ray14 and write its run folder; a complete folder is returned untouched.
 
     The folder follows the fine-tuning run's conventions: params.json, model.pt (best validation mean
     AUROC; a cxrlib checkpoint for weights="file:..."), checkpoint-last.pt while training, history.csv,
     metrics.json (per-finding and mean AUROC on val and on the official test list) and status
-    (running | complete | failed: <reason>). `resume=True` continues an interrupted run. Every rank of a
+    (running | complete | failed: <reason>). `resume=True` continues an interrupted run. The folder is this
+    process's while it trains, as a fine-tuning run's is (rundir.claimed). Images listed but missing or unreadable
+    are printed (unless `progress` is False) and recorded; `strict` makes them an error. Every rank of a
     `torchrun` launch calls this; rank 0 alone writes.
     """
     out_dir = Path(out_dir or default_out_dir(cfg))
     if reuse(cfg, out_dir):
         return out_dir
-    with running(out_dir, cfg.device, resume=resume, outputs=OUTPUTS) as info:
-        _pretrain(cfg, out_dir, resume, progress, info)
+    with claimed(cfg, out_dir, resume):
+        if reuse(cfg, out_dir):  # completed by another process since the check above
+            return out_dir
+        with running(out_dir, cfg.device, resume=resume, outputs=OUTPUTS) as info:
+            _pretrain(cfg, out_dir, resume, progress, info, strict)
     return out_dir
 
 
@@ -121,7 +127,7 @@ def _workers(cfg: PretrainConfig, device: torch.device) -> int:
 
 
 def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool | None,
-              info: distributed.DistInfo) -> None:
+              info: distributed.DistInfo, strict: bool) -> None:
     with main_first(info):  # rank 0 makes the synthetic set and fills the cache; the others then read it
         seed_everything(cfg.seed)
         if cfg.chestxray14 and not Path(cfg.chestxray14).is_dir():
@@ -134,6 +140,9 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool, progress: bool |
         eval_tf = images.make_transform(model.input_spec, train=False)
         sets = {s: images.CXRDataset(table[table["split"] == s], "", cache, eval_tf, targets=FINDINGS)
                 for s in data.SPLITS}  # fmt: skip
+    dropped = dropped_line(report, [item for ds in sets.values() for item in ds.skipped], strict)
+    if dropped and info.is_main and progress is not False:
+        print(dropped, flush=True)
     if cfg.augment:
         sets["train"].transform = images.make_transform(model.input_spec, train=True, augment=True)
     loss_fn = bce_loss(sets["train"].labels, cfg.class_weighted)

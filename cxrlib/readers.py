@@ -61,12 +61,17 @@ def read_csv(path: Path, required: list[str], hint: str) -> pd.DataFrame:
     """A metadata CSV as text, or CXRError naming the file or the missing column."""
     if not path.is_file():
         raise CXRError(f"{path} not found: {hint}")
+    with open(path, "rb") as handle:
+        if b"\0" in handle.read(4096):  # an image or other binary file, which the Latin-1 reading would accept
+            raise CXRError(f"{path}: not a CSV file of text (it holds NUL bytes: an image? UTF-16 text? save it "
+                           f"as a UTF-8 CSV): {hint}")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError:  # older ieee8023 metadata.csv files are Latin-1
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1")
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except UnicodeDecodeError:  # older ieee8023 metadata.csv files are Latin-1
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1")
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CXRError(f"{path}: cannot parse as CSV ({err})") from err
+        raise CXRError(f"{path}: cannot parse as CSV ({str(err).strip().splitlines()[0]}): {hint}") from err
     frame.columns = [str(c).strip() for c in frame.columns]
     for column in required:
         if column not in frame.columns:
@@ -217,6 +222,9 @@ def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, ReadReport]:
         if split not in ("", *SPLITS):
             raise CXRError(f"{csv}, row {line} ({raw}): unknown split {r['split']!r}; use train, val, test or leave empty")
         path = Path(raw) if Path(raw).is_absolute() else csv.parent / raw
+        if path.is_dir():
+            report.skipped.append(f"{raw}: a folder, not an image file (row {line})")
+            continue
         if not path.is_file():
             report.missing.append(raw)
             continue

@@ -14,8 +14,13 @@ The run folder is the contract between training and the notebooks and the book; 
 "Complete" means whole: `read_status` reports a complete folder whose files no longer match its manifest
 (a truncated metrics.json, a deleted predictions.csv, a cut model.pt) as "damaged: <file>: <what>", so the
 matrix reruns it and every reader treats it as unfinished, naming the file. A folder of the earlier layout
-(no manifest) is whole when its result files are present and its JSON parses. `locked` serialises two
-matrix commands on one folder: the second waits, then finds the run complete and skips it.
+(no manifest) is whole when its result files are present and its JSON parses.
+
+A run folder belongs to one process and to the run alone. `locked` serialises two matrix commands on one
+folder (the second waits, then finds the run complete and skips it); `claimed`, which every writer (train,
+pretrain, and so every matrix stage) holds, fails at once naming the process that holds the folder, refuses a
+folder holding files no run writes or a run of other parameters, and removes a folder it made for a run that
+failed before training. Only the files a run writes are sealed (`is_run_file`), never a temporary or a user's.
 
 torch is imported inside `running` only, so that the results chapter reads statuses without it.
 """
@@ -23,14 +28,20 @@ torch is imported inside `running` only, so that the results chapter reads statu
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
+import os
+import shlex
+import shutil
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
+from .atomic import is_temporary, write_text
 from .errors import CXRError
 
 LAST = "checkpoint-last.pt"
@@ -46,10 +57,15 @@ NOT_IDENTITY = ("run_dir", "device", "num_workers", "profile", "coronahack_dir",
 MANIFEST = "manifest.json"
 MATRIX = "matrix.json"  # a run root's record of what the run matrix planned, ran and did not run (runs writes it)
 RESULT_FILES = ("params.json", "metrics.json", "predictions.csv")  # what every complete fine-tuning run holds
+PARAMS, METRICS, PREDICTIONS = RESULT_FILES
+PLANNED = "config.json"  # written by the run matrix before training starts: a run that fails early is still listed
+EXTERNAL = "external"  # <run>/external/<name>/{metrics.json,predictions.csv}: the run scored on other data
 LOCK = ".lock"
 # Not in the manifest: the status and lock, the resume checkpoint (deleted on completion) and papermill's notebook
 # (papermill writes it once more after the run inside it has completed).
 UNSEALED = ("status", MANIFEST, LOCK, LAST, "notebook.ipynb")
+SEALED = (PARAMS, PLANNED, BEST, "history.csv", PREDICTIONS, METRICS)  # the manifest's files, with EXTERNAL's
+EVALUATION = (METRICS, PREDICTIONS)  # what `evaluate` writes into its folder (and a run into each external set's)
 
 
 def read_status(run_dir: str | Path) -> str:
@@ -63,12 +79,24 @@ def read_status(run_dir: str | Path) -> str:
     return status
 
 
+def is_run_file(relative: str | Path) -> bool:
+    """Whether a path inside a run folder is one a run writes there (a temporary of an atomic write included)."""
+    parts = Path(relative).parts
+    if is_temporary(parts[-1]):
+        return True
+    if len(parts) == 1:
+        return parts[0] in SEALED or parts[0] in UNSEALED
+    return parts[0] == EXTERNAL and parts[-1] in EVALUATION
+
+
 def seal(run_dir: str | Path) -> dict[str, Any]:
-    """Record what the complete run holds (every file but the status, lock and resume checkpoint)."""
+    """Record what the complete run holds: the files it wrote, but the status, lock and resume checkpoint; never a
+    temporary file of a write in flight, nor a file a user put there (editing it later is no damage)."""
     run_dir = Path(run_dir)
     files = {str(p.relative_to(run_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.name not in UNSEALED}
+             if p.is_file() and is_run_file(p.relative_to(run_dir)) and p.name not in UNSEALED
+             and not is_temporary(p.name)}
     record = {"files": files}
     write_text(run_dir / MANIFEST, json.dumps(record, indent=1) + "\n")
     return record
@@ -117,17 +145,140 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise CXRError(f"{path}: not valid JSON ({err}); the run folder is damaged: rerun it") from err
 
 
+_HELD: dict[Path, int] = {}  # run folders this process holds -> the thread holding each
+
+
 @contextlib.contextmanager
-def locked(run_dir: str | Path) -> Iterator[None]:
-    """An exclusive lock on the run folder for the block: a second process on the same folder waits here."""
+def locked(run_dir: str | Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on the run folder for the block. A second process waits here, or with `wait=False` fails at
+    once, naming the process that holds it (the lock file records it). The thread holding it, and the processes it
+    started (the matrix's papermill kernel), pass: they work for the holder. The lock file goes with the lock
+    (a waiter on a removed one takes the new one), so a folder no one holds has none."""
     run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if _HELD.get(key) == threading.get_ident():
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # not emptied on open: it names the holder
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if holder.partition(" ")[0] not in {str(pid) for pid in _ancestors()}:
+                raise CXRError(f"{run_dir} is in use by {'process ' + holder if holder else 'another process'}: "
+                               "wait for it to finish, or choose another folder") from None
+            fd = None
+            break
+        if _same_file(fd, run_dir / LOCK):
+            break
+        os.close(fd)  # the file went while we waited (its holder let go, or removed the folder): take the new one
+    if fd is None:
+        yield
+        return
+    os.ftruncate(fd, 0)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.pwrite(fd, f"{os.getpid()} ({shlex.join(sys.orig_argv)[:200]}), since {started}\n".encode(), 0)
+    _HELD[key] = threading.get_ident()
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        if _same_file(fd, run_dir / LOCK):
+            os.unlink(run_dir / LOCK)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _ancestors() -> list[int]:
+    """This process's parent, its parent, ... (Linux's /proc; the parent alone elsewhere)."""
+    pids, pid = [], os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+@contextlib.contextmanager
+def claimed(cfg: Any, run_dir: str | Path, resume: bool = False,
+            data_record: Callable[[], dict] | None = None) -> Iterator[None]:
+    """`run_dir` for one run of `cfg` in this process, for the block: what every writer of a run folder holds.
+
+    Refused, before anything is made there: a folder holding a file no run writes (named), one another process
+    holds (`locked`, without waiting), one holding a run of other parameters (and, resuming, other data). A folder
+    this call made is removed when the block fails before the run wrote its params.json (before training): an
+    error in the data or the settings leaves nothing behind. Under torchrun, rank 0 holds it for every rank.
+    """
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    check_run_folder(run_dir)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # the folders this call makes, deepest first
+    with locked(run_dir, wait=False):
+        try:
+            if not made:
+                resumed = resume and (run_dir / LAST).is_file()
+                check_reusable(cfg, run_dir, data_record() if resumed and data_record else None)
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        except BaseException:
+            if made and not (run_dir / PARAMS).is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                for parent in made[1:]:  # empty ones only: another run may have made its folder there meanwhile
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            raise
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A run writes into a new folder or a run's (one with a status, or the matrix's config.json), never into one
+    holding anything else: the first such file is named, and nothing there is changed."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CXRError(f"{run_dir} is a file, not a folder: give the run a new folder")
+    a_run = any((run_dir / name).is_file() for name in ("status", PLANNED))
+    for entry in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        inside = a_run and entry.is_dir() and entry.name == EXTERNAL  # the one folder a run makes: external sets
+        for path in [p for p in sorted(entry.rglob("*")) if p.is_file()] if inside else [entry]:
+            name = path.relative_to(run_dir)
+            ours = is_run_file(name) and (a_run or path.name == LOCK or is_temporary(path.name))
+            if path.is_dir() or not ours:
+                raise CXRError(f"{run_dir} holds {name}{'/' if path.is_dir() else ''}, which is no run's: give the "
+                               "run a new folder (nothing in that one is changed)")
+
+
+def check_evaluation_folder(out_dir: str | Path) -> None:
+    """`evaluate` writes into a new folder or replaces an earlier evaluation there; it never writes into a run folder
+    (its own test results would go) nor beside files it does not write (the first is named)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CXRError(f"{out_dir} is a file, not a folder: give evaluate a new folder")
+    if any((out_dir / name).exists() for name in (PARAMS, PLANNED, BEST, "status")):
+        raise CXRError(f"{out_dir} is a run folder: evaluating into it would replace the run's own test results; "
+                       f"give a new folder, e.g. {out_dir / EXTERNAL / 'NAME'}")
+    for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if path.is_file() and path.name not in EVALUATION and not is_temporary(path.name):
+            raise CXRError(f"{out_dir} holds {path.name}, which evaluate does not write: give a new or empty folder "
+                           "(nothing in that one is changed)")
+    if (out_dir / METRICS).is_file():
+        try:
+            earlier = json.loads((out_dir / METRICS).read_text())
+        except (OSError, json.JSONDecodeError):
+            earlier = {}
+        if not isinstance(earlier, dict) or "checkpoint" not in earlier:  # evaluate records the model it scored
+            raise CXRError(f"{out_dir / METRICS} is not an earlier evaluation's: give a new or empty folder "
+                           "(nothing in that one is changed)")
 
 
 def _sha256(path: Path) -> str:
@@ -139,7 +290,15 @@ def _sha256(path: Path) -> str:
 
 
 def write_status(run_dir: str | Path, status: str) -> None:
-    write_text(Path(run_dir) / "status", status + "\n")
+    path = Path(run_dir) / "status"
+    try:
+        write_text(path, status + "\n")
+    except OSError:
+        if not path.is_file():
+            raise
+        with open(path, "r+") as handle:  # a full disk has no room for a new file: the old one's block takes it
+            handle.write(status + "\n")
+            handle.truncate()
 
 
 def reuse(cfg: Any, run_dir: str | Path, data_record: Callable[[], dict] | None = None) -> bool:
@@ -192,12 +351,13 @@ def running(run_dir: str | Path, device: str = "auto", *, resume: bool = False,
 
 
 def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> None:
-    """A complete folder made with other parameters or other data is an error, not a silent substitute."""
-    params_file = run_dir / "params.json"
-    if not params_file.is_file():
+    """A folder holding a run (complete or not) made with other parameters or other data is an error, not a silent
+    substitute, nor a run to clear or resume."""
+    found = open_run(run_dir)
+    if found is None:
         return
-    params = read_json(params_file)
-    saved, wanted = params.get("config", {}), cfg.to_dict()
+    params = found.record
+    saved, wanted = found.config, cfg.to_dict()
     diff = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in wanted
             if k not in NOT_IDENTITY and k in saved and saved[k] != wanted[k]]
     if data_record is not None:
@@ -209,15 +369,12 @@ def check_reusable(cfg: Any, run_dir: Path, data_record: dict | None = None) -> 
         if negs[0] != negs[1]:
             diff.append(f"extra negatives fingerprint: {negs[0]!r} there, {negs[1]!r} asked")
     if diff:
-        raise CXRError(f"{run_dir} is a complete run with other parameters ({'; '.join(diff)}); "
+        state = "a complete run" if read_status(run_dir) == "complete" else "an unfinished run"
+        raise CXRError(f"{run_dir} is {state} with other parameters ({'; '.join(diff)}); "
                        "choose another run_dir or delete that folder to retrain")
 
 
 # --- reading run folders: every reader goes through `Run` --------------------------------------------------
-
-PARAMS, METRICS, PREDICTIONS = RESULT_FILES
-PLANNED = "config.json"  # written by the run matrix before training starts: a run that fails early is still listed
-EXTERNAL = "external"  # <run>/external/<name>/{metrics.json,predictions.csv}: the run scored on other data
 
 
 class Run:

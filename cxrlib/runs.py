@@ -137,7 +137,8 @@ def ensure_pretrained(run_root: Path, profile: str, chestxray14_dir: str = "", b
                  **{k: v for k, v in overrides.items() if k in names}}
         cfg = PretrainConfig(**{k: v for k, v in with_profile(PRETRAIN_PROFILES, given).items() if k != "profile"})
         try:
-            pretrain(cfg, out, progress=False)
+            with locked(out):  # a second matrix waits here, then finds it complete (pretrain returns it untouched)
+                pretrain(cfg, out, progress=False)
         except Exception as err:  # kept as the folder's status; the matrix goes on without this init
             print(f"pretraining failed ({out / 'status'}): {err}", file=sys.stderr)
     return RunStatus(out.name, out, read_status(out))
@@ -548,6 +549,7 @@ def run_matrix(args: argparse.Namespace) -> int:
     """Train the matrix of `args` (or, with --where or --book, print its folder or execute its chapters)."""
     started = time.monotonic()
     overrides = check_args(args)
+    from .evaluate import dropped_line
     from .train import load_data
 
     data = {"coronahack_dir": args.coronahack_dir, "extra_covid_dir": args.extra_covid_dir}
@@ -556,6 +558,8 @@ def run_matrix(args: argparse.Namespace) -> int:
     if args.where:
         print(root)
         return 0
+    if dropped := dropped_line(loaded.report):  # once here: the runs themselves train quietly
+        print(dropped, flush=True)
     if args.book:
         build_book_notebooks(root, data, args.profile)
         return 0

@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from .chestxray14 import FINDINGS
+from .errors import CXRError
 from .readers import CORONAHACK_IMAGES
 
 SOURCE_SIZE = 128  # the generator draws on this square; paediatric files keep it, adult ones are stretched
@@ -290,7 +291,8 @@ def make_coronahack(
 def _build_once(final: Path, build) -> None:
     """Make a data set folder once: `build(tmp)` in a temporary folder, a COMPLETE marker, then a rename.
 
-    An interrupted or concurrent build never leaves a half-written dataset that later runs would trust.
+    An interrupted or concurrent build never leaves a half-written dataset that later runs would trust. A folder
+    that cannot be written (a read-only HOME, a full disk) is one error naming it and CXRLIB_DATA.
     """
     if (final / "COMPLETE").exists():
         return
@@ -305,6 +307,9 @@ def _build_once(final: Path, build) -> None:
         except OSError:  # another process finished first
             if not (final / "COMPLETE").exists():
                 raise
+    except OSError as err:
+        raise CXRError(f"cannot write cxrlib's synthetic data to {final.parent} ({err.strerror or err}): set "
+                       "CXRLIB_DATA to a writable folder (default ~/.cache/cxrlib/synthetic)") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

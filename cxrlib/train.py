@@ -22,22 +22,25 @@ from . import data, distributed, images, losses, metrics, models, preprocess
 from .atomic import save_torch, write_csv
 from .config import RunConfig, check_paths, data_record, external_sets
 from .errors import CXRError
-from .evaluate import evaluate
+from .evaluate import dropped_line, evaluate
 from .infer import amp_dtype, backbone_features, describe_device, predict_dataset
 from .loop import FitOptions, FitResult, fit, main_first, seed_everything
-from .rundir import BEST, LAST, METRICS, PARAMS, PREDICTIONS, open_run, reuse, running
+from .rundir import BEST, LAST, METRICS, PARAMS, PREDICTIONS, claimed, open_run, reuse, running
 from .weights import Weights
 
 TARGET_SENSITIVITY = 0.95  # COVID sensitivity the validation-chosen operating point must reach
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, *, root: str | Path = "runs", resume: bool = False,
-        progress: bool | None = None, loaded: LoadedData | None = None) -> Path:
+        progress: bool | None = None, loaded: LoadedData | None = None, strict: bool = False) -> Path:
     """Train, evaluate and write the run folder of `cfg`; a complete folder is returned untouched.
 
     The book must never retrain what exists, so a folder whose status is "complete" is only checked
     (same parameters, same data fingerprint) and returned. `resume=True` continues from
     checkpoint-last.pt of an interrupted run and ends with the same numbers as an uninterrupted one.
+    The folder is this process's while it trains (rundir.claimed: another writer fails at once, a folder
+    holding anything but this run is refused, an error before training leaves no folder). Images the data
+    could not give are printed (unless `progress` is False) and recorded; `strict` makes them an error.
     Under `torchrun` every rank calls this; rank 0 alone writes. Without `run_dir` (or cfg.run_dir) the
     folder is `default_run_dir(cfg, root=root)`, and the data are read once for its name and the training;
     `loaded` (load_data(cfg), when the caller has read it already) saves that read.
@@ -45,12 +48,19 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, root: str | Path =
     if loaded is None and not (run_dir or cfg.run_dir):
         loaded = load_data(cfg)  # the default folder is named by the data
     run_dir = Path(run_dir or default_run_dir(cfg, loaded and loaded.record, root))
-    if reuse(cfg, run_dir, lambda: (loaded or load_data(cfg)).record):
+
+    def record() -> dict[str, Any]:  # the data are read only to check a folder that holds a run
+        return (loaded or load_data(cfg)).record
+
+    if reuse(cfg, run_dir, record):
         return run_dir
     check_paths(cfg)  # a missing weights file or GPU fails before the folder is made
     distributed.resolve_device(cfg.device)
-    with running(run_dir, cfg.device, resume=resume) as info:
-        _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded)
+    with claimed(cfg, run_dir, resume, record):
+        if reuse(cfg, run_dir, record):  # completed by another process since the check above
+            return run_dir
+        with running(run_dir, cfg.device, resume=resume) as info:
+            _train_and_evaluate(cfg, run_dir, resume, progress, info, loaded, strict)
     return run_dir
 
 
@@ -84,7 +94,7 @@ def default_run_dir(cfg: RunConfig, record: dict[str, Any] | None = None, root: 
 
 
 def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool | None,
-                        info: distributed.DistInfo, loaded: LoadedData | None) -> None:
+                        info: distributed.DistInfo, loaded: LoadedData | None, strict: bool) -> None:
     classes = list(cfg.classes)
     with main_first(info):  # rank 0 makes the synthetic data and fills the image cache; the others then read it
         seed_everything(cfg.seed)
@@ -102,6 +112,9 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
     for s, ds in sets.items():
         if len(ds) == 0:
             raise CXRError(f"the {s} split is empty after reading the data; check the data folders and val/test_frac")
+    dropped = dropped_line(report, [item for ds in sets.values() for item in ds.skipped], strict)
+    if dropped and info.is_main and progress is not False:
+        print(dropped, flush=True)
 
     train_labels = sets["train"].labels
     counts = np.bincount(train_labels, minlength=len(classes))

