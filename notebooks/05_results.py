@@ -46,7 +46,7 @@ profile = "quick"
 coronahack_dir = None
 extra_covid_dir = None
 run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
-rerun_root = ""  # run folders of some of the same configurations and seeds, made again (the noise floor); "": none
+rerun_root = None  # run folders of some of the same configurations and seeds made again (the noise floor); None: none
 
 # %% tags=["hide-input"]
 from pathlib import Path

@@ -79,7 +79,7 @@ def test_pretrain_cli_takes_the_profile_then_the_flags(monkeypatch, tmp_path):
     import cxrlib.pretrain as pretrain
 
     seen = {}
-    monkeypatch.setattr(pretrain, "pretrain", lambda cfg, out, resume: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg, out, resume, strict=False: seen.setdefault("cfg", cfg))
     assert cli.main(["pretrain", "--profile", "quick", "--epochs", "1", "--out", str(tmp_path)]) == 0
     quick = config.PRETRAIN_PROFILES["quick"]
     assert (seen["cfg"].image_size, seen["cfg"].lr, seen["cfg"].epochs) == (quick["image_size"], quick["lr"], 1)
