@@ -179,7 +179,9 @@ def test_ctrl_c_leaves_a_matrix_json_that_says_what_ran(tmp_path, monkeypatch, c
 
     from cxrlib.config import data_record
 
-    loaded = SimpleNamespace(record=data_record("0" * 16, 3), table=pd.DataFrame({"path": []}))
+    from cxrlib.readers import ReadReport
+
+    loaded = SimpleNamespace(record=data_record("0" * 16, 3), table=pd.DataFrame({"path": []}), report=ReadReport())
     monkeypatch.setattr(train, "load_data", lambda cfg: loaded)  # no data read: the matrix's bookkeeping only
     calls = []
 
