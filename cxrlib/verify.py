@@ -19,7 +19,7 @@ from typing import Any
 from .errors import CXRError
 
 TOLERANCE = 1e-9  # a recomputed number may differ from the recorded one by float rounding, nothing more
-RUN_SCORES = ("n", "n_patients", "classes", "accuracy", "macro_f1", "balanced_accuracy", "covid_sensitivity",
+RECOMPUTED = ("n", "n_patients", "classes", "accuracy", "macro_f1", "balanced_accuracy", "covid_sensitivity",
               "covid_specificity", "per_class", "macro", "confusion", "roc_auc", "roc_auc_per_class", "ci",
               "at_threshold")  # what compute_metrics recomputes from predictions.csv (the rest is provenance)
 
@@ -106,8 +106,8 @@ def _run_metrics(run_dir: Path, name: str) -> tuple[int, list[str]]:
     threshold = (recorded.get("at_threshold") or {}).get("threshold")
     fresh = metrics.compute_metrics(run.predictions(), recorded["classes"], n_boot=info.get("n_boot", 1000),
                                     seed=info.get("seed", 0), threshold=threshold)
-    return compare({k: recorded.get(k) for k in RUN_SCORES if k in fresh},
-                   {k: fresh[k] for k in RUN_SCORES if k in fresh}, f"{name}/metrics.json")
+    return compare({k: recorded.get(k) for k in RECOMPUTED if k in fresh},
+                   {k: fresh[k] for k in RECOMPUTED if k in fresh}, f"{name}/metrics.json")
 
 
 _MISSING = object()
