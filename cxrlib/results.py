@@ -17,13 +17,14 @@ import re
 import math
 import numbers
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .config import check_exists
+from .config import RunConfig, check_exists
 from .errors import CXRError
 from . import metrics
 from .atomic import write_text
@@ -33,9 +34,13 @@ from .paths import ROOT
 from .rundir import MATRIX, PARAMS, PLANNED, Run, open_run, read_status
 
 # Config fields that do not change what a run tests: two runs differing only in these are the same arm.
-NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile")
+# How a run was executed or what it was scored on afterwards, not what it trained and tested: `external` sets are
+# scored after training on images no run saw, so a run with and one without them are the same run.
+NOT_COMPARED = ("run_dir", "device", "num_workers", "weights", "seed", "amp", "profile", "external")
 # A factor that is a derived column also frees the columns it is derived from.
 DERIVED_FROM = {"init_family": ("init",), "debiased": ("extra_negatives",)}
+RECORDED_LATER = {f.name: f.default for f in dataclasses.fields(RunConfig)
+                  if f.default is not dataclasses.MISSING}
 SHOWN = ("arm", "task", "loss", "init", "extra_covid_train", "seed", "image_size", "epochs")
 COLUMN_WORDS = {"extra_covid_train": "extra COVID in training", "image_size": "image size (px)"}  # for readers
 PAPER_ARM = "paper set-up"  # the paper's own design: no hold-out, preprocessing, extra negatives; weighted sampling
@@ -485,6 +490,18 @@ def rerun_noise(runs: pd.DataFrame, reruns: pd.DataFrame, n_boot: int = N_BOOT, 
     return pd.DataFrame(rows)
 
 
+def noise_sentence(noise: pd.DataFrame) -> str:
+    """What the rerun pairs say, in one sentence: whether training again moved any test image's call."""
+    same = int((noise["images called differently"] == 0).sum())
+    if same == len(noise):
+        return (f"In all {len(noise)} pairs the run trained again called every test image as the first did: on this "
+                "hardware a seed fixes the result, so what moves the claims' numbers is the seed, which the claims' "
+                "intervals resample.")
+    return (f"In {len(noise) - same} of {len(noise)} pairs the run trained again called some test images differently "
+            f"(up to {int(noise['images called differently'].max())} of {int(noise['images'].max())}): a claim's "
+            "difference within that range is what training again moves.")
+
+
 def claims_record(claims: pd.DataFrame, runs: pd.DataFrame, noise: pd.DataFrame | None = None,
                   noise_against: str = "", n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     """claims.json's content: the claims, their verdicts and what stands behind them (the bootstrap's settings, the
@@ -537,7 +554,8 @@ def _run_row(run: Run) -> dict[str, Any]:
     row.update(git_commit=run.record.get("git_commit"), git_dirty=run.record.get("git_dirty"))
     row.update(run=run_dir.name, run_dir=str(run_dir), status=read_status(run_dir), init=Weights.parse(weights).label,
                init_family=Weights.parse(weights).family, debiased=bool(params.get("extra_negatives")))
-    identity = {k: v for k, v in params.items() if k not in NOT_COMPARED}
+    recorded = {**RECORDED_LATER, **params}  # a field added after a run was made holds its default there
+    identity = {k: v for k, v in recorded.items() if k not in NOT_COMPARED}
     row["identity"] = {**identity, "init": row["init"], "init_family": row["init_family"],
                        "extra_covid_train": row["extra_covid_train"], "debiased": row["debiased"]}
     if row["status"] == "complete":

@@ -115,7 +115,8 @@ if noise is None or noise.empty:
 else:
     display(tables(noise, f"Runs of one configuration and seed trained twice (this chapter's runs vs "
                           f"`{Path(rerun_root).name}`): the images they call differently and the paired differences "
-                          f"(95% interval over test patients)."))
+                          f"(95% interval over test patients)."),
+            Markdown(results.noise_sentence(noise)))
 
 # %% tags=["nbval-check-output", "remove-cell"]
 # Which claims could be tested here, and by which runs, is the same on every machine; a verdict on a 2-epoch

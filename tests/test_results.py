@@ -277,3 +277,17 @@ def test_arm_names_are_words():
     assert results.arm_name({"preprocess": "lungs_removed", "weighted_sampler": True}) == "lungs removed"
     assert results.arm_name({"weighted_sampler": False}) == "paper set-up, without weighted sampling"
     assert Weights.parse("none").label == "random init"
+
+
+def test_rerun_noise_pairs_a_rerun_recorded_before_a_field_existed_or_scored_on_an_external_set(tmp_path):
+    """The same configuration and seed made twice: once by older code that recorded no `cohort` and scored no
+    external set, once by newer code. They are one run made twice; another seed or loss is not."""
+    make_run(tmp_path / "old", skill=0.8, pred_seed=3)
+    make_run(tmp_path / "old", loss="focal", skill=0.8, pred_seed=4)
+    make_run(tmp_path / "new", skill=0.8, pred_seed=5, cohort="all", external="nih=/somewhere")
+    make_run(tmp_path / "new", seed=1, skill=0.8, pred_seed=5, cohort="all")
+    noise = results.rerun_noise(results.load_runs(tmp_path / "new"), results.load_runs(tmp_path / "old"), n_boot=50)
+    assert list(noise.run) == ["binary-ce-imagenet-0-True-True"] and noise.iloc[0]["images called differently"] > 0
+    assert results.noise_sentence(noise).startswith("In 1 of 1 pairs the run trained again called some test images")
+    make_run(tmp_path / "other", skill=0.8, pred_seed=3, cohort="adults")
+    assert results.rerun_noise(results.load_runs(tmp_path / "new"), results.load_runs(tmp_path / "other")).empty
