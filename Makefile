@@ -95,7 +95,7 @@ unit: $(STAMP)
 	$(PY) -m pytest tests -q -m "not book"
 
 nbval: $(STAMP)
-	$(PY) -m pytest --nbval-lax notebooks -q --nbval-current-env -p no:cacheprovider
+	$(PY) -m pytest --nbval notebooks -q --nbval-current-env -p no:cacheprovider
 
 # Installing Chromium needs root; without it the browser check skips with a message saying so.
 $(CHROMIUM):

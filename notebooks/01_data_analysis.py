@@ -34,7 +34,7 @@ task = None
 seed = None
 image_size = None
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -68,7 +68,7 @@ print(f"duplicates removed: {summary['duplicates_removed']}")
 for note in summary["notes"]:
     print("note:", note.split(" in /")[0])
 
-# %%
+# %% tags=["nbval-ignore-output"]
 tables(table.groupby(["source", "label", "subtype"]).size().rename("images").to_frame(),
        "Images per source, class and subtype, after removing the copies shared by the two sources.", index=True)
 
@@ -78,7 +78,7 @@ tables(table.groupby(["source", "label", "subtype"]).size().rename("images").to_
 # COVID-19 is the minority class. Training draws images with probability inversely proportional to
 # their class frequency (as the paper does); these are the weights.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 train_labels = encode_labels(table.loc[table.split == "train", "label"], task)
 n_classes = len(classes(task))
 imbalance = pd.DataFrame({
@@ -88,13 +88,13 @@ imbalance = pd.DataFrame({
 tables(imbalance, "Training images per class, and the weight with which training draws each class's images "
        "(inversely proportional to its frequency).", index=True)
 
-# %% mystnb={"figure": {"caption": "Images per class and source, after removing the copies shared by the two sources.", "name": "fig-data-class-source"}}
+# %% mystnb={"figure": {"caption": "Images per class and source, after removing the copies shared by the two sources.", "name": "fig-data-class-source"}} tags=["nbval-ignore-output"]
 sns.countplot(table, y="label", hue="source", order=["covid", "pneumonia", "normal"]).set_title("images per class and source");
 
 # %% [markdown]
 # ## Duplicates across the sources
 
-# %%
+# %% tags=["nbval-ignore-output"]
 duplicates = pd.DataFrame(report.duplicates, columns=["removed", "kept (copy of)"])
 tables(duplicates.head(10), f"Images removed as copies of an image in the other source: the first "
        f"{min(len(duplicates), 10)} of {len(duplicates)}.", empty="No image was found in both sources.")
@@ -111,7 +111,7 @@ tables(duplicates.head(10), f"Images removed as copies of an image in the other 
 for split, counts in summary["counts"].items():
     print(f"{split}: {summary['patients'][split]} patients;", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
-# %%
+# %% tags=["nbval-ignore-output"]
 split_counts = pd.DataFrame(summary["counts"]).fillna(0).astype(int)
 split_counts.loc["all classes"] = split_counts.sum()
 split_counts.loc["patients"] = pd.Series(summary["patients"])
@@ -125,7 +125,7 @@ tables(split_counts.rename_axis(None), f"The patient-disjoint split (seed {seed}
 # images were squashed to 224 × 224 upstream while the COVID-19 ones keep their aspect ratio, so the
 # shape alone gives the class away; every image is therefore resized to one square size.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 sizes = audit.original_sizes(table.path).set_index(table.index)
 cache = ImageCache(image_size)
 pixels, skipped = cache.load(list(table.path))
@@ -139,10 +139,10 @@ tables(medians.assign(width=medians.width.map(pixels_text), height=medians.heigh
        "Medians per source and class: width, height and aspect ratio of the images as stored; mean intensity "
        "(0–255) of the whole image and of its border strip after resizing.", index=True)
 
-# %% mystnb={"figure": {"caption": "Aspect ratio (width / height) of the images as stored, per class (panels) and source (colour).", "name": "fig-data-aspect"}}
+# %% mystnb={"figure": {"caption": "Aspect ratio (width / height) of the images as stored, per class (panels) and source (colour).", "name": "fig-data-aspect"}} tags=["nbval-ignore-output"]
 fig = sns.displot(look, x="aspect", hue="source", col="label", kind="hist", height=2.6, facet_kws={"sharey": False})
 
-# %% mystnb={"figure": {"caption": "Mean pixel intensity of each image after resizing, per class (panels) and source (colour); densities normalised per source.", "name": "fig-data-intensity"}}
+# %% mystnb={"figure": {"caption": "Mean pixel intensity of each image after resizing, per class (panels) and source (colour); densities normalised per source.", "name": "fig-data-intensity"}} tags=["nbval-ignore-output"]
 fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", height=2.6, fill=True,
                   common_norm=False, facet_kws={"sharey": False})
 
@@ -153,7 +153,7 @@ fig = sns.displot(look, x="whole_mean", hue="source", col="label", kind="kde", h
 # Kermany's CC BY 4.0 images and openly licensed ieee8023 rows; never NC, ND or unknown licences).
 # A class with fewer such images shows fewer.
 
-# %% mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Up to four images per class whose licence allows publishing, drawn with the chapter's seed; each caption gives the class, then the image's source and licence.", "name": "fig-data-samples"}} tags=["hide-input", "nbval-ignore-output"]
 picks = licences.sample_per_class(table, per_class=4, seed=seed, synthetic=record["synthetic"])
 plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
                  f"{licences.caption(table.iloc[i], synthetic=record['synthetic'])}" for i in picks], ncols=6);
@@ -166,10 +166,10 @@ plots.image_grid([pixels[i] for i in picks], [f"{table.label.iloc[i]} · "
 # label**, with patient-grouped cross-validation? If borders and file sizes alone predict COVID-19,
 # a classifier can score well without looking at the lungs.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 probe = audit.source_probe(table.reset_index(drop=True), pixels, sizes=sizes.reset_index(drop=True), seed=seed)
 tables(audit.probe_table(probe), "How well trivial image statistics predict the source (origin) and the "
        "COVID-19 label: balanced accuracy with patient-grouped cross-validation, against chance.")
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 display(Markdown(audit.probe_lines(probe)))

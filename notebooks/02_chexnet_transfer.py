@@ -45,7 +45,7 @@ coronahack_dir = None
 extra_covid_dir = None
 run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -114,7 +114,7 @@ if pretrained is not None:
 # 14 sigmoid outputs trained with binary cross-entropy; model selection on the validation mean
 # AUROC; AUROC per finding on the official test list (patient-disjoint from training).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if pretrained is None:
     display(skipped)
 else:
@@ -124,7 +124,7 @@ else:
     display(tables(auroc, "ChestX-ray14 pretraining: test AUROC per finding (– where the test list has no "
                           "positive or no negative image of it)."))
 
-# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) and the validation mean AUROC over the 14 findings, per epoch.", "name": "fig-pretrain-loss"}}
+# %% mystnb={"figure": {"caption": "ChestX-ray14 pretraining: training and validation loss (binary cross-entropy over the 14 findings) and the validation mean AUROC over the 14 findings, per epoch.", "name": "fig-pretrain-loss"}} tags=["nbval-ignore-output"]
 if pretrained is not None:
     plots.training_curves(pd.read_csv(pretrained / "history.csv"));
 
@@ -135,7 +135,7 @@ if pretrained is not None:
 # replaces only the head. The check below compares each backbone tensor of the new model with the
 # checkpoint (difference 0: copied) and with a fresh random initialisation (difference > 0: not random).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if pretrained is None:
     display(skipped)
 else:
@@ -158,7 +158,7 @@ if pretrained is not None:
         "different from a random init": [int((check.mean_abs_diff_to_random_init > 0).sum())],
     }), "Every transferred backbone tensor is the checkpoint's, and none is a random initialisation."))
 
-# %% mystnb={"figure": {"caption": "Mean absolute difference between each transferred backbone tensor and the same tensor freshly initialised at random (log scale).", "name": "fig-transfer-vs-random"}}
+# %% mystnb={"figure": {"caption": "Mean absolute difference between each transferred backbone tensor and the same tensor freshly initialised at random (log scale).", "name": "fig-transfer-vs-random"}} tags=["nbval-ignore-output"]
 if pretrained is not None:
     fig, ax = plt.subplots(figsize=(plots.PAGE_WIDTH_IN, 3.4), layout="constrained")
     sns.histplot(check, x="mean_abs_diff_to_random_init", log_scale=True, bins=30, ax=ax)
@@ -174,7 +174,7 @@ if pretrained is not None:
 # share task, loss, extra COVID-19 images and schedule, and differ only in the initialisation (and
 # the seed).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 cells = (paper.groupby(["task", "loss", "extra_covid_train", "init"], sort=True)["macro_f1"]
          .agg(["mean", "min", "max", "count"]).reset_index())
 cells["text"] = [f"{r['mean']:.3f} (1 seed)" if r["count"] == 1 else
@@ -189,11 +189,11 @@ tables(pivot.fillna("not run"), "Test macro-F1 of the paper set-up's complete ru
        "names the number of seeds behind it (a mean, with the range, when there are several).",
        empty="No run of the paper's set-up is complete.")
 
-# %% mystnb={"figure": {"caption": "Test macro-F1 of the paper set-up's complete runs by initialisation, one panel per task; each row an initialisation with the settings that differ between rows; each dot one run with its patient-level 95% CI (the axis label says whether a mean over seeds is drawn).", "name": "fig-init-f1"}}
+# %% mystnb={"figure": {"caption": "Test macro-F1 of the paper set-up's complete runs by initialisation, one panel per task; each row an initialisation with the settings that differ between rows; each dot one run with its patient-level 95% CI (the axis label says whether a mean over seeds is drawn).", "name": "fig-init-f1"}} tags=["nbval-ignore-output"]
 if len(paper):
     plots.by_init(paper.assign(loss=paper.loss.map({"ce": "cross-entropy loss", "focal": "focal loss"}).fillna(paper.loss)));
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 if len(paper):
     seeds = paper.groupby(["task", "init", "loss", "extra_covid_train"]).seed.nunique()
     display(Markdown(f"Each row of the figure holds {seeds.min()} seed{'s' if seeds.min() != 1 else ''}"

@@ -57,7 +57,7 @@ amp = None
 device = None
 run_dir = None  # None: runs/<profile>/<data tag>/<run name> in the repository
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 from pathlib import Path
 
 import pandas as pd
@@ -75,7 +75,7 @@ tables = book.Tables(3)
 # %% tags=["nbval-ignore-output", "remove-cell"]
 out = Path(run(cfg, root=book.repo_path("runs")))  # cfg.run_dir, else runs/<profile>/<data tag>/<run name>
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 # what the run folder recorded (its data, then what it trained), not this notebook's parameters
 display(book.banner(book.banner_from_record(out)), book.banner(book.run_banner(out)))
 record = Run(out)
@@ -96,7 +96,7 @@ tables(pd.DataFrame({"class": [plots.class_words(c) for c in classes],
 # %% [markdown]
 # ## Training curves
 
-# %% mystnb={"figure": {"caption": "Training and validation loss per epoch (log scale when the first epoch dwarfs the rest), and the validation scores used for model selection.", "name": "fig-training-curves"}}
+# %% mystnb={"figure": {"caption": "Training and validation loss per epoch (log scale when the first epoch dwarfs the rest), and the validation scores used for model selection.", "name": "fig-training-curves"}} tags=["nbval-ignore-output"]
 plots.training_curves(history);
 
 # %% [markdown]
@@ -108,11 +108,11 @@ plots.training_curves(history);
 # is the **macro one-vs-rest** AUC, the mean of three class-vs-rest AUCs; the COVID-19-vs-rest AUC, the
 # paper's question, is shown beside it.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 tables(explain.class_table(metrics), "Test metrics per class (Wilson 95% intervals; a precision is undefined "
        "when the model never predicted the class).")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 ci_info = metrics.get("ci_info", {})
 tables(explain.headline_table(metrics, predictions),
        f"Headline test metrics, each with its 95% interval from {ci_info.get('n_boot', 1000)} bootstrap resamples "
@@ -121,10 +121,10 @@ tables(explain.headline_table(metrics, predictions),
 # %% [markdown]
 # ## Confusion matrix and ROC curves
 
-# %% mystnb={"figure": {"caption": "Confusion matrix on the test split: counts, coloured by the share of each true class.", "name": "fig-confusion"}}
+# %% mystnb={"figure": {"caption": "Confusion matrix on the test split: counts, coloured by the share of each true class.", "name": "fig-confusion"}} tags=["nbval-ignore-output"]
 plots.confusion_matrix(metrics["confusion"]["matrix"], metrics["confusion"]["labels"]);
 
-# %% mystnb={"figure": {"caption": "ROC curves on the test split: COVID-19 against the rest (binary task), or each class against the rest (3-class task; the title gives their mean, the macro one-vs-rest AUC), each with the area under its curve.", "name": "fig-roc"}}
+# %% mystnb={"figure": {"caption": "ROC curves on the test split: COVID-19 against the rest (binary task), or each class against the rest (3-class task; the title gives their mean, the macro one-vs-rest AUC), each with the area under its curve.", "name": "fig-roc"}} tags=["nbval-ignore-output"]
 plots.roc_curves(predictions, classes);
 
 # %% [markdown]
@@ -133,8 +133,8 @@ plots.roc_curves(predictions, classes);
 # A screening use would fix a COVID-19 sensitivity first. The threshold below was chosen on the
 # validation split to reach the target sensitivity, then applied unchanged to the test split.
 
-# %% mystnb={"figure": {"caption": "Reliability diagram on the test split: observed accuracy against the model's confidence, per confidence bin; the expected calibration error (ECE) is in the title.", "name": "fig-reliability"}}
+# %% mystnb={"figure": {"caption": "Reliability diagram on the test split: observed accuracy against the model's confidence, per confidence bin; the expected calibration error (ECE) is in the title.", "name": "fig-reliability"}} tags=["nbval-ignore-output"]
 plots.reliability(metrics["reliability"], metrics["ece"]);
 
-# %%
+# %% tags=["nbval-ignore-output"]
 display(Markdown(explain.threshold_sentence(metrics)))

@@ -49,7 +49,7 @@ n_cam = 6  # Grad-CAM examples shown (true COVID-19 first), each panel at least 
 n_cam_share = 60  # test images whose Grad-CAM lung share is measured (a CI needs more than a handful)
 analysis_seed = 0  # the Grad-CAM sample, bootstraps and probes; not a training seed (the run recorded its own)
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 from pathlib import Path
 
 import pandas as pd
@@ -95,7 +95,7 @@ display(Markdown(f"Run `{run_dir.name}` ({meta['task']} task): {len(predictions)
 print(f"test split of the run: {len(predictions)} images of {predictions.patient_id.nunique()} patients; "
       f"classes {', '.join(words(c) for c in sorted(predictions['true'].unique()))}")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 errors = explain.misclassified(predictions)
 counts = errors.groupby(["class", "kind"]).size().unstack(fill_value=0) if len(errors) else pd.DataFrame()
 counts = counts.reindex(index=classes, columns=["false_negative", "false_positive"], fill_value=0)
@@ -110,7 +110,7 @@ tables(pd.DataFrame({"class": [words(c) for c in counts.index],
 # The table lists the eight errors the model was surest of; the figure shows those of them whose
 # licence allows publishing the image (`cxrlib.licences`; never NC, ND or unknown licences).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 worst = explain.most_confident_errors(predictions, n=8)
 tables(pd.DataFrame({"image": worst.image_id, "source": worst.source, "true class": worst["true"].map(words),
                      "predicted class": worst["pred"].map(words),
@@ -118,7 +118,7 @@ tables(pd.DataFrame({"image": worst.image_id, "source": worst.source, "true clas
                      "may be published": licences.redistributable(worst, synthetic=synthetic)}),
        "The test errors the model was surest of.", empty="The model made no error on the test split.")
 
-# %% mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map (layer3) of the predicted class over each image; each caption reads true \u2192 predicted class (the model's probability for it; \"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-confident-errors"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "The publishable ones among the test images the model was surest of and wrong about, with the Grad-CAM map (layer3) of the predicted class over each image; each caption reads true \u2192 predicted class (the model's probability for it; \"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-confident-errors"}} tags=["hide-input", "nbval-ignore-output"]
 cache = ImageCache(meta["image_size"])
 shown = worst[licences.redistributable(worst, synthetic=synthetic)]
 if len(shown):
@@ -139,7 +139,7 @@ else:
 # predicted class) inside each image's lung fields, next to the lung fields' share of the image: a map
 # spread evenly over the image would score exactly that area share. The intervals resample patients.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 sample = predictions.sample(frac=1, random_state=analysis_seed).groupby("true").head(max(1, n_cam_share // len(classes)))
 sample, pixels = audit.readable(sample, cache)
 cams = explain.grad_cam(model, to_batch(pixels, meta["input_spec"]))
@@ -166,13 +166,13 @@ tables(pd.DataFrame({"true class": share.index.map(words), "images": share.image
 # Only images whose licence allows redistribution are shown (`cxrlib.licences`); the others are
 # measured above but never drawn.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 examples = explain.cam_examples(predictions, shareable, n=n_cam, seed=analysis_seed)
 display(Markdown(explain.publishable_note(predictions, shareable)
                  + (" None of them can be shown here, so the figure has no COVID-19 image."
                     if not (examples["true"] == "covid").any() and (predictions["true"] == "covid").any() else "")))
 
-# %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class over publishable test images, true COVID-19 first (found and missed, where the test split has publishable ones), then the other classes right and wrong; each caption reads true \u2192 predicted class (the model's probability for it) and the outcome (\"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Grad-CAM maps (layer3) of the predicted class over publishable test images, true COVID-19 first (found and missed, where the test split has publishable ones), then the other classes right and wrong; each caption reads true \u2192 predicted class (the model's probability for it) and the outcome (\"map all zero\" where Grad-CAM gives no weight anywhere), then the image's source and licence.", "name": "fig-gradcam-sample"}} tags=["hide-input", "nbval-ignore-output"]
 if len(examples):
     example_pixels, _ = cache.load(examples.path.tolist())
     example_cams = explain.grad_cam(model, to_batch(example_pixels, meta["input_spec"]))
@@ -196,7 +196,7 @@ else:
 # (Kermany children vs ieee8023 adults); and border/corner statistics alone predicting **COVID-19**.
 # Rule: balanced accuracy ≥ 0.80 (or ≥ chance + 0.30) flags a shortcut.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 probed, all_pixels = audit.readable(table[table.image_id.isin(predictions.image_id)], cache)
 features = audit.backbone_features(model, all_pixels)
 sizes = audit.original_sizes(probed.path)
@@ -209,7 +209,7 @@ tables(audit.probe_table(probe), "What the probes read off the test images: bala
 # images of half the patients; the image-statistics probe must flag it, and must not flag the same
 # halves without the marker. A probe that misses it is blind, and its "none" verdicts above mean nothing.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 control = audit.positive_control(all_pixels, probed.patient_id, audit.image_statistics, seed=analysis_seed)
 assert control.loc["planted", "flagged"], "the probe missed a planted marker: its verdicts cannot be trusted"
 tables(audit.probe_table(control), "Positive control of the image-statistics probe: the same images with and "
@@ -222,7 +222,7 @@ tables(audit.probe_table(control), "Positive control of the image-statistics pro
 # intensity, leaving borders, text and collimation); everything but the lung fields blanked.
 # `f1_retained` is macro-F1 relative to intact.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 masked = audit.evaluate_masked(model, predictions, cache, task=meta["task"], seed=analysis_seed)
 assert set(masked.index) == {"intact", "lungs_removed", "lungs_only"}
 macro = meta["task"] != "binary"  # a 3-class "ROC AUC" is the mean of three one-vs-rest AUCs
@@ -230,7 +230,7 @@ tables(audit.masked_table(masked).rename(columns={"ROC AUC": "ROC AUC (macro one
        "The run's model on its test images shown three ways (95% patient-bootstrap intervals); the majority class's "
        "macro-F1 is the score of always giving one answer.")
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 display(Markdown(audit.conclusion(probe, masked)))
 
 # %% [markdown]
@@ -247,7 +247,7 @@ display(Markdown(audit.conclusion(probe, masked)))
 # `python -m cxrlib.runs --variants lungs_removed,lungs_removed_marker` or three `python -m cxrlib train
 # --preprocess ...` runs.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 arms = lungs_removed.find_arms(lungs_root or root)
 if arms.empty:
     display(Markdown(f"No lungs-removed training runs under `{Path(lungs_root or root).name}`: run "
@@ -270,14 +270,14 @@ else:
 # Accuracy and COVID-19 sensitivity/specificity per source, and for ieee8023 images per view, sex
 # and age band (metadata the Kermany images do not have).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 SUBGROUP_COLUMNS = {"n": "test images", "accuracy": "accuracy (Wilson 95% CI), images",
                     "covid_sensitivity": "COVID-19 sensitivity (Wilson 95% CI), images",
                     "covid_specificity": "COVID-19 specificity (Wilson 95% CI), images"}
 tables(audit.format_subgroups(audit.subgroup_metrics(predictions, table, "source")).rename(columns=SUBGROUP_COLUMNS),
        "Test metrics per source (intervals count images, not patients: read them as a lower bound on the uncertainty).")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 adults = table[audit.origin(table) == "ieee8023"]
 BY_WORDS = {"view": "view", "sex": "sex", "age_band": "age band"}
 by_group = pd.concat([audit.format_subgroups(audit.subgroup_metrics(predictions[predictions.image_id.isin(adults.image_id)],
@@ -296,7 +296,7 @@ tables(by_group[["grouped by", *[c for c in by_group.columns if c != "grouped by
 # COVID-19 sensitivity/specificity are reported with patient-level 95% intervals. The same is
 # available from the command line: `python -m cxrlib evaluate --checkpoint RUN/model.pt --manifest CSV --out DIR`.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if external_manifest:
     external = evaluate(run_dir / "model.pt", {"manifest": external_manifest}, run_dir / "external", progress=False)
     summary = audit.external_validation_summary(external)

@@ -48,7 +48,7 @@ extra_covid_dir = None
 run_root = None  # None: runs/<profile>/<data tag> in the repository (python -m cxrlib.runs --where)
 rerun_root = None  # run folders of some of the same configurations and seeds made again (the noise floor); None: none
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 from pathlib import Path
 
 from IPython.display import Markdown, display
@@ -69,7 +69,7 @@ assert complete.accuracy.between(0, 1).all() and complete.macro_f1.between(0, 1)
 # Each arm of the matrix with its complete and unfinished runs; arms the run matrix did not start
 # are listed with the reason it recorded (in the run root's `matrix.json`).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 not_run = results.read_not_run(run_root)
 tables(results.arms_table(runs, not_run), "Each arm of the run matrix: complete and unfinished runs, and the seeds "
        "that completed; arms the matrix could not start, with the reason it recorded.")
@@ -78,7 +78,7 @@ tables(results.arms_table(runs, not_run), "Each arm of the run matrix: complete 
 shown, same = results.narrow(results.run_table(runs))
 print(shown.drop(columns=["status"], errors="ignore").to_string(index=False))  # the configurations: same everywhere
 
-# %%
+# %% tags=["nbval-ignore-output"]
 tables(shown, f"Every run folder read by this chapter, labelled by its arm. {same}")
 
 # %% [markdown]
@@ -92,7 +92,7 @@ tables(shown, f"Every run folder read by this chapter, labelled by its arm. {sam
 # (`claims.json` beside the run folders), from which the book's first page states them and
 # `python -m cxrlib verify` recomputes them.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 claims = results.claims_table(runs, not_run)
 assert claims.verdict.str.match(r"supported|not supported|no evidence of a difference|not testable here \(").all()
 noise = results.rerun_noise(runs, results.load_runs(rerun_root)) if rerun_root else None
@@ -108,7 +108,7 @@ display(tables(results.claims_for_reading(claims), "The paper's claims, tested o
 # what training the same thing again moves (thread scheduling, code versions, floating-point order);
 # a claim's difference has to clear it to mean more than that.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 if noise is None or noise.empty:
     display(Markdown("No configuration was trained twice with the same seed here, so the rerun noise floor is not "
                      "measured on this page."))
@@ -135,12 +135,12 @@ for _, claim in claims.iterrows():
 #
 # ### Binary task: COVID-19 vs. the rest
 
-# %%
+# %% tags=["nbval-ignore-output"]
 shown, same = results.narrow(results.paper_table(runs, "binary"))
 tables(shown, f"Binary task, the paper's set-up: overall scores per run. {same}", index=True,
        empty="No complete run of the paper's set-up for this task.")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 shown, same = results.narrow(results.class_table(runs, "binary"))
 tables(shown, f"Binary task, the paper's set-up: per-class scores (Wilson 95% intervals). {same}", index=True,
        empty="No complete run of the paper's set-up for this task.")
@@ -148,18 +148,18 @@ tables(shown, f"Binary task, the paper's set-up: per-class scores (Wilson 95% in
 # %% [markdown]
 # ### Three classes: COVID-19 / pneumonia / normal
 
-# %%
+# %% tags=["nbval-ignore-output"]
 shown, same = results.narrow(results.paper_table(runs, "multiclass"))
 tables(shown, "Three classes, the paper's set-up: overall scores per run. \"ROC AUC (macro one-vs-rest)\" is the "
        f"mean of the three one-vs-rest AUCs; the COVID-vs-rest AUC is COVID-19's own. {same}", index=True,
        empty="No complete run of the paper's set-up for this task.")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 shown, same = results.narrow(results.class_table(runs, "multiclass"))
 tables(shown, f"Three classes, the paper's set-up: per-class scores (Wilson 95% intervals). {same}", index=True,
        empty="No complete run of the paper's set-up for this task.")
 
-# %% mystnb={"figure": {"caption": "Test macro-F1 of every complete run of the matrix (dot) with its patient-level 95% interval (bar), one panel per task; where a configuration has runs of several seeds, a black tick marks their mean.", "name": "fig-run-comparison"}}
+# %% mystnb={"figure": {"caption": "Test macro-F1 of every complete run of the matrix (dot) with its patient-level 95% interval (bar), one panel per task; where a configuration has runs of several seeds, a black tick marks their mean.", "name": "fig-run-comparison"}} tags=["nbval-ignore-output"]
 plots.run_comparison(runs);
 
 # %% [markdown]
@@ -168,7 +168,7 @@ plots.run_comparison(runs);
 # Pairs of runs that differ only in the loss, pooled over initialisations, seeds and the
 # extra-COVID arms of each task:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 focal_vs_ce = results.paired(results.paper_runs(runs), "loss", "focal", "ce")
 display(Markdown(results.describe(focal_vs_ce, "focal", "cross-entropy")))
 tables(results.comparison_table(focal_vs_ce), "Focal loss minus cross-entropy, paired runs of the paper's set-up.",
@@ -181,7 +181,7 @@ tables(results.comparison_table(focal_vs_ce), "Focal loss minus cross-entropy, p
 # than one pretrained on ImageNet? Where one of the two has no complete run, the pair of
 # initialisations that did run is compared instead, and the text says so.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 init_pairs, said = results.init_comparison(results.paper_runs(runs))
 display(Markdown(said))
 if len(init_pairs):
@@ -194,7 +194,7 @@ if len(init_pairs):
 # tested on the same test images, so the comparison is paired. Judged on COVID-19 sensitivity, the
 # class the extra images add to; macro-F1 beside it.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 extra_pairs = results.paired(results.paper_runs(runs), "extra_covid_train", True, False)
 display(Markdown(results.describe(extra_pairs, "with extra COVID-19 images", "without", "covid_sensitivity")))
 tables(results.comparison_table(extra_pairs), "With minus without the extra COVID-19 training images (validation "
@@ -207,7 +207,7 @@ tables(results.comparison_table(extra_pairs), "With minus without the extra COVI
 # imbalance. The arm without it (`--variants unweighted`) is otherwise the paper's set-up, on the
 # same splits, so the comparison is paired. Judged on COVID-19 sensitivity, the minority class.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 sampling = results.paired(runs[runs.arm.isin([results.PAPER_ARM, results.UNWEIGHTED])], "weighted_sampler", True,
                           False)
 display(Markdown(results.describe(sampling, "with weighted sampling", "without", "covid_sensitivity")))
