@@ -36,7 +36,7 @@ import pandas as pd
 from . import generalise
 from .config import hold_out_terms
 from .data import column_values, held_out
-from .metrics import METRIC_WORDS, apply_threshold, paired_bootstrap, pooled_auc
+from .metrics import METRIC_WORDS, MIN_THRESHOLD, apply_threshold, paired_bootstrap, pooled_auc
 from .results import fmt_ci
 from .rundir import Run
 
@@ -213,6 +213,32 @@ def auc_paragraph(rows: pd.DataFrame) -> str:
                     + ("their unseen-population AUCs say" if len(weak) > 1 else "its unseen-population AUC says")
                     + " nothing about generalising.")
     return " ".join(said)
+
+
+def auc_rule() -> str:
+    """The threshold-free verdict rule in words, with its goal and floor."""
+    goal = generalise.GOAL
+    return (f"*The rule.* Goal: ROC AUC ≥ {AUC_GOAL:.2f} on the unseen populations, the area under the least concave "
+            f"ROC curve through the operating-point goal (specificity {goal['covid_specificity']:.2f} with COVID-19 "
+            f"sensitivity {goal['covid_sensitivity']:.2f}); met when the interval's lower end reaches it, not met "
+            "when its upper end is below it, else undecided. Judged only where the own-test ROC AUC is at least "
+            f"{LEARNED_FLOOR:.2f}: below it the model misranks more than one COVID-19/non-COVID pair in ten even on "
+            "the sources whose shortcuts it could use.")
+
+
+def threshold_rule(arms: pd.DataFrame) -> str:
+    """The operating-point rule in words, from what the runs recorded (their sensitivity target) and the bound;
+    which runs the bound decided."""
+    chosen = [Run(d).metrics().get("threshold_selection") or {} for d in arms["run_dir"]]
+    targets = ", ".join(f"{t:.2f}" for t in sorted({c["target_sensitivity"] for c in chosen
+                                                    if c.get("target_sensitivity") is not None}))
+    flagged = [f"{label} seed {seed}" for label, seed, c in zip(arms["label"], arms["seed"], chosen)
+               if c.get("at_bound")]
+    return (f"*Threshold rule.* Each run's threshold is the highest whose validation COVID-19 sensitivity reaches "
+            f"{targets or 'its target'}, but never below {MIN_THRESHOLD}: under it the model itself gives COVID-19 "
+            "less than one chance in a hundred, and reaching the sensitivity there means calling nearly every image "
+            "COVID-19. The bound decided the threshold of "
+            + (", ".join(flagged) + " (flagged in the first table)." if flagged else "no run."))
 
 
 def operating_table(goals: pd.DataFrame, at_argmax: pd.DataFrame) -> pd.DataFrame:

@@ -201,7 +201,10 @@ def test_each_arm_is_judged_threshold_free_only_once_it_has_learned(tmp_path):
     metrics_file = tmp_path / "adults-s1" / "metrics.json"  # a run whose threshold the bound decided
     metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()),
                                         "threshold_selection": metrics.bounded_threshold(0.0005)}))
-    rows = remedies.auc_rows(remedies.load_arms(tmp_path), ages, n_boot=200).set_index("label")
+    arms = remedies.load_arms(tmp_path)
+    assert remedies.threshold_rule(arms).endswith("The bound decided the threshold of adults only seed 1 (flagged in "
+                                                  "the first table).")
+    rows = remedies.auc_rows(arms, ages, n_boot=200).set_index("label")
     lungs, adults = rows.loc["lungs only"], rows.loc["adults only"]
     assert lungs["unseen"]["value"] == 1.0 and lungs["unseen"]["n_negative"] == 30  # the child is no adult
     assert lungs["own"]["value"] == 1.0 and lungs["learned"] and lungs["verdict"] == "met"
