@@ -112,7 +112,8 @@ def _run_metrics(run_dir: Path, name: str) -> tuple[int, list[str]]:
     chosen = recorded.get("threshold_selection") or {}
     if chosen.get("threshold") is not None:  # the threshold rule of today: bounded below, the bound's runs flagged
         unbounded = chosen.get("unbounded_threshold", chosen["threshold"])
-        said["threshold_selection"] = {k: chosen.get(k) for k in ("threshold", "at_bound")}
+        said["threshold_selection"] = {"threshold": chosen["threshold"],  # a run from before the bound: not at it
+                                       "at_bound": chosen.get("at_bound", False)}
         again["threshold_selection"] = {k: metrics.bounded_threshold(unbounded)[k] for k in ("threshold", "at_bound")}
     return compare(said, again, f"{name}/metrics.json")
 
