@@ -297,10 +297,13 @@ def paragraphs(arms: pd.DataFrame, goals: pd.DataFrame, aucs: pd.DataFrame, n_bo
         word, why = generalise.arm_decision(rows)
         runs = arms[arms["label"] == label]
         auc = by_label.loc[label]
-        head = (f"**{label}** ({generalise.seed_words(len(runs), runs['seed'].tolist())}): threshold-free "
-                f"**{verdict_said(auc)}**: ROC AUC {_auc(auc['unseen'])} on the unseen populations, "
-                f"{_auc(auc['own'])} on its own test images. At the validation operating point (secondary; "
-                f"thresholds {thresholds_said(auc['thresholds'])}): goal **{word}**. {why}")
+        judged = (f"**{auc['verdict']}**: ROC AUC {_auc(auc['unseen'])} on the unseen populations, "
+                  f"{_auc(auc['own'])} on its own test images" if auc["learned"] else
+                  f"**learned the task only weakly here** (ROC AUC {_auc(auc['own'])} on its own test images, below "
+                  f"{LEARNED_FLOOR:.2f}); apart, not judged: {_auc(auc['unseen'])} on the unseen populations")
+        head = (f"**{label}** ({generalise.seed_words(len(runs), runs['seed'].tolist())}): threshold-free {judged}. "
+                f"At the validation operating point (secondary; thresholds {thresholds_said(auc['thresholds'])}): "
+                f"goal **{word}**. {why}")
         if label == BASELINE:
             out.append(head)
             continue

@@ -93,11 +93,11 @@ else:
     display(Markdown(remedies.source_and_label(cohort, remedy_arms["config"].iloc[0]["hold_out"])))
     display(book.banner(remedies.auc_paragraph(remedy_aucs), kind="important"))  # the threshold-free result first
     display(Markdown(remedies.auc_rule()))
-    tables(remedies.auc_table(remedy_aucs),
+    display(tables(remedies.auc_table(remedy_aucs),
            "Each remedy arm, threshold-free: ROC AUC of the held-out COVID-19 images against the held-out adults "
            "without COVID-19 (mean over the arm's runs, 95% patient-bootstrap interval; each run's own beside it), "
            "the ROC AUC on its own test images (held-out images excluded), the verdict that follows, and the "
-           "threshold each run uses at its operating point (flagged where the lower bound decided it).")
+           "threshold each run uses at its operating point (flagged where the lower bound decided it)."))
 
 # %% mystnb={"figure": {"caption": "Each remedy arm threshold-free: top, ROC AUC of the held-out COVID-19 images against the held-out adults without COVID-19, populations no run trained or validated on (dot: the mean over the arm's runs; bar: 95% patient-bootstrap interval; dashed line: the goal); bottom, ROC AUC on its own test images (dashed line: the floor below which an arm learned the task only weakly). Colour: the verdict.", "name": "fig-remedies-auc"}} tags=["hide-input"]
 if len(remedy_aucs):
@@ -114,10 +114,10 @@ if len(remedy_aucs):
 # %% tags=["hide-input"]
 if len(remedy_arms):
     display(Markdown(remedies.threshold_rule(remedy_arms)))
-    tables(remedies.operating_table(remedy_goals, remedy_argmax),
+    display(tables(remedies.operating_table(remedy_goals, remedy_argmax),
            "Each remedy arm on the populations it never trained or validated on, at each run's validation "
            "threshold (with the verdict against the operating-point goal) and at argmax: pooled over the arm's "
-           "runs, 95% intervals.")
+           "runs, 95% intervals."))
 
 # %% mystnb={"figure": {"caption": "Each remedy arm on the populations it never trained or validated on, at each run's validation operating point (secondary to the threshold-free figure above): specificity on adults without COVID-19 and COVID-19 sensitivity on the held-out country (dot), with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); dashed lines: the goals. Colour: the verdict; hollow: too few images to say.", "name": "fig-remedies-forest"}} tags=["hide-input"]
 if len(remedy_goals):
