@@ -163,11 +163,13 @@ def verdict_said(row: pd.Series | dict[str, Any]) -> str:
 
 
 def auc_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """`auc_rows` for reading, chapter 6's first table: the unseen-population AUC first, each run's beside it, the
-    own-test AUC, the verdict, and each run's threshold (the bound's runs flagged)."""
+    """`auc_rows` for reading, chapter 6's first table: the unseen-population AUC first (marked not judged below
+    the learned floor), each run's beside it, the own-test AUC, the verdict, and each run's threshold (the bound's
+    runs flagged)."""
     return pd.DataFrame({
         "arm": rows["arm_runs"],
-        "ROC AUC, unseen (95% CI)": [_auc(r["unseen"]) for _, r in rows.iterrows()],
+        "ROC AUC, unseen (95% CI)": [_auc(r["unseen"]) + ("" if r["learned"] else ", apart: not judged")
+                                     for _, r in rows.iterrows()],
         "per run": [", ".join("–" if v is None else f"{v:.3f}" for v in r["unseen"]["per_run"])
                     for _, r in rows.iterrows()],
         "ROC AUC, own test (95% CI)": [_auc(r["own"]) for _, r in rows.iterrows()],

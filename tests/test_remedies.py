@@ -211,6 +211,8 @@ def test_each_arm_is_judged_threshold_free_only_once_it_has_learned(tmp_path):
     assert adults["unseen"]["value"] == 1.0 and adults["own"]["value"] == 0.5  # ranks the unseen, not its own
     assert not adults["learned"] and adults["verdict"] == remedies.WEAK
     shown = remedies.auc_table(rows.reset_index()).set_index("arm")
+    assert shown.loc["adults only (2 runs, seeds 0, 1)", "ROC AUC, unseen (95% CI)"].endswith(", apart: not judged")
+    assert shown.loc["lungs only (2 runs, seeds 0, 1)", "ROC AUC, unseen (95% CI)"].startswith("1.000")
     assert shown.loc["adults only (2 runs, seeds 0, 1)", "verdict"].startswith(
         "learned the task only weakly here (AUC 0.500")
     assert shown.loc["adults only (2 runs, seeds 0, 1)", "threshold per run"] == \
