@@ -43,7 +43,7 @@ from .config import ADULT_AGE, external_sets, hold_out_terms
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
-from .metrics import METRIC_WORDS, apply_threshold
+from .metrics import METRIC_WORDS, MIN_THRESHOLD, apply_threshold
 from .results import LOSS_WORDS, arm_name, fmt_ci
 from .rundir import Run, find_runs
 from .weights import Weights
@@ -512,6 +512,24 @@ def arm_decision(rows: pd.DataFrame) -> tuple[str, str]:
     else:
         word = "undecided"
     return word, "; ".join([_said(r) for _, r in rows.iterrows()] + missing) + "."
+
+
+def at_bound(arms: pd.DataFrame) -> list[str]:
+    """The runs of `arms` (`load_arms`) whose operating threshold the lower bound decided
+    (`metrics.bounded_threshold`: their validation rule reached for a threshold under it), in words."""
+    return [f"{r['label']} ({r['run_name']})" for _, r in arms.iterrows()
+            if (Run(r["run_dir"]).metrics().get("threshold_selection") or {}).get("at_bound")]
+
+
+def bound_note(arms: pd.DataFrame) -> str:
+    """A sentence flagging the runs whose threshold sits at the lower bound; "" when none does."""
+    flagged = at_bound(arms)
+    if not flagged:
+        return ""
+    many = len(flagged) > 1
+    return (f"**Threshold at the bound.** The validation rule of {'; '.join(flagged)} reached for a threshold below "
+            f"{MIN_THRESHOLD} (calling nearly every image COVID-19); {'their thresholds are' if many else 'its threshold is'}"
+            f" that bound, and {'their' if many else 'its'} operating-point numbers rest on it.")
 
 
 def population_counts(table: pd.DataFrame) -> str:

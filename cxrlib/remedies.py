@@ -234,13 +234,12 @@ def threshold_rule(arms: pd.DataFrame) -> str:
     chosen = [Run(d).metrics().get("threshold_selection") or {} for d in arms["run_dir"]]
     targets = ", ".join(f"{t:.2f}" for t in sorted({c["target_sensitivity"] for c in chosen
                                                     if c.get("target_sensitivity") is not None}))
-    flagged = [f"{label} seed {seed}" for label, seed, c in zip(arms["label"], arms["seed"], chosen)
-               if c.get("at_bound")]
+    flagged = generalise.at_bound(arms)
     return (f"*Threshold rule.* Each run's threshold is the highest whose validation COVID-19 sensitivity reaches "
             f"{targets or 'its target'}, but never below {MIN_THRESHOLD}: under it the model itself gives COVID-19 "
             "less than one chance in a hundred, and reaching the sensitivity there means calling nearly every image "
             "COVID-19. The bound decided the threshold of "
-            + (", ".join(flagged) + " (flagged in the first table)." if flagged else "no run."))
+            + ("; ".join(flagged) + " (flagged in the first table)." if flagged else "no run."))
 
 
 def operating_table(goals: pd.DataFrame, at_argmax: pd.DataFrame) -> pd.DataFrame:

@@ -132,6 +132,8 @@ for paragraph in remedies.paragraphs(remedy_arms, remedy_goals, remedy_aucs):
 
 # %% tags=["hide-input"]
 display(book.banner(generalise.goal_verdict(table), kind="important"))  # the verdict first
+if generalise.bound_note(arms):  # runs whose operating threshold the lower bound decided
+    display(Markdown(generalise.bound_note(arms)))
 
 # %% tags=["hide-input"]
 tables(generalise.summary_for_reading(summary),

@@ -185,7 +185,7 @@ def test_each_arm_is_judged_threshold_free_only_once_it_has_learned(tmp_path):
     an arm whose own-test AUC is below the floor is said to have learned only weakly and is not judged."""
     from test_generalise import fake_run, own_split
 
-    from cxrlib import remedies
+    from cxrlib import generalise, remedies
 
     negatives = [(f"ieee8023/n{i}.jpg", f"ieee8023:n{i}", "ieee8023", "non_covid", 0.1) for i in range(30)]
     child = [("ieee8023/child.jpg", "ieee8023:child", "ieee8023", "non_covid", 0.99)]  # not an adult: left out
@@ -202,8 +202,11 @@ def test_each_arm_is_judged_threshold_free_only_once_it_has_learned(tmp_path):
     metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()),
                                         "threshold_selection": metrics.bounded_threshold(0.0005)}))
     arms = remedies.load_arms(tmp_path)
-    assert remedies.threshold_rule(arms).endswith("The bound decided the threshold of adults only seed 1 (flagged in "
-                                                  "the first table).")
+    assert remedies.threshold_rule(arms).endswith("The bound decided the threshold of adults only (binary, "
+                                                  "cross-entropy loss, random init, seed 1) (flagged in the first table).")
+    assert generalise.bound_note(arms).startswith("**Threshold at the bound.** The validation rule of adults only "
+                                                  "(binary, cross-entropy loss, random init, seed 1) reached for")
+    assert generalise.bound_note(arms[arms["label"] == "lungs only"]) == ""
     rows = remedies.auc_rows(arms, ages, n_boot=200).set_index("label")
     lungs, adults = rows.loc["lungs only"], rows.loc["adults only"]
     assert lungs["unseen"]["value"] == 1.0 and lungs["unseen"]["n_negative"] == 30  # the child is no adult
