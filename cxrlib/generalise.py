@@ -43,7 +43,7 @@ from .config import ADULT_AGE, external_sets, hold_out_terms
 from .data import load_table, read_any
 from .errors import CXRError
 from .lungs_removed import AUDIT_ONLY
-from .metrics import METRIC_WORDS, apply_threshold
+from .metrics import METRIC_WORDS, MIN_THRESHOLD, apply_threshold
 from .results import LOSS_WORDS, arm_name, fmt_ci
 from .rundir import Run, find_runs
 from .weights import Weights
@@ -193,18 +193,22 @@ def _by_age(pred: pd.DataFrame, where: str, ages: pd.Series, evidence: bool, not
             for group in GROUP_WORDS if (groups == group).any()]  # fmt: skip
 
 
-def run_outcomes(run: pd.Series, ages: pd.Series | None = None) -> pd.DataFrame:
+def run_outcomes(run: pd.Series, ages: pd.Series | None = None, argmax: bool = False) -> pd.DataFrame:
     """Every image one run (a row of `load_arms`) was measured on, one row per population and metric
-    (columns OUTCOME_COLUMNS); `ages`: image_id -> age (`read_ages`), unknown when absent."""
+    (columns OUTCOME_COLUMNS); `ages`: image_id -> age (`read_ages`), unknown when absent. `argmax`: the run
+    called at argmax rather than at its validation threshold (the operating point's effect, shown beside it)."""
     ages = pd.Series(dtype=float) if ages is None else ages
     store = Run(run["run_dir"])
     m = store.metrics()
-    pred = _called(store.predictions(), m.get("threshold_selection", {}).get("threshold"), m["classes"])
-    parts = [_hits(pred, metric).assign(population=OWN, group="", evidence=False, note="the sources it trained on")
+    threshold = None if argmax else m.get("threshold_selection", {}).get("threshold")
+    pred = _called(store.predictions(), threshold, m["classes"])
+    held = set(store.data.get("held_out_images", []))
+    own = pred[~pred["image_id"].isin(held)]  # its own test split: the held-out images are populations of their own
+    parts = [_hits(own, metric).assign(population=OWN, group="", evidence=False, note="the sources it trained on")
              for metric in GOAL]  # fmt: skip
     for ext in store.externals():
         e = store.external_metrics(ext)
-        scored = _called(store.predictions(ext), e.get("threshold_from_validation"), e["classes"])
+        scored = _called(store.predictions(ext), None if argmax else e.get("threshold_from_validation"), e["classes"])
         trained = sorted(set(scored["source"].astype(str)) & set(run["trained_sources"]))
         note = (f"trained on {', '.join(trained)} images: a source shortcut can pass this test" if trained
                 else "no image of this source in training")
@@ -216,7 +220,6 @@ def run_outcomes(run: pd.Series, ages: pd.Series | None = None) -> pd.DataFrame:
     ieee = pred[origin(pred) == "ieee8023"]
     parts += _by_age(ieee, IEEE, ages, True, "same collection as the COVID images: no source shortcut helps")
     if run["hold_out"]:
-        held = set(store.data.get("held_out_images", []))
         covid = _hits(pred, "covid_sensitivity")
         inside = covid["image_id"].isin(held)
         held_words = f"COVID-19 images of the held-out source ({held_source(run['hold_out'])})"
@@ -235,9 +238,9 @@ def held_source(spec: str) -> str:
     return "; ".join(" and ".join(f"{c}={v}" for c, v in term) for term in terms) or spec
 
 
-def outcomes(arms: pd.DataFrame, ages: pd.Series | None = None) -> pd.DataFrame:
+def outcomes(arms: pd.DataFrame, ages: pd.Series | None = None, argmax: bool = False) -> pd.DataFrame:
     """`run_outcomes` of every run of `load_arms`, with each run's arm, label and seed."""
-    parts = [run_outcomes(run, ages) for _, run in arms.iterrows()]
+    parts = [run_outcomes(run, ages, argmax) for _, run in arms.iterrows()]
     if not parts:
         return pd.DataFrame(columns=[*OUTCOME_COLUMNS, "arm", "label", "run_name", "seed"])
     return pd.concat(parts, ignore_index=True).merge(arms[["run", "arm", "label", "run_name", "seed"]], on="run")
@@ -302,17 +305,19 @@ def _tally(verdicts: pd.Series) -> str:
     return ", ".join(f"{int(counts[v])} {v}" for v in VERDICTS if v in counts) or "–"
 
 
-def measures(arms: pd.DataFrame, ages: pd.Series | None = None, n_boot: int = N_BOOT) -> pd.DataFrame:
+def measures(arms: pd.DataFrame, ages: pd.Series | None = None, n_boot: int = N_BOOT,
+             argmax: bool = False) -> pd.DataFrame:
     """Every measure (columns MEASURE_COLUMNS), per run (`level` "run") and pooled over the runs of one arm
     label (`level` "arm", `run` ""), in ARMS order; `ages` as `read_ages` gives them (None: read here from
     where the runs found their data).
 
     A pooled verdict is the pooled interval's, except that where the label's runs contradict each other (one
-    "met", another "not met") it is "undecided"; `per_run` tallies the runs' own verdicts.
+    "met", another "not met") it is "undecided"; `per_run` tallies the runs' own verdicts. `argmax`: every run
+    called at argmax instead of at its threshold (`run_outcomes`).
     """
     if ages is None:
         ages = read_ages(arms)[0]
-    calls = outcomes(arms, ages)
+    calls = outcomes(arms, ages, argmax)
     if calls.empty:
         return pd.DataFrame(columns=MEASURE_COLUMNS)
     order = {p: i for i, p in enumerate(dict.fromkeys(calls["population"]))}
@@ -507,6 +512,24 @@ def arm_decision(rows: pd.DataFrame) -> tuple[str, str]:
     else:
         word = "undecided"
     return word, "; ".join([_said(r) for _, r in rows.iterrows()] + missing) + "."
+
+
+def at_bound(arms: pd.DataFrame) -> list[str]:
+    """The runs of `arms` (`load_arms`) whose operating threshold the lower bound decided
+    (`metrics.bounded_threshold`: their validation rule reached for a threshold under it), in words."""
+    return [f"{r['label']} ({r['run_name']})" for _, r in arms.iterrows()
+            if (Run(r["run_dir"]).metrics().get("threshold_selection") or {}).get("at_bound")]
+
+
+def bound_note(arms: pd.DataFrame) -> str:
+    """A sentence flagging the runs whose threshold sits at the lower bound; "" when none does."""
+    flagged = at_bound(arms)
+    if not flagged:
+        return ""
+    many = len(flagged) > 1
+    return (f"**Threshold at the bound.** The validation rule of {'; '.join(flagged)} reached for a threshold below "
+            f"{MIN_THRESHOLD} (calling nearly every image COVID-19); {'their thresholds are' if many else 'its threshold is'}"
+            f" that bound, and {'their' if many else 'its'} operating-point numbers rest on it.")
 
 
 def population_counts(table: pd.DataFrame) -> str:

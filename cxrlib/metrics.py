@@ -24,7 +24,7 @@ import math
 import platform
 import subprocess
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,10 @@ HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc", "covid_sensi
 PAIRED = ("macro_f1", "covid_sensitivity", "roc_auc")
 N_BINS = 10  # equal-width confidence bins for ECE and the reliability curve
 LEVEL = 0.95
+# The lowest operating threshold on p_covid (bounded_threshold): below 1 in 100 the model itself says "not COVID-19"
+# at 99:1, so a validation rule that goes there buys its sensitivity by calling nearly every image COVID-19 (the
+# committed runs that went there called 34% and 92% of their test images COVID-19, against 12% and 5% true).
+MIN_THRESHOLD = 0.01
 
 
 def predictions_table(
@@ -92,6 +96,7 @@ def compute_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     threshold: float | None = None,
+    held_out: Collection[str] = (),
 ) -> dict[str, Any]:
     """All test-set metrics of one run, as a JSON-ready dict (see the module docstring for None).
 
@@ -99,7 +104,20 @@ def compute_metrics(
     patients, not images: images of one patient are correlated, so image resampling would make the
     intervals too narrow. With `threshold`, `at_threshold` repeats the class metrics with COVID called
     whenever p_covid >= threshold (the operating point chosen on validation).
+
+    `held_out` (image ids of populations the run never trained or validated on, params.json's
+    `held_out_images`) are not the run's own test: the top level scores the rest, and `held_out` holds one
+    block per true class of the held-out images (each population measured alone) and "all" (their AUC against
+    each other), so no block mixes the run's own sources with unseen ones.
     """
+    held = pred["image_id"].isin(set(held_out)).to_numpy() if len(held_out) else np.zeros(len(pred), bool)
+    if held.any():
+        own, unseen = pred[~held].reset_index(drop=True), pred[held].reset_index(drop=True)
+        out = compute_metrics(own, classes, n_boot, seed, threshold)
+        blocks = {"all": unseen, **{str(c): unseen[unseen["true"] == c] for c in dict.fromkeys(unseen["true"])}}
+        out["held_out"] = {name: compute_metrics(part.reset_index(drop=True), classes, n_boot, seed, threshold)
+                           for name, part in blocks.items()}
+        return out
     classes = list(classes)
     y, yhat, probs = _arrays(pred, classes)
     groups = patient_groups(pred)
@@ -371,6 +389,46 @@ def threshold_for_sensitivity(pred_val: pd.DataFrame, target: float = 0.95, posi
     with _quiet():  # without negatives fpr is undefined; only tpr is used
         _, tpr, thresholds = roc_curve(is_pos, pred_val[col].to_numpy(float), drop_intermediate=False)
     return float(thresholds[np.argmax(tpr >= target - 1e-12)])  # thresholds decrease, tpr increases
+
+
+def bounded_threshold(unbounded: float, bound: float = MIN_THRESHOLD) -> dict[str, Any]:
+    """The operating threshold a run uses: `unbounded` (threshold_for_sensitivity's) raised to `bound` where it is
+    lower, so the rule cannot collapse into calling everyone COVID-19; `at_bound` flags the runs where the bound
+    decided it (their validation sensitivity target was not met at an honest threshold)."""
+    return {"threshold": max(float(unbounded), bound), "unbounded_threshold": float(unbounded), "bound": bound,
+            "at_bound": bool(unbounded < bound)}
+
+
+def pooled_auc(tables: Sequence[pd.DataFrame], positive: str = POSITIVE, n_boot: int = 1000,
+               seed: int = 0) -> dict[str, Any]:
+    """The ROC AUC of `positive` against the rest, the mean over several runs' predictions tables (e.g. an arm's
+    seeds), with a 95% percentile interval from resampling patients: one draw of patients serves every run, so a
+    patient scored by several runs moves in all of them together, and the interval covers the test patients,
+    not the seeds (`per_run` shows those). NaN where a table lacks either class."""
+    if not tables:
+        raise CXRError("pooled_auc needs at least one predictions table")
+    col = f"p_{positive}"
+    for k, t in enumerate(tables):
+        missing = [c for c in ("true", col) if c not in t.columns]
+        if missing:
+            raise CXRError(f"predictions table {k} lacks column(s) {missing}; build it with predictions_table()")
+    both = pd.concat(tables, ignore_index=True)
+    if {"patient_id", "image_id"} <= set(both.columns):  # an image without a patient is one unit in every run
+        both["patient_id"] = both["patient_id"].fillna(both["image_id"]).astype(str)
+    run = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
+    is_pos, score = (both["true"] == positive).to_numpy(), both[col].to_numpy(float)
+    weights = np.vstack([np.ones(len(both)), bootstrap_counts(patient_groups(both), n_boot, seed)])
+    per = np.array([_weighted_auc(is_pos[run == k], score[run == k], weights[:, run == k])
+                    for k in range(len(tables))])  # (runs, 1 + n_boot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without one of the classes
+        mean = np.nanmean(per, axis=0)
+        ci = np.nanpercentile(mean[1:], [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2]).tolist()
+    images = both.drop_duplicates("image_id") if "image_id" in both else both  # an image scored by several runs
+    return _jsonable({"value": mean[0], "ci": ci, "per_run": per[:, 0], "n_images": len(images),
+                      "n_positive": int((images["true"] == positive).sum()),
+                      "n_negative": int((images["true"] != positive).sum()),
+                      "n_patients": len(set(patient_groups(both)))})
 
 
 def apply_threshold(pred: pd.DataFrame, threshold: float, classes: Sequence[str]) -> pd.DataFrame:

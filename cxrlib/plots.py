@@ -250,7 +250,9 @@ def by_init(runs: pd.DataFrame, metric: str = "macro_f1") -> plt.Figure:
 
 
 VERDICT_COLOURS = {"met": "#1a9850", "not met": "#d73027", "undecided": "#6f6f6f", "too few to say": "#b0b0b0",
-                   "": "#4575b4"}  # a verdict on a goal (generalise.goal_word); "" where a row has no goal
+                   "learned": "#4575b4", "learned only weakly": "#f4a742",
+                   "": "#4575b4"}  # a verdict (generalise.goal_word, remedies.WEAK); "" where a row has no goal
+THRESHOLD_FREE = ("roc_auc", "unseen_auc", "own_auc")  # metrics that no operating point decides (forest's x label)
 
 
 def forest(table: pd.DataFrame, goals: dict[str, float] | None = None, *,
@@ -295,7 +297,8 @@ def forest(table: pd.DataFrame, goals: dict[str, float] | None = None, *,
             ax.axvline(goals[metric], ls="--", color="black", lw=1.3, gid="goal")
             title += f" (goal ≥ {goals[metric]:.2f}: dashed line)"
         ax.set_title(title, loc="left", fontsize=11)
-        ax.set_xlabel(f"{names.get(metric, _words(metric))} at the validation operating point", fontsize=10)
+        ax.set_xlabel(names.get(metric, _words(metric)) + (" (threshold-free)" if metric in THRESHOLD_FREE else
+                                                           " at the validation operating point"), fontsize=10)
         ax.tick_params(axis="x", labelsize=10)
     if shown:
         from matplotlib.lines import Line2D

@@ -12,9 +12,17 @@ lungs-only arm, not judged against the goal.
 Every arm holds out the same populations (`hold_out`, e.g. "country=italy;collection=ieee8023&covid=no"):
 the ieee8023 adults without COVID-19 (the same collection and web-figure processing as the COVID-19 images:
 no source shortcut helps there) and one country's COVID-19 images; the NIH adults are a third unseen
-population for the arms that do not train on NIH images. The measures and verdicts are `generalise`'s.
-The internal cost is the paired difference from the paper set-up of the same seed on the test images both
-scored, held-out images excluded (`metrics.paired_bootstrap`, each run at its validation operating point).
+population for the arms that do not train on NIH images.
+
+An arm is judged threshold-free first (`auc_rows`): the ROC AUC of its held-out COVID-19 images against its
+held-out adults without COVID-19 (two populations it never trained or validated on), the mean over its runs
+with a patient-bootstrap interval (`metrics.pooled_auc`), against AUC_GOAL; beside it, the ROC AUC on its own
+test images (held-out ones excluded), and an arm below LEARNED_FLOOR there "learned the task only weakly here":
+its unseen-population numbers are shown apart and not judged, since a model that cannot rank its own test
+images says nothing about generalising. The operating-point measures (`goal_rows`, `generalise`'s, at each
+run's validation threshold and at argmax) follow as secondary. The internal cost is the paired difference
+from the paper set-up of the same seed on the test images both scored, held-out images excluded
+(`metrics.paired_bootstrap`, each run at its validation operating point).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import pandas as pd
 from . import generalise
 from .config import hold_out_terms
 from .data import column_values, held_out
-from .metrics import apply_threshold, paired_bootstrap
+from .metrics import METRIC_WORDS, MIN_THRESHOLD, apply_threshold, paired_bootstrap, pooled_auc
 from .results import fmt_ci
 from .rundir import Run
 
@@ -41,6 +49,20 @@ CONTROL_NAME = "lungs only + marker outside the lungs (control)"
 BASELINE = REMEDIES[("all", "none")]
 INTERNAL = {"roc_auc": "ROC AUC", "covid_sensitivity": "COVID-19 sensitivity"}  # paired_bootstrap's, at the operating point
 SAME = 0.02  # the control "left no trace" when its ROC AUC interval vs lungs only lies within ±SAME
+# The threshold-free goal: the area under the least concave ROC curve through the operating-point goal
+# (generalise.GOAL: specificity 0.80, so false-positive rate 0.20, with sensitivity 0.90): 0.2 * 0.9 / 2 +
+# 0.8 * (0.9 + 1) / 2. A model ranking the unseen populations worse cannot meet that goal on a concave ROC curve.
+AUC_GOAL = round((1 - generalise.GOAL["covid_specificity"]) * generalise.GOAL["covid_sensitivity"] / 2
+                 + generalise.GOAL["covid_specificity"] * (generalise.GOAL["covid_sensitivity"] + 1) / 2, 6)
+# Own-test ROC AUC below which an arm "learned the task only weakly here": its own test images share the training
+# sources' shortcuts, so below 0.90 it misranks more than one COVID-19/non-COVID pair in ten even where shortcuts
+# help it, and a chance-level AUC on unseen people cannot be told from a failure to learn at all.
+LEARNED_FLOOR = 0.90
+WEAK = "learned only weakly"  # an arm's verdict below LEARNED_FLOOR (plots.VERDICT_COLOURS colours it)
+CONTROL_VERDICT = "control: held to no goal"  # the control is no remedy (it is compared with lungs only)
+UNSEEN = "held-out COVID-19 images against held-out adults without COVID-19"
+AUC_WORDS = {"unseen_auc": "ROC AUC on the unseen populations",  # plots.forest adds the goal (its dashed line)
+             "own_auc": "ROC AUC on its own test images, against the learned floor"}
 
 
 def _key(config: dict[str, Any]) -> tuple[str, str]:
@@ -61,18 +83,179 @@ def load_arms(run_root: str | Path) -> pd.DataFrame:
                            ignore_index=True)
 
 
-def goal_rows(arms: pd.DataFrame, ages: pd.Series | None = None, n_boot: int = generalise.N_BOOT) -> pd.DataFrame:
-    """The pooled measures held to the goal (unseen adults' specificity, the held-out country's COVID-19
-    sensitivity), per remedy arm in REMEDIES order; `arm_runs` names the arm with its runs and seeds."""
+def goal_rows(arms: pd.DataFrame, ages: pd.Series | None = None, n_boot: int = generalise.N_BOOT,
+              argmax: bool = False) -> pd.DataFrame:
+    """The pooled measures held to the operating-point goal (unseen adults' specificity, the held-out country's
+    COVID-19 sensitivity), per remedy arm in REMEDIES order, at each run's validation threshold (or at argmax);
+    `arm_runs` names the arm with its runs and seeds."""
     remedies = arms[arms["label"] != CONTROL_NAME] if len(arms) else arms
     if remedies.empty:
         return pd.DataFrame(columns=[*generalise.MEASURE_COLUMNS, "arm_runs"])
-    table = generalise.measures(remedies, ages, n_boot)
+    table = generalise.measures(remedies, ages, n_boot, argmax)
     rows = generalise.summary(table)
     rows = rows[rows["goal"].notna()].copy()
     order = list(REMEDIES.values())
     rows["_order"] = rows["label"].map(order.index)
     return rows.sort_values(["_order", "metric"], kind="stable", ignore_index=True).drop(columns="_order")
+
+
+def auc_sets(run_dir: str | Path, ages: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's test predictions (unseen, own): its held-out COVID-19 images with its held-out adults without
+    COVID-19 (`ages`: image_id -> age; children and unknown ages left out, as in `generalise`), and its own test
+    images, every held-out one excluded."""
+    run = Run(run_dir)
+    pred = run.predictions()
+    held = pred["image_id"].isin(set(run.data.get("held_out_images", [])))
+    unseen = pred[held]
+    adult = generalise.age_group(unseen["image_id"].map(ages)).to_numpy() == "adults"
+    return unseen[(unseen["true"] == "covid").to_numpy() | adult], pred[~held]
+
+
+def auc_word(auc: dict[str, Any], goal: float = AUC_GOAL) -> str:
+    """A pooled AUC against `goal`, as generalise.goal_word judges a share: by its interval."""
+    low, high = auc["ci"] if auc.get("ci") else (None, None)
+    if auc.get("value") is None or low is None or high is None:
+        return "too few to say"
+    return "met" if low >= goal else "not met" if high < goal else "undecided"
+
+
+def threshold_record(run_dir: str | Path) -> dict[str, Any]:
+    """A run's operating threshold: the one it uses, the unbounded one, and whether the bound decided it."""
+    chosen = Run(run_dir).metrics().get("threshold_selection") or {}
+    return {"seed": Run(run_dir).config.get("seed"), "threshold": chosen.get("threshold"),
+            "unbounded": chosen.get("unbounded_threshold", chosen.get("threshold")),
+            "at_bound": bool(chosen.get("at_bound", False))}
+
+
+def auc_rows(arms: pd.DataFrame, ages: pd.Series, n_boot: int = generalise.N_BOOT) -> pd.DataFrame:
+    """Per arm, in `load_arms`' order (the control last): the threshold-free ROC AUC on the unseen populations and
+    on its own test images, each pooled over its runs (`metrics.pooled_auc`), whether it learned the task (own
+    AUC ≥ LEARNED_FLOOR), its verdict (AUC_GOAL's word, WEAK below the floor, CONTROL_VERDICT) and each run's
+    threshold."""
+    rows = []
+    for label, runs in arms.groupby("label", sort=False) if len(arms) else []:
+        sets = [auc_sets(d, ages) for d in runs["run_dir"]]
+        unseen, own = (pooled_auc([s[k] for s in sets], n_boot=n_boot) for k in (0, 1))
+        learned = own["value"] is not None and own["value"] >= LEARNED_FLOOR
+        rows.append({"label": label, "arm_runs": f"{label} ({generalise.seed_words(len(runs), runs['seed'].tolist())})",
+                     "unseen": unseen, "own": own, "learned": learned,
+                     "verdict": CONTROL_VERDICT if label == CONTROL_NAME else auc_word(unseen) if learned else WEAK,
+                     "thresholds": [threshold_record(d) for d in runs["run_dir"]]})
+    return pd.DataFrame(rows, columns=["label", "arm_runs", "unseen", "own", "learned", "verdict", "thresholds"])
+
+
+def _auc(auc: dict[str, Any]) -> str:
+    return fmt_ci(auc["value"], auc["ci"]) if auc.get("value") is not None else "undefined (a class is missing)"
+
+
+def thresholds_said(records: list[dict[str, Any]]) -> str:
+    """Each run's threshold, "seed 1: 0.010, at the bound (unbounded 0.00065)" where the bound decided it."""
+    return "; ".join(f"seed {r['seed']}: " + ("none" if r["threshold"] is None else f"{r['threshold']:.3f}")
+                     + (f", at the bound (unbounded {r['unbounded']:.2g})" if r["at_bound"] else "")
+                     for r in records)
+
+
+def verdict_said(row: pd.Series | dict[str, Any]) -> str:
+    """An arm's threshold-free verdict in words: the goal's word, or "learned the task only weakly here (AUC …)"."""
+    if row["verdict"] == WEAK:
+        return f"learned the task only weakly here (AUC {_auc(row['own'])} on its own test images)"
+    return row["verdict"]
+
+
+def auc_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """`auc_rows` for reading, chapter 6's first table: the unseen-population AUC first (marked not judged below
+    the learned floor), each run's beside it, the own-test AUC, the verdict, and each run's threshold (the bound's
+    runs flagged)."""
+    return pd.DataFrame({
+        "arm": rows["arm_runs"],
+        "ROC AUC, unseen (95% CI)": [_auc(r["unseen"]) + ("" if r["learned"] else ", apart: not judged")
+                                     for _, r in rows.iterrows()],
+        "per run": [", ".join("–" if v is None else f"{v:.3f}" for v in r["unseen"]["per_run"])
+                    for _, r in rows.iterrows()],
+        "ROC AUC, own test (95% CI)": [_auc(r["own"]) for _, r in rows.iterrows()],
+        "verdict": [verdict_said(r) for _, r in rows.iterrows()],
+        "threshold per run": [thresholds_said(r["thresholds"]) for _, r in rows.iterrows()],
+    })
+
+
+def auc_forest_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """`auc_rows` as `plots.forest` rows: per arm its unseen AUC (coloured by its verdict) and its own-test AUC
+    (coloured "learned" or WEAK), metrics named as in AUC_WORDS."""
+    out = []
+    for _, r in rows.iterrows():
+        for metric, auc, population, verdict in (
+                ("unseen_auc", r["unseen"], UNSEEN, r["verdict"]),
+                ("own_auc", r["own"], "its own test images", "learned" if r["learned"] else WEAK)):
+            low, high = auc["ci"] if auc.get("ci") else (np.nan, np.nan)
+            out.append({"arm_runs": r["arm_runs"], "population": population, "metric": metric, "enough": True,
+                        "value": np.nan if auc["value"] is None else auc["value"], "verdict": verdict,
+                        "ci_low": np.nan if low is None else low, "ci_high": np.nan if high is None else high})
+    return pd.DataFrame(out).sort_values("metric", key=lambda m: m.map(list(AUC_WORDS).index), kind="stable",
+                                         ignore_index=True) if out else pd.DataFrame(out)
+
+
+def auc_paragraph(rows: pd.DataFrame) -> str:
+    """The threshold-free result in one paragraph, chapter 6's (and the book's first page's) opening statement."""
+    if rows.empty:
+        return "No remedy run: nothing to judge."
+    judged = rows[rows["learned"] & (rows["label"] != CONTROL_NAME)]
+    weak = rows[~rows["learned"]]
+    first = rows.iloc[0]["unseen"]
+    said = [f"**Threshold-free, on people no run saw.** ROC AUC of the {first['n_positive']} held-out COVID-19 "
+            f"images against the {first['n_negative']} held-out adults without COVID-19 (mean over each arm's runs, "
+            f"95% patient-bootstrap interval; goal ≥ {AUC_GOAL:.2f}, 0.5 is chance): "
+            + "; ".join(f"{r['arm_runs']}: {_auc(r['unseen'])}" for _, r in rows.iterrows()) + "."]
+    if len(judged):
+        said.append(f"Judged (own-test ROC AUC at least {LEARNED_FLOOR:.2f}): "
+                    + "; ".join(f"{r['label']} {r['verdict']} (own test {_auc(r['own'])})"
+                                for _, r in judged.iterrows()) + ".")
+    if len(weak):
+        said.append("Not judged: " + "; ".join(f"{r['label']} {verdict_said(r)}" for _, r in weak.iterrows())
+                    + f", below the floor of {LEARNED_FLOOR:.2f}: "
+                    + ("their unseen-population AUCs say" if len(weak) > 1 else "its unseen-population AUC says")
+                    + " nothing about generalising.")
+    return " ".join(said)
+
+
+def auc_rule() -> str:
+    """The threshold-free verdict rule in words, with its goal and floor."""
+    goal = generalise.GOAL
+    return (f"*The rule.* Goal: ROC AUC ≥ {AUC_GOAL:.2f} on the unseen populations, the area under the least concave "
+            f"ROC curve through the operating-point goal (specificity {goal['covid_specificity']:.2f} with COVID-19 "
+            f"sensitivity {goal['covid_sensitivity']:.2f}); met when the interval's lower end reaches it, not met "
+            "when its upper end is below it, else undecided. Judged only where the own-test ROC AUC is at least "
+            f"{LEARNED_FLOOR:.2f}: below it the model misranks more than one COVID-19/non-COVID pair in ten even on "
+            "the sources whose shortcuts it could use.")
+
+
+def threshold_rule(arms: pd.DataFrame) -> str:
+    """The operating-point rule in words, from what the runs recorded (their sensitivity target) and the bound;
+    which runs the bound decided."""
+    chosen = [Run(d).metrics().get("threshold_selection") or {} for d in arms["run_dir"]]
+    targets = ", ".join(f"{t:.2f}" for t in sorted({c["target_sensitivity"] for c in chosen
+                                                    if c.get("target_sensitivity") is not None}))
+    flagged = generalise.at_bound(arms)
+    return (f"*Threshold rule.* Each run's threshold is the highest whose validation COVID-19 sensitivity reaches "
+            f"{targets or 'its target'}, but never below {MIN_THRESHOLD}: under it the model itself gives COVID-19 "
+            "less than one chance in a hundred, and reaching the sensitivity there means calling nearly every image "
+            "COVID-19. The bound decided the threshold of "
+            + ("; ".join(flagged) + " (flagged in the first table)." if flagged else "no run."))
+
+
+def operating_table(goals: pd.DataFrame, at_argmax: pd.DataFrame) -> pd.DataFrame:
+    """The secondary measures: each arm's operating-point goal measures at its validation threshold (with the
+    verdict) and, beside them, the same runs called at argmax."""
+    if goals.empty:
+        return pd.DataFrame(columns=["arm", "population", "measure", "at the threshold", "verdict", "at argmax"])
+    keys = ["label", "population", "metric"]
+    both = goals.merge(at_argmax[[*keys, "value", "ci_low", "ci_high", "n", "enough"]], on=keys, how="left",
+                       suffixes=("", "_argmax"))
+    argmax = both[[c + "_argmax" for c in ("value", "ci_low", "ci_high", "n", "enough")]]
+    argmax.columns = ["value", "ci_low", "ci_high", "n", "enough"]
+    return pd.DataFrame({"arm": both["arm_runs"], "population": both["population"],
+                         "measure": both["metric"].map(METRIC_WORDS),
+                         "at the threshold": both.apply(generalise.fmt, axis=1), "verdict": both["verdict"],
+                         "at argmax": argmax.apply(generalise.fmt, axis=1)})
 
 
 def _test(run_dir: str | Path) -> pd.DataFrame:
@@ -104,16 +287,24 @@ def _difference(record: dict[str, Any] | None, metric: str) -> str:
     return fmt_ci(record[metric]["difference"], record[metric]["ci"], signed=True)
 
 
-def paragraphs(arms: pd.DataFrame, goals: pd.DataFrame, n_boot: int = 1000) -> list[str]:
-    """One computed Markdown paragraph per remedy arm (internal cost, what it bought outside, its goal verdict),
-    and one for the control."""
+def paragraphs(arms: pd.DataFrame, goals: pd.DataFrame, aucs: pd.DataFrame, n_boot: int = 1000) -> list[str]:
+    """One computed Markdown paragraph per remedy arm (its threshold-free verdict from `auc_rows`, then the
+    operating-point goal, the internal cost and what it bought outside), and one for the control."""
     out = []
     base = goals[goals["label"] == BASELINE]
+    by_label = aucs.set_index("label") if len(aucs) else aucs
     for label in [name for name in REMEDIES.values() if name in set(arms["label"])]:
         rows = goals[goals["label"] == label]
         word, why = generalise.arm_decision(rows)
         runs = arms[arms["label"] == label]
-        head = f"**{label}** ({generalise.seed_words(len(runs), runs['seed'].tolist())}): goal **{word}**. {why}"
+        auc = by_label.loc[label]
+        judged = (f"**{auc['verdict']}**: ROC AUC {_auc(auc['unseen'])} on the unseen populations, "
+                  f"{_auc(auc['own'])} on its own test images" if auc["learned"] else
+                  f"**learned the task only weakly here** (ROC AUC {_auc(auc['own'])} on its own test images, below "
+                  f"{LEARNED_FLOOR:.2f}); apart, not judged: {_auc(auc['unseen'])} on the unseen populations")
+        head = (f"**{label}** ({generalise.seed_words(len(runs), runs['seed'].tolist())}): threshold-free {judged}. "
+                f"At the validation operating point (secondary; thresholds {thresholds_said(auc['thresholds'])}): "
+                f"goal **{word}**. {why}")
         if label == BASELINE:
             out.append(head)
             continue
@@ -197,18 +388,24 @@ def source_and_label(table: pd.DataFrame, spec: str) -> str:
             "some collection holds both labels, so source-balanced sampling could be tried.")
 
 
-def record(arms: pd.DataFrame, goals: pd.DataFrame) -> dict[str, Any]:
-    """What the book's first page says of the remedies (generalisation.json's "remedies"): the settings and each
-    arm's goal verdict with its runs and seeds."""
+def record(arms: pd.DataFrame, goals: pd.DataFrame, aucs: pd.DataFrame) -> dict[str, Any]:
+    """What the book's first page says of the remedies (generalisation.json's "remedies"): the settings, the
+    threshold-free paragraph (`auc_paragraph`), and per arm its runs and seeds, unseen and own-test AUC, verdict,
+    thresholds and operating-point goal verdict."""
     verdicts = []
-    for label in [name for name in REMEDIES.values() if name in set(arms["label"])]:
-        runs = arms[arms["label"] == label]
-        word, _ = generalise.arm_decision(goals[goals["label"] == label])
-        verdicts.append({"arm": label, "runs": generalise.seed_words(len(runs), runs["seed"].tolist()), "goal": word})
-    return {"settings": settings(arms), "arms": verdicts}
+    for _, a in aucs.iterrows():
+        runs = arms[arms["label"] == a["label"]]
+        word = generalise.arm_decision(goals[goals["label"] == a["label"]])[0] if a["label"] != CONTROL_NAME else ""
+        verdicts.append({"arm": a["label"], "runs": generalise.seed_words(len(runs), runs["seed"].tolist()),
+                         "unseen_auc": a["unseen"], "own_auc": a["own"], "learned": bool(a["learned"]),
+                         "verdict": a["verdict"], "thresholds": a["thresholds"], "operating_point_goal": word})
+    return {"settings": settings(arms), "auc_goal": AUC_GOAL, "learned_floor": LEARNED_FLOOR,
+            "threshold_free": auc_paragraph(aucs), "arms": verdicts}
 
 
 def findings_line(record: dict[str, Any]) -> str:
-    """One line for the book's first page from `record`'s output."""
-    arms = "; ".join(f"{a['arm']} ({a['runs']}): {a['goal']}" for a in record.get("arms", []))
-    return f"- Remedies (chapter 6; {record.get('settings', '')}) — generalisation goal per arm: {arms}."
+    """One line for the book's first page from `record`'s output: the threshold-free result first."""
+    arms = "; ".join(f"{a['arm']} ({a['runs']}): {a['operating_point_goal']}" for a in record.get("arms", [])
+                     if a.get("operating_point_goal"))
+    return (f"- Remedies (chapter 6; {record.get('settings', '')}) — {record.get('threshold_free', '')} "
+            f"At each run's validation operating point (secondary), goal per arm: {arms}.")

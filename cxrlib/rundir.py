@@ -102,6 +102,20 @@ def seal(run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
+def reseal(run_dir: str | Path, names: Sequence[str]) -> None:
+    """Restate the manifest's size and hash of files rewritten on purpose after completion (`cxrlib.rescore`),
+    leaving every other entry, and what a bundle left out, as sealed: the folder stays whole, a later edit
+    still shows."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return
+    record = read_json(path)
+    for name in names:
+        file = Path(run_dir) / name
+        record["files"][name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    write_text(path, json.dumps(record, indent=1) + "\n")
+
+
 def damage(run_dir: str | Path, hashes: bool = True) -> str:
     """"" when a complete folder is whole, else what is wrong, naming the file. Files a results bundle leaves out
     on purpose (the weights) are listed under "left_out" by bundle pack and not expected."""

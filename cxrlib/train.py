@@ -129,6 +129,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
         sets["train"].transform = images.make_transform(model.input_spec, train=True, augment=True)
 
     fingerprint = data.data_fingerprint(table)
+    held_out = table.loc[data.held_out(table, cfg.hold_out), "image_id"].tolist()  # scored apart from own test
     prov = metrics.provenance(describe_device(device, info))
     if info.is_main:
         total, trainable = models.count_parameters(model)
@@ -138,7 +139,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
             "data": {"fingerprint": fingerprint, "record": loaded.record, "summary": data.summarize(table, report),
                      "unreadable": {s: [f"{p}: {why}" for p, why in ds.skipped] for s, ds in sets.items()},
                      "train_class_counts": dict(zip(classes, counts.tolist())),
-                     "held_out_images": table.loc[data.held_out(table, cfg.hold_out), "image_id"].tolist()},
+                     "held_out_images": held_out},
             "model": {"weights_source": load_report.source, "init_quality": init_quality(cfg.weights),
                       "loaded_tensors": len(load_report.loaded),
                       "reinitialised": load_report.reinitialised[:20], "notes": load_report.notes,
@@ -174,24 +175,26 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, resume: bool, progress: b
     scored = {s: predict_dataset(trained, sets[s], batch_size=opts.eval_batch_size, device=device, amp="off")[0]
               for s in ("val", "test")}
     if info.is_main:
-        _save_results(cfg, run_dir, sets, scored, result, fingerprint, prov)
+        _save_results(cfg, run_dir, sets, scored, result, fingerprint, prov, held_out)
     distributed.barrier()  # model.pt holds the validation threshold now
     for name, where in external_sets(cfg.external).items():  # scored now: a bundle without weights keeps them
         evaluate(run_dir / BEST, {"external": where}, run_dir / "external" / name, device=str(device), progress=False)
 
 
 def _save_results(cfg: RunConfig, run_dir: Path, sets: dict[str, Dataset], scored: dict[str, np.ndarray],
-                  result: FitResult, fingerprint: str, prov: dict[str, Any]) -> None:
-    """predictions.csv, metrics.json and the threshold in model.pt, from the val and test scores (rank 0)."""
+                  result: FitResult, fingerprint: str, prov: dict[str, Any], held_out: list[str]) -> None:
+    """predictions.csv, metrics.json and the threshold in model.pt, from the val and test scores (rank 0); the
+    held-out images' scores go to metrics.json's `held_out`, never into its own-test numbers."""
     classes = list(cfg.classes)
     labels = {s: ds.labels for s, ds in sets.items()}
     pred = {s: metrics.predictions_table(sets[s].table, scored[s], classes, labels[s]) for s in ("val", "test")}
-    threshold, why = _choose_threshold(pred["val"])
-    results = metrics.compute_metrics(pred["test"], classes, seed=cfg.seed, threshold=threshold)
+    unbounded, why = _choose_threshold(pred["val"])
+    chosen = metrics.bounded_threshold(unbounded) if unbounded is not None else {"threshold": None}
+    threshold = chosen["threshold"]
+    results = metrics.compute_metrics(pred["test"], classes, seed=cfg.seed, threshold=threshold, held_out=held_out)
     write_csv(pred["test"], run_dir / PREDICTIONS)
     extra = {
-        "threshold_selection": {"target_sensitivity": TARGET_SENSITIVITY, "threshold": threshold,
-                                "chosen_on": "val", "note": why},
+        "threshold_selection": {"target_sensitivity": TARGET_SENSITIVITY, **chosen, "chosen_on": "val", "note": why},
         "majority_baseline": metrics.majority_baseline(labels["train"], labels["test"], classes),
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "stopped_early": result.stopped_early, "train_seconds": float(result.history["seconds"].sum()),
@@ -223,10 +226,12 @@ def init_quality(weights: str) -> dict[str, Any] | None:
 
 
 def _choose_threshold(pred_val: pd.DataFrame) -> tuple[float | None, str]:
-    """The validation threshold on p_covid for TARGET_SENSITIVITY, or None with the reason."""
+    """The validation threshold on p_covid for TARGET_SENSITIVITY (before metrics.bounded_threshold), or None with
+    the reason."""
     if "p_covid" not in pred_val.columns:
         return None, "no covid class in this task"
     if not (pred_val["true"] == "covid").any():
         return None, "no covid image in the validation split"
     return metrics.threshold_for_sensitivity(pred_val, TARGET_SENSITIVITY), (
-        f"highest threshold on p_covid with validation sensitivity >= {TARGET_SENSITIVITY}")
+        f"highest threshold on p_covid with validation sensitivity >= {TARGET_SENSITIVITY}, raised to "
+        f"{metrics.MIN_THRESHOLD} where lower")

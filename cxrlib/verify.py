@@ -21,7 +21,7 @@ from .errors import CXRError
 TOLERANCE = 1e-9  # a recomputed number may differ from the recorded one by float rounding, nothing more
 RECOMPUTED = ("n", "n_patients", "classes", "accuracy", "macro_f1", "balanced_accuracy", "covid_sensitivity",
               "covid_specificity", "per_class", "macro", "confusion", "roc_auc", "roc_auc_per_class", "ci",
-              "at_threshold")  # what compute_metrics recomputes from predictions.csv (the rest is provenance)
+              "at_threshold", "held_out")  # what compute_metrics recomputes from predictions.csv (the rest: provenance)
 
 
 def verify(bundle: str | Path) -> tuple[int, list[str]]:
@@ -76,7 +76,7 @@ def recompute_generalisation(bundle: Path, recorded: dict[str, Any]) -> dict[str
     said = None
     if "remedies" in recorded:
         arms = remedies.load_arms(bundle / remedy_root if remedy_root else bundle / "runs")
-        said = remedies.record(arms, remedies.goal_rows(arms, ages))
+        said = remedies.record(arms, remedies.goal_rows(arms, ages), remedies.auc_rows(arms, ages))
     return generalise.summary_record(table, said, remedy_root)
 
 
@@ -105,9 +105,17 @@ def _run_metrics(run_dir: Path, name: str) -> tuple[int, list[str]]:
     info = recorded.get("ci_info") or {}
     threshold = (recorded.get("at_threshold") or {}).get("threshold")
     fresh = metrics.compute_metrics(run.predictions(), recorded["classes"], n_boot=info.get("n_boot", 1000),
-                                    seed=info.get("seed", 0), threshold=threshold)
-    return compare({k: recorded.get(k) for k in RECOMPUTED if k in fresh},
-                   {k: fresh[k] for k in RECOMPUTED if k in fresh}, f"{name}/metrics.json")
+                                    seed=info.get("seed", 0), threshold=threshold,
+                                    held_out=run.data.get("held_out_images", []))
+    keys = [k for k in RECOMPUTED if k in fresh or k in recorded]
+    said, again = {k: recorded.get(k) for k in keys}, {k: fresh.get(k) for k in keys}
+    chosen = recorded.get("threshold_selection") or {}
+    if chosen.get("threshold") is not None:  # the threshold rule of today: bounded below, the bound's runs flagged
+        unbounded = chosen.get("unbounded_threshold", chosen["threshold"])
+        said["threshold_selection"] = {"threshold": chosen["threshold"],  # a run from before the bound: not at it
+                                       "at_bound": chosen.get("at_bound", False)}
+        again["threshold_selection"] = {k: metrics.bounded_threshold(unbounded)[k] for k in ("threshold", "at_bound")}
+    return compare(said, again, f"{name}/metrics.json")
 
 
 _MISSING = object()

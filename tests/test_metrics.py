@@ -387,3 +387,45 @@ def test_holm_and_bootstrap_p():
     assert bootstrap_p(np.full(999, 0.2)) == pytest.approx(2 / 1000)  # never 0
     assert bootstrap_p(np.linspace(-1, 1, 1001)) == 1.0
     assert bootstrap_p(np.array([np.nan])) is None
+
+
+def test_held_out_images_are_scored_apart_from_the_own_test_split():
+    """Issue 32: metrics.json's top level is the run's own test; each held-out population has a block of its own."""
+    p_covid = [0.9, 0.8, 0.2, 0.1, 0.3, 0.7, 0.6, 0.4]  # own: 4 images ranked perfectly; held out: ranked backwards
+    y = [1, 1, 0, 0, 1, 1, 0, 0]
+    pred = table(y, np.c_[1 - np.array(p_covid), p_covid], BINARY)
+    held = ["img4", "img5", "img6", "img7"]
+    m = M.compute_metrics(pred, BINARY, n_boot=20, threshold=0.5, held_out=held)
+    assert m["n"] == 4 and m["roc_auc"] == approx(1.0)
+    assert set(m["held_out"]) == {"all", "covid", "non_covid"}
+    assert m["held_out"]["all"]["n"] == 4 and m["held_out"]["all"]["roc_auc"] == approx(0.5)  # 2 of 4 pairs right
+    assert m["held_out"]["covid"]["n"] == 2 and m["held_out"]["covid"]["roc_auc"] is None  # one class alone
+    assert m["held_out"]["covid"]["at_threshold"]["covid_sensitivity"] == approx(0.5)  # 0.7 called, 0.3 missed
+    assert "held_out" not in M.compute_metrics(pred, BINARY, n_boot=20, held_out=["elsewhere.png"])
+
+
+def test_the_threshold_is_bounded_below_and_the_bound_is_flagged():
+    low = M.bounded_threshold(0.00065)
+    assert low == {"threshold": M.MIN_THRESHOLD, "unbounded_threshold": 0.00065, "bound": M.MIN_THRESHOLD,
+                   "at_bound": True}
+    assert M.bounded_threshold(0.3) == {**low, "threshold": 0.3, "unbounded_threshold": 0.3, "at_bound": False}
+    p_covid = np.r_[np.full(19, 0.9), 0.001, np.full(30, 0.2)]  # one COVID-19 image the model is sure is not
+    val = table(np.r_[np.ones(20, int), np.zeros(30, int)], np.c_[1 - p_covid, p_covid], BINARY)
+    unbounded = M.threshold_for_sensitivity(val, target=1.0)
+    assert unbounded == approx(0.001) and M.bounded_threshold(unbounded)["threshold"] == M.MIN_THRESHOLD
+
+
+def test_pooled_auc_averages_the_runs_and_resamples_patients_once_for_all():
+    y = [1, 1, 1, 0, 0, 0]
+    good = table(y, np.c_[1 - np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1]), [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], BINARY)
+    worse = table(y, np.c_[1 - np.array([0.9, 0.2, 0.7, 0.3, 0.8, 0.1]), [0.9, 0.2, 0.7, 0.3, 0.8, 0.1]], BINARY)
+    one = M.pooled_auc([worse], n_boot=200)
+    assert one["value"] == approx(6 / 9) and one["per_run"] == [approx(6 / 9)]  # 6 of 9 pairs ranked right
+    both = M.pooled_auc([good, worse], n_boot=200)
+    assert both["value"] == approx((1 + 6 / 9) / 2) and both["per_run"] == [approx(1.0), approx(6 / 9)]
+    assert both["n_images"] == 6 and both["n_positive"] == 3 and both["n_patients"] == 6  # the same images twice
+    low, high = both["ci"]
+    assert low < both["value"] < high and high <= 1
+    assert M.pooled_auc([good.iloc[:3]], n_boot=20)["value"] is None  # no negative: undefined, not a crash
+    with pytest.raises(CXRError, match="lacks column"):
+        M.pooled_auc([good.drop(columns="p_covid")])

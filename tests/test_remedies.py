@@ -3,11 +3,13 @@ adults only, and the held-out populations that no arm trains or validates on."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib import audit, data, images, preprocess, synthetic
+from cxrlib import audit, data, images, metrics, preprocess, synthetic
 from cxrlib.config import CHOICES, RunConfig
 from cxrlib.errors import CXRError
 from cxrlib.runs import parse_variants
@@ -161,8 +163,10 @@ def test_remedy_arms_are_judged_on_unseen_populations_and_paired_with_the_paper_
     assert verdicts[("lungs only", ieee)] == "met" and verdicts[("lungs only", italy)] == "undecided"  # 0.9 of 30
     assert ("adults only", nih_adults) not in verdicts  # it trained on NIH images: no evidence there
     assert remedies.CONTROL_NAME not in set(goals["label"])  # the control is no remedy
-    text = remedies.paragraphs(arms, goals, n_boot=200)
-    assert text[0].startswith("**paper set-up** (1 run, seed 0): goal **not met**")
+    aucs = remedies.auc_rows(arms, ages, n_boot=200)
+    text = remedies.paragraphs(arms, goals, aucs, n_boot=200)
+    assert text[0].startswith("**paper set-up** (1 run, seed 0): threshold-free **not met**: ROC AUC 0.500")
+    assert "operating point (secondary; thresholds seed 0: 0.500): goal **not met**" in text[0]
     lungs = next(t for t in text if t.startswith("**lungs only**"))
     assert "on the 24 test images both scored" in lungs  # the held-out 60 are not internal
     assert "ROC AUC +0.000" in lungs and "against 0.000" in lungs
@@ -171,8 +175,53 @@ def test_remedy_arms_are_judged_on_unseen_populations_and_paired_with_the_paper_
     assert "the marker left no trace" in text[-1]
     assert "every patient with an image of country=italy, or of collection=ieee8023 without COVID-19" in \
         remedies.settings(arms)
-    line = remedies.findings_line(remedies.record(arms, goals))  # the book's first page
+    line = remedies.findings_line(remedies.record(arms, goals, aucs))  # the book's first page
+    assert line.index("**Threshold-free, on people no run saw.**") < line.index("operating point (secondary)")
     assert "paper set-up (1 run, seed 0): not met; lungs only (1 run, seed 0): undecided" in line
+
+
+def test_each_arm_is_judged_threshold_free_only_once_it_has_learned(tmp_path):
+    """Issue 32: the unseen-population ROC AUC (held-out COVID-19 against held-out adults without it) decides, and
+    an arm whose own-test AUC is below the floor is said to have learned only weakly and is not judged."""
+    from test_generalise import fake_run, own_split
+
+    from cxrlib import generalise, remedies
+
+    negatives = [(f"ieee8023/n{i}.jpg", f"ieee8023:n{i}", "ieee8023", "non_covid", 0.1) for i in range(30)]
+    child = [("ieee8023/child.jpg", "ieee8023:child", "ieee8023", "non_covid", 0.99)]  # not an adult: left out
+    italy = [(f"ieee8023/it{i}.jpg", f"ieee8023:it{i}", "ieee8023", "covid", 0.9) for i in range(30)]
+    held = tuple(r[0] for r in negatives + child + italy)
+    ages = pd.Series({**{r[0]: 60.0 for r in negatives}, "ieee8023/child.jpg": 8.0})
+    common = dict(hold_out=UNSEEN, loss="ce", held_out=held)
+    for seed in (0, 1):
+        fake_run(tmp_path, f"lungs-s{seed}", own_split() + negatives + child + italy, seed=seed,
+                 preprocess="lungs_only", **common)
+        fake_run(tmp_path, f"adults-s{seed}", own_split(called=0.1) + negatives + child + italy, seed=seed,
+                 cohort="adults", extra_negatives="nih", threshold=0.2, **common)
+    metrics_file = tmp_path / "adults-s1" / "metrics.json"  # a run whose threshold the bound decided
+    metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()),
+                                        "threshold_selection": metrics.bounded_threshold(0.0005)}))
+    arms = remedies.load_arms(tmp_path)
+    assert remedies.threshold_rule(arms).endswith("The bound decided the threshold of adults only (binary, "
+                                                  "cross-entropy loss, random init, seed 1) (flagged in the first table).")
+    assert generalise.bound_note(arms).startswith("**Threshold at the bound.** The validation rule of adults only "
+                                                  "(binary, cross-entropy loss, random init, seed 1) reached for")
+    assert generalise.bound_note(arms[arms["label"] == "lungs only"]) == ""
+    rows = remedies.auc_rows(arms, ages, n_boot=200).set_index("label")
+    lungs, adults = rows.loc["lungs only"], rows.loc["adults only"]
+    assert lungs["unseen"]["value"] == 1.0 and lungs["unseen"]["n_negative"] == 30  # the child is no adult
+    assert lungs["own"]["value"] == 1.0 and lungs["learned"] and lungs["verdict"] == "met"
+    assert adults["unseen"]["value"] == 1.0 and adults["own"]["value"] == 0.5  # ranks the unseen, not its own
+    assert not adults["learned"] and adults["verdict"] == remedies.WEAK
+    shown = remedies.auc_table(rows.reset_index()).set_index("arm")
+    assert shown.loc["adults only (2 runs, seeds 0, 1)", "ROC AUC, unseen (95% CI)"].endswith(", apart: not judged")
+    assert shown.loc["lungs only (2 runs, seeds 0, 1)", "ROC AUC, unseen (95% CI)"].startswith("1.000")
+    assert shown.loc["adults only (2 runs, seeds 0, 1)", "verdict"].startswith(
+        "learned the task only weakly here (AUC 0.500")
+    assert shown.loc["adults only (2 runs, seeds 0, 1)", "threshold per run"] == \
+        "seed 0: 0.200; seed 1: 0.010, at the bound (unbounded 0.0005)"
+    said = remedies.auc_paragraph(rows.reset_index())
+    assert "Not judged: adults only learned the task only weakly here" in said and "lungs only met" in said
 
 
 def test_source_and_label_says_when_debiasing_by_source_cannot_work():

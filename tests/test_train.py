@@ -71,6 +71,9 @@ def test_run_folder_contract(complete_run):
     model, meta = load_model(complete_run / "model.pt")  # what evaluate/predict read
     assert meta["task"] == "multiclass" and meta["image_size"] == 32 and meta["input_spec"] == "imagenet"
     assert meta["epoch"] == m["best_epoch"] and "threshold" in meta
+    chosen = m["threshold_selection"]  # bounded below (issue 32), the same operating point in model.pt
+    assert chosen["threshold"] == max(chosen["unbounded_threshold"], chosen["bound"]) == meta["threshold"]
+    assert chosen["at_bound"] == (chosen["unbounded_threshold"] < chosen["bound"]) and "held_out" not in m
 
 
 def test_resume_matches_uninterrupted_run(complete_run, manifest, tmp_path, monkeypatch):

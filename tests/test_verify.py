@@ -97,3 +97,35 @@ def test_every_committed_bundle_verifies(committed, capsys):
     *differ, last = capsys.readouterr().out.splitlines()
     unknown = [line for line in differ if not line.startswith(KNOWN)]
     assert not unknown and ("numbers verified" in last or len(differ) < 40), "\n".join(unknown[:20]) or last
+
+
+def test_rescore_scores_held_out_images_apart_bounds_the_threshold_and_verify_checks_both(tmp_path):
+    """Issue 32: a committed run re-scored from its predictions: own test without the held-out images, one block
+    per held-out population, the threshold raised to the bound (its external set re-scored with it), the manifest
+    restated; verify recomputes that layout and flags a threshold under the bound."""
+    from test_generalise import fake_run, own_split
+
+    from cxrlib import metrics, rescore, rundir, verify
+
+    held_rows = ([(f"ieee8023/n{i}.jpg", f"ieee8023:n{i}", "ieee8023", "non_covid", 0.4) for i in range(10)]
+                 + [(f"ieee8023/it{i}.jpg", f"ieee8023:it{i}", "ieee8023", "covid", 0.3) for i in range(10)])
+    nih = [(f"nih/a{i}.png", f"nih:{i}", "nih", "non_covid", 0.005 * i) for i in range(10)]
+    run_dir = fake_run(tmp_path, "run", own_split() + held_rows, external={"nih": ("nih", nih)}, threshold=0.0005,
+                       held_out=tuple(r[0] for r in held_rows), hold_out="country=italy", seed=1)
+    rundir.seal(run_dir)
+    _, before = verify._run_metrics(run_dir, "run")
+    assert any(line.startswith("run/metrics.json: threshold_selection.threshold: recorded 0.0005, recomputed 0.01")
+               for line in before)
+    assert sorted(rescore.rescore(run_dir)) == ["external/nih/metrics.json", "metrics.json"]
+    assert rundir.damage(run_dir) == ""  # the rewritten files are restated in the manifest
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["n"] == 24 and m["roc_auc"] == 1.0  # the own split alone
+    assert m["held_out"]["all"]["n"] == 20 and m["held_out"]["all"]["roc_auc"] == 0.0  # ranked backwards
+    assert m["held_out"]["covid"]["at_threshold"]["covid_sensitivity"] == 1.0  # every one called at 0.01
+    assert m["threshold_selection"]["threshold"] == metrics.MIN_THRESHOLD and m["threshold_selection"]["at_bound"]
+    ext = json.loads((run_dir / "external" / "nih" / "metrics.json").read_text())
+    assert ext["threshold_from_validation"] == metrics.MIN_THRESHOLD
+    assert ext["at_threshold"]["covid_specificity"] == pytest.approx(0.2)  # 2 of 10 below 0.01 (0 and 0.005)
+    assert verify._run_metrics(run_dir, "run")[1] == []
+    assert rescore.main([str(run_dir)]) == 0  # again: nothing moves
+    assert verify._run_metrics(run_dir, "run")[1] == []
