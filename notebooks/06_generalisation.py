@@ -39,7 +39,7 @@ run_root = ""  # empty: runs/<profile>/<data tag> in the repository (the run mat
 external_dirs = ""
 remedy_root = ""  # where the remedy runs are (`make remedies`; any depth); empty: run_root
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 from pathlib import Path
 
 from IPython.display import Markdown, display
@@ -84,7 +84,7 @@ summary_file = generalise.save_summary(  # the book's first page states it; `cxr
 # images excluded): an arm below the floor there learned the task only weakly, and its numbers on unseen people
 # are shown apart and not judged.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 if remedy_arms.empty:
     display(Markdown(f"No remedy runs under `{Path(remedy_root or run_root).name}`: run `make remedies` with "
                      "real data (CORONAHACK_DIR, EXTRA_COVID_DIR, EXTRA_NEGATIVES_DIR), then this chapter."))
@@ -99,7 +99,7 @@ else:
            "the ROC AUC on its own test images (held-out images excluded), the verdict that follows, and the "
            "threshold each run uses at its operating point (flagged where the lower bound decided it)."))
 
-# %% mystnb={"figure": {"caption": "Each remedy arm threshold-free: top, ROC AUC of the held-out COVID-19 images against the held-out adults without COVID-19, populations no run trained or validated on (dot: the mean over the arm's runs; bar: 95% patient-bootstrap interval; dashed line: the goal); bottom, ROC AUC on its own test images (dashed line: the floor below which an arm learned the task only weakly). Colour: the verdict.", "name": "fig-remedies-auc"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Each remedy arm threshold-free: top, ROC AUC of the held-out COVID-19 images against the held-out adults without COVID-19, populations no run trained or validated on (dot: the mean over the arm's runs; bar: 95% patient-bootstrap interval; dashed line: the goal); bottom, ROC AUC on its own test images (dashed line: the floor below which an arm learned the task only weakly). Colour: the verdict.", "name": "fig-remedies-auc"}} tags=["hide-input", "nbval-ignore-output"]
 if len(remedy_aucs):
     plots.forest(remedies.auc_forest_rows(remedy_aucs), {"unseen_auc": remedies.AUC_GOAL,
                  "own_auc": remedies.LEARNED_FLOOR}, label=("arm_runs",), metric_names=remedies.AUC_WORDS);
@@ -111,7 +111,7 @@ if len(remedy_aucs):
 # sensitivity, and, beside it, at argmax: an operating point can turn one ranking into very different
 # specificities and sensitivities, so these numbers follow the threshold-free ones and do not replace them.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 if len(remedy_arms):
     display(Markdown(remedies.threshold_rule(remedy_arms)))
     display(tables(remedies.operating_table(remedy_goals, remedy_argmax),
@@ -119,30 +119,30 @@ if len(remedy_arms):
            "threshold (with the verdict against the operating-point goal) and at argmax: pooled over the arm's "
            "runs, 95% intervals."))
 
-# %% mystnb={"figure": {"caption": "Each remedy arm on the populations it never trained or validated on, at each run's validation operating point (secondary to the threshold-free figure above): specificity on adults without COVID-19 and COVID-19 sensitivity on the held-out country (dot), with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); dashed lines: the goals. Colour: the verdict; hollow: too few images to say.", "name": "fig-remedies-forest"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Each remedy arm on the populations it never trained or validated on, at each run's validation operating point (secondary to the threshold-free figure above): specificity on adults without COVID-19 and COVID-19 sensitivity on the held-out country (dot), with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); dashed lines: the goals. Colour: the verdict; hollow: too few images to say.", "name": "fig-remedies-forest"}} tags=["hide-input", "nbval-ignore-output"]
 if len(remedy_goals):
     plots.forest(remedy_goals, generalise.GOAL, label=("arm_runs", "population"));
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 for paragraph in remedies.paragraphs(remedy_arms, remedy_goals, remedy_aucs):
     display(Markdown(paragraph))
 
 # %% [markdown]
 # ## The paper's runs on people they never saw
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 display(book.banner(generalise.goal_verdict(table), kind="important"))  # the verdict first
 if generalise.bound_note(arms):  # runs whose operating threshold the lower bound decided
     display(Markdown(generalise.bound_note(arms)))
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 tables(generalise.summary_for_reading(summary),
        "The goal, arm by arm, on sources the runs never trained on: each measure pooled over the arm's runs, its "
        "95% interval, the verdict it gives, how many runs and seeds stand behind it and what each run gives on "
        "its own. Children and images of unknown age are reported apart and are held to no goal.",
        empty="No complete run was measured on a source it never trained on: nothing to judge yet.")
 
-# %% mystnb={"figure": {"caption": "The measures of the table above: each arm's estimate on each population (dot) with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); the dashed lines are the goals (specificity 0.80 on adults without COVID-19, COVID-19 sensitivity 0.90). Colour: the verdict; hollow: too few images to say.", "name": "fig-generalisation-forest"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "The measures of the table above: each arm's estimate on each population (dot) with its 95% interval (bar), pooled over the arm's runs (their number and seeds in brackets); the dashed lines are the goals (specificity 0.80 on adults without COVID-19, COVID-19 sensitivity 0.90). Colour: the verdict; hollow: too few images to say.", "name": "fig-generalisation-forest"}} tags=["hide-input", "nbval-ignore-output"]
 if len(summary):
     plots.forest(summary, generalise.GOAL, label=("arm_runs", "population"));
 
@@ -170,7 +170,7 @@ if len(summary):
 #   it, else *undecided*; an arm's pooled verdict is *undecided* when its own runs contradict each other. An arm
 #   meets the goal when it has both measures and both are met, and misses it when either is not met.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 if age_notes:  # a source whose ages could not be read: its images are "age unknown", never adults
     display(Markdown("**Ages not read.** " + " ".join(age_notes)))
 
@@ -180,7 +180,7 @@ if age_notes:  # a source whose ages could not be read: its images are "age unkn
 # Each fold opens with a click: every run's own numbers, the cross-population test by age, sex and view, and
 # the sources large enough to hold out. Last, what was measured, in counts.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 runs = table[table["level"] == "run"]
 shown, same = results.narrow(generalise.summary_for_reading(runs))
 display(book.folded(f"Every measurement, run by run ({len(runs)} rows, own test split included)",
@@ -188,7 +188,7 @@ display(book.folded(f"Every measurement, run by run ({len(runs)} rows, own test 
                       "\"no\": the run trained on images of that source (or it is its own test split), so a "
                       f"source shortcut can pass the test. {same}", empty="No complete run: nothing was measured.")))
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 paper = arms[arms["arm"] == "paper set-up"]
 external = sorted({name for run_dir in paper["run_dir"] for name in generalise.external_names(run_dir)})
 here = external_sets(external_dirs)
@@ -202,7 +202,7 @@ for name in external:
                             f"run \"{first['run_name']}\": Wilson 95% intervals on images.")
                      for by in ("age_band", "sex", "view"))))
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 sizes = data.source_sizes(cohort, min_images=MIN_SUBGROUP)
 display(book.folded(f"Which sources can be held out? ({int(sizes['enough'].sum())} of {len(sizes)} have at least "
                f"{MIN_SUBGROUP} COVID-19 images)",

@@ -40,3 +40,17 @@ def test_the_parameters_cxrlib_reads_are_those_papermill_injects(chapter):
     from cxrlib.book import chapter_names
 
     assert set(chapter_names(chapter)[0]) == set(papermill.inspect_notebook(str(NOTEBOOKS / f"{chapter}.ipynb")))
+
+
+NBVAL_TAGS = {"parameters", "nbval-check-output", "nbval-ignore-output"}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_code_cell_says_whether_nbval_compares_it(chapter):
+    """`pytest --nbval` as typed (strict) compares every code cell not tagged nbval-ignore-output. Only what is the
+    same on every x86 CPU may be compared: the parameters (no output) and the cells written for it
+    (nbval-check-output); the rest trains or plots, in bf16 where the CPU has it, so it is tagged ignore and strict
+    and --nbval-lax check the same cells."""
+    untagged = [i for i, (kind, source, tags) in enumerate(cells(NOTEBOOKS / f"{chapter}.py"))
+                if kind == "code" and not NBVAL_TAGS & set(tags)]
+    assert not untagged, f"{chapter}.py: code cells {untagged} carry none of {sorted(NBVAL_TAGS)}"
