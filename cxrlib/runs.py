@@ -316,11 +316,12 @@ def gather(root: Path) -> int:
     if not settled:
         raise CXRError(f"{root}: no run matrix planned there (no {MATRIX} listing runs): run python -m cxrlib.runs")
     for run in settled:
-        said = f"  ({run['status']})" if run["state"] in ("failed", "interrupted") else ""
+        said = f"  ({run['status']})" if run["state"] == "failed" else ""
         print(f"{run['state']:>11}  {run['host'] or '-':<20}  {run['run']}{said}")
     counts = Counter(run["state"] for run in settled)
+    rerun = "; rerun the matrix (or the shard) that has them" if counts["interrupted"] + counts["missing"] else ""
     print(f"{len(settled)} planned: " + ", ".join(f"{counts[k]} {k}" for k in ("complete", "failed", *NOT_THERE))
-          + f" (in {root}; the same command resumes an interrupted or missing run)")
+          + f" (in {root}{rerun})")
     return 0 if counts["complete"] == len(settled) else 1
 
 

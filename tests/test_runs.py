@@ -327,7 +327,7 @@ def _planned(root: Path, names: list[str]) -> None:
     (root / "matrix.json").write_text(json.dumps({"runs": [{"name": n, "status": "planned"} for n in names]}))
 
 
-def test_settle_tells_complete_failed_running_interrupted_and_missing_apart(tmp_path):
+def test_settle_tells_complete_failed_running_interrupted_and_missing_apart(tmp_path, capsys):
     from cxrlib import rundir
 
     names = ["done", "broke", "busy", "killed", "started", "never"]
@@ -353,6 +353,12 @@ def test_settle_tells_complete_failed_running_interrupted_and_missing_apart(tmp_
         ("done", "complete", "node-done"), ("broke", "failed", "node-broke"), ("busy", "running", "node-busy"),
         ("killed", "interrupted", "node-killed"), ("started", "interrupted", ""), ("never", "missing", "")]
     assert rundir.settle(tmp_path / "elsewhere") == []
+    assert runs.gather(tmp_path) == 1  # `--gather`, now that "busy" has no process either
+    said = capsys.readouterr().out.splitlines()
+    assert said[1].split() == ["failed", "node-broke", "broke", "(failed:", "RuntimeError:", "x)"]
+    assert said[-1].startswith("6 planned: 1 complete, 1 failed, 0 running, 3 interrupted, 1 missing (in ")
+    with pytest.raises(CXRError, match="no run matrix planned there"):
+        runs.gather(tmp_path / "elsewhere")
 
 
 def test_pack_refuses_missing_runs_unless_partial_and_says_so(tmp_path):
@@ -419,8 +425,7 @@ def test_three_shard_processes_fill_one_root_once_and_a_killed_shard_resumes(tmp
 
     capsys.readouterr()
     assert runs.main([*SHARD_MATRIX, "--run-root", str(tmp_path), "--gather"]) == 1
-    said = {line.split()[-1] if "(" not in line else line.split()[2]: line.split()[0]
-            for line in capsys.readouterr().out.splitlines()[:-1]}
+    said = {line.split()[2]: line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]}  # state host run
     assert said == {first: "interrupted", second: "complete", third: "complete", last: "missing"}
     host = socket.gethostname()
     assert all((root / name / "host").read_text() == f"{host}\n" for name in (first, second, third))
