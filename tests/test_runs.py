@@ -390,7 +390,7 @@ SHARD_MATRIX = ["--profile", "quick", "--executor", "inline", "--arms", "random"
 def test_three_shard_processes_fill_one_root_once_and_a_killed_shard_resumes(tmp_path, capsys):
     """3 shards started at once into one run root, as a Slurm job array on a shared filesystem: each trains its own
     share only; shard 0 is killed (SIGKILL) while training its first run, which `--gather` then calls interrupted and
-    its second missing, and `bundle pack` refuses; the same command completes the matrix."""
+    its second missing, and `bundle pack` refuses; the same command (with two workers) completes the matrix."""
     from cxrlib import bundle
 
     argv = [sys.executable, "-m", "cxrlib.runs", *SHARD_MATRIX, "--run-root", str(tmp_path)]
@@ -432,7 +432,8 @@ def test_three_shard_processes_fill_one_root_once_and_a_killed_shard_resumes(tmp
     with pytest.raises(CXRError, match=r"2 planned run\(s\) have no result"):
         bundle.pack(root, tmp_path / "bundle", scratch=True)
 
-    again = subprocess.run([*argv, "--shard", "0/3"], capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run([*argv, "--shard", "0/3", "--concurrent", "2"], capture_output=True, text=True, env=env,
+                           timeout=300)  # --shard composes with --concurrent: its two runs at once
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert trained(again.stdout) == {first, last}
     assert runs.main([*SHARD_MATRIX, "--run-root", str(tmp_path), "--gather"]) == 0
