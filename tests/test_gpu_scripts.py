@@ -175,4 +175,5 @@ def test_the_slurm_array_script_runs_its_task_s_share(tmp_path):
     made = subprocess.run(["make", "-n", "slurm", "DATA=/d", "SHARDS=3", "RUN_ROOT=/r", "PROFILE=paper"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert "sbatch --array=0-$((3 - 1)) bench/slurm_matrix.sh" in made.stdout, made.stdout + made.stderr
+    assert 'MATRIX_FLAGS="--variants lungs_removed,lungs_removed_marker --variant-losses ce"' in made.stdout  # make runs's
     assert "-m cxrlib.runs --gather --profile paper --run-root /r --coronahack-dir /d/coronahack" in made.stdout
