@@ -149,7 +149,8 @@ def test_a_failed_step_fails_the_script(tmp_path):
 def test_the_slurm_array_script_runs_its_task_s_share(tmp_path):
     """bench/slurm_matrix.sh as a job array task runs it (Slurm's variables set by hand, python a stand-in that
     prints its command): its shard of the matrix of DATA into RUN_ROOT, from the submit folder; without DATA or
-    RUN_ROOT it stops saying so. `make slurm` submits SHARDS tasks and prints the --gather command."""
+    RUN_ROOT it stops saying so. `make slurm` submits SHARDS tasks of make runs's matrix and prints the --gather
+    command."""
     script = BENCH / "slurm_matrix.sh"
     lines = script.read_text().splitlines()
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
@@ -175,5 +176,5 @@ def test_the_slurm_array_script_runs_its_task_s_share(tmp_path):
     made = subprocess.run(["make", "-n", "slurm", "DATA=/d", "SHARDS=3", "RUN_ROOT=/r", "PROFILE=paper"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert "sbatch --array=0-$((3 - 1)) bench/slurm_matrix.sh" in made.stdout, made.stdout + made.stderr
-    assert 'MATRIX_FLAGS="--variants lungs_removed,lungs_removed_marker --variant-losses ce"' in made.stdout  # make runs's
+    assert 'MATRIX_FLAGS="--variants lungs_removed,lungs_removed_marker --variant-losses ce"' in made.stdout
     assert "-m cxrlib.runs --gather --profile paper --run-root /r --coronahack-dir /d/coronahack" in made.stdout
