@@ -38,7 +38,7 @@ MATRIX_ARGS := --chestxray14-dir "$(CHESTXRAY14_DIR)" --chest-init "$(CHEST_INIT
   $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives "$(EXTRA_NEGATIVES_DIR)" --set external=nih="$(EXTRA_NEGATIVES_DIR)")
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install book bundle runs remedies notebooks test unit nbval check-book bench clean
+.PHONY: install book bundle runs remedies slurm notebooks test unit nbval check-book bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,26 @@ REMEDY_ARGS = --profile quick --run-root $(REMEDY_ROOT) $(DATA_ARGS) --tasks bin
 remedies: $(STAMP)
 	$(PY) -m cxrlib.runs $(REMEDY_ARGS) --seeds $(REMEDY_SEEDS) --variants "$(REMEDY_VARIANTS)"
 	$(PY) -m cxrlib.runs $(REMEDY_ARGS) --seeds 1 --variants lungs_only_marker
+
+# The run matrix of `make runs` as a Slurm job array (bench/slurm_matrix.sh): SHARDS tasks of one GPU each, task I
+# running the runs at positions I, I+SHARDS, ... of the matrix (runs --shard slurm) into RUN_ROOT, which every node
+# must see; DATA holds coronahack/ and covid-chestxray-dataset/. Then the --gather command it prints says what each
+# run became, and where.
+SHARDS ?= 8
+DATA ?=
+SLURM_FLAGS = $(if $(CHESTXRAY14_DIR),--chestxray14-dir $(abspath $(CHESTXRAY14_DIR))) \
+  $(if $(CHEST_INIT),--chest-init $(CHEST_INIT)) $(if $(EXTRA_COVID_AXIS),--extra-covid-axis $(EXTRA_COVID_AXIS)) \
+  $(if $(VARIANTS),--variants $(VARIANTS) --variant-losses $(VARIANT_LOSSES)) \
+  $(if $(EXTRA_NEGATIVES_DIR),--extra-negatives $(abspath $(EXTRA_NEGATIVES_DIR)) \
+    --set external=nih=$(abspath $(EXTRA_NEGATIVES_DIR)))
+GATHER = $(PY) -m cxrlib.runs --gather --profile $(RUN_PROFILE) --run-root $(abspath $(RUN_ROOT)) \
+  --coronahack-dir $(abspath $(DATA))/coronahack --extra-covid-dir $(abspath $(DATA))/covid-chestxray-dataset
+slurm: $(STAMP)
+	@test -n "$(DATA)" || { echo "make slurm: give DATA=, the folder holding coronahack/ and covid-chestxray-dataset/" >&2; exit 2; }
+	DATA="$(abspath $(DATA))" RUN_ROOT="$(abspath $(RUN_ROOT))" PROFILE=$(RUN_PROFILE) SEEDS=$(SEEDS) \
+	  CONCURRENT=$(CONCURRENT) PYTHON="$(abspath $(PY))" MATRIX_FLAGS="$(strip $(SLURM_FLAGS))" \
+	  sbatch --array=0-$$(($(SHARDS) - 1)) bench/slurm_matrix.sh
+	@echo "when the array is done: $(GATHER)"
 
 # Execute the chapter notebooks for the book (from the run folder; nothing is retrained).
 notebooks: runs

@@ -2,7 +2,8 @@
 # speed figures, the run matrix, the bundle (run folders without weights; bundle.json gives the data's transport
 # record, the matrix's wall time and aggregate images/s), the featured run's weights as fp16 chunks, the tarball.
 # Every step's output goes to OUT/log.txt. A step that fails is logged ("FAILED: <step>") and the later steps
-# still run where they can (a matrix with a failed run is still packed); `bundle_end` then exits 1.
+# still run where they can (a matrix with a failed run is still packed, and one cut short by its time budget too:
+# bundle.json lists the runs it did not start as "missing"); `bundle_end` then exits 1.
 # Environment: PYTHON (python3), RUN_ROOT, CXRLIB_CACHE (/tmp/cxrlib-cache), BENCH_ARGS (bench_speed flags),
 # BENCH_TIMEOUT (120 s; a bench that runs out of time leaves the bundle without speed figures, which is no
 # failure), MATRIX_TIMEOUT (seconds; default the time budget + 240), CODE_COMMIT (recorded in bundle.json where
@@ -79,12 +80,12 @@ bundle_pack() {
     local speed=("$out"/speed_*.json)
     [[ -e ${speed[0]} ]] || speed=()
     step "pack" "$py" -m cxrlib.bundle pack "$tagged" "$out/bundle" ${speed[@]:+--bench "${speed[@]}"} \
-        --data "$data" --commit "${CODE_COMMIT:-}" --note "$1" || { failed "pack" $?; return 1; }
+        --data "$data" --commit "${CODE_COMMIT:-}" --note "$1" --partial || { failed "pack" $?; return 1; }
     step "bundle summary" "$py" - "$out/bundle/bundle.json" <<'EOF' || failed "bundle summary" $?
 import json, sys
 from collections import Counter
 record = json.load(open(sys.argv[1]))
-print("runs:", dict(Counter(r["status"] for r in record["runs"])))
+print("runs:", dict(Counter(r["status"] for r in record["runs"])), "missing:", len(record["missing"]))
 print("wall_seconds:", record["wall_seconds"])
 print("aggregate train images/s:", record["aggregate_train_images_per_second"])
 print("data:", [(d["folder"], (d["transport_copy"] or {}).get("max_side")) for d in record["data"]])

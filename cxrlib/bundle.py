@@ -2,7 +2,8 @@
 
 A bundle is a folder (committed under `results/<name>/`)::
 
-    bundle.json       data fingerprints, code commit, hardware, wall time, what did not run and why
+    bundle.json       data fingerprints, code commit, hardware, wall time, what did not run and why, planned
+                      runs packed without a result (`pack --partial`)
     claims.json       the paper's claims with their verdicts, as the results chapter computed them
     generalisation.json, ages.csv   chapter 6's goal verdicts, and the ages behind its "adults"
     runs/<run>/       run folders without model weights (params, metrics, history, predictions, status)
@@ -29,7 +30,7 @@ import nbformat
 
 from .errors import CXRError, report
 from .paths import GENERATED, ROOT
-from .rundir import MANIFEST, MATRIX, METRICS, PARAMS, PLANNED, PREDICTIONS, open_run, read_status
+from .rundir import MANIFEST, MATRIX, METRICS, NOT_THERE, PARAMS, PLANNED, PREDICTIONS, open_run, read_status, settle
 
 RECORD = "bundle.json"
 # What a run folder keeps in a bundle: everything but the weights and checkpoints.
@@ -43,7 +44,8 @@ AGES = "ages.csv"  # beside it, the ages its "adults" rest on (generalise.AGES),
 
 def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None = None,
          bench: list[str | Path] = (), data_dirs: list[str | Path] = (), note: str = "",
-         commit: str = "", also: dict[str, str | Path] | None = None, scratch: bool = False) -> dict[str, Any]:
+         commit: str = "", also: dict[str, str | Path] | None = None, scratch: bool = False,
+         partial: bool = False) -> dict[str, Any]:
     """Copy the run folders of `run_root` (no weights), `chapters/*.ipynb` and bench JSON into `out`.
 
     `also` ({name: run root}) adds run roots made apart from the matrix (e.g. an experiment trained on another
@@ -51,11 +53,22 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
     made to be committed, so a destination whose files git would ignore is refused before anything is written
     (the 14 run folders of an earlier bundle were lost that way); `scratch=True` is for bundles that are only
     rendered (`make book PROFILE=quick` packs into _build/).
+
+    A run root whose matrix.json plans runs that have no result yet (missing, interrupted or still running:
+    `rundir.settle`; e.g. a shard that has not run) is refused, unless `partial`: bundle.json then lists them under
+    "missing" (it is [] for a whole matrix).
     """
     run_root, out = Path(run_root), Path(out)
     missing = [str(p) for p in bench if not Path(p).is_file()]
     if missing:
         raise CXRError(f"benchmark file(s) not found: {', '.join(missing)}")
+    absent = [{"run": r["run"], "state": r["state"]} for r in settle(run_root) if r["state"] in NOT_THERE]
+    if absent and not partial:
+        shown = ", ".join(f"{r['run']} ({r['state']})" for r in absent[:3]) + (
+            f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        raise CXRError(f"{run_root}: {len(absent)} planned run(s) have no result: {shown}; finish them (rerun the "
+                       "matrix or its shards; python -m cxrlib.runs --gather lists them) or pack what is there with "
+                       "--partial (bundle.json lists them as missing)")
     if not scratch:
         refuse_ignored(out, run_root, also or {})
     runs = _copy_runs(run_root, out / "runs")
@@ -81,6 +94,7 @@ def pack(run_root: str | Path, out: str | Path, *, chapters: str | Path | None =
         "wall_seconds": matrix.get("wall_seconds"),
         "aggregate_train_images_per_second": _aggregate_throughput(run_root, matrix.get("wall_seconds")),
         "not_run": matrix.get("not_run", []),
+        "missing": absent,
         "runs": runs,
         "also": extra,
         "note": note,
@@ -463,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(empty: this checkout's)")
     p.add_argument("--scratch", action="store_true", help="a bundle only to be rendered, never committed: allow a "
                    "destination that git ignores (e.g. _build/bundle-quick)")
+    p.add_argument("--partial", action="store_true", help="pack a matrix some of whose planned runs have no result "
+                   "(missing, interrupted, running); bundle.json lists them under \"missing\"")
     p.add_argument("--also", nargs="*", default=[], metavar="NAME=RUN_ROOT",
                    help="other run roots to include under NAME/ (e.g. an experiment run apart from the matrix)")
     r = sub.add_parser("render", help="copy a bundle's executed chapters into book/generated/",
@@ -484,9 +500,11 @@ def _command(args: argparse.Namespace) -> int:
         if not all(also) or not all(also.values()):
             raise CXRError(f"--also {' '.join(args.also)}: give NAME=RUN_ROOT")
         record = pack(args.run_root, args.out, chapters=args.chapters or None, bench=args.bench,
-                      data_dirs=args.data, note=args.note, commit=args.commit, also=also, scratch=args.scratch)
+                      data_dirs=args.data, note=args.note, commit=args.commit, also=also, scratch=args.scratch,
+                      partial=args.partial)
         print(f"bundle {args.out}: {len(record['runs'])} runs, {record['bytes'] / 2**20:.1f} MiB"
-              + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else ""))
+              + (" (over the 30 MiB a committed bundle should stay under)" if record["bytes"] > MAX_BYTES else "")
+              + (f"; {len(record['missing'])} planned run(s) missing (--partial)" if record["missing"] else ""))
     else:
         for path in render(args.bundle):
             print(f"rendered {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -10,6 +10,7 @@ The run folder is the contract between training and the notebooks and the book; 
     metrics.json     metrics on test + validation-chosen threshold + majority baseline + provenance
     status           "running", then "complete" written last; "failed: <reason>" when an exception escapes
     manifest.json    written just before "complete": every file the run holds, with its size and SHA-256
+    host             the machine the run matrix last started it on (`settle` reports it; never published)
 
 "Complete" means whole: `read_status` reports a complete folder whose files no longer match its manifest
 (a truncated metrics.json, a deleted predictions.csv, a cut model.pt) as "damaged: <file>: <what>", so the
@@ -61,9 +62,10 @@ PARAMS, METRICS, PREDICTIONS = RESULT_FILES
 PLANNED = "config.json"  # written by the run matrix before training starts: a run that fails early is still listed
 EXTERNAL = "external"  # <run>/external/<name>/{metrics.json,predictions.csv}: the run scored on other data
 LOCK = ".lock"
-# Not in the manifest: the status and lock, the resume checkpoint (deleted on completion) and papermill's notebook
-# (papermill writes it once more after the run inside it has completed).
-UNSEALED = ("status", MANIFEST, LOCK, LAST, "notebook.ipynb")
+HOST = "host"  # the host name is kept out of params.json and metrics.json, which bundles publish
+# Not in the manifest: the status and lock, the resume checkpoint (deleted on completion), papermill's notebook
+# (papermill writes it once more after the run inside it has completed) and the host it ran on.
+UNSEALED = ("status", MANIFEST, LOCK, LAST, "notebook.ipynb", HOST)
 SEALED = (PARAMS, PLANNED, BEST, "history.csv", PREDICTIONS, METRICS)  # the manifest's files, with EXTERNAL's
 EVALUATION = (METRICS, PREDICTIONS)  # what `evaluate` writes into its folder (and a run into each external set's)
 
@@ -203,6 +205,24 @@ def locked(run_dir: str | Path, wait: bool = True) -> Iterator[None]:
         if _same_file(fd, run_dir / LOCK):
             os.unlink(run_dir / LOCK)
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def holder(run_dir: str | Path) -> str:
+    """Who holds the run folder's lock ("" when no process does), read without taking or making anything: a lock
+    file left by a killed process is not held (the system released it)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return ""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    finally:
         os.close(fd)
 
 
@@ -474,6 +494,35 @@ def find_runs(root: str | Path, status: str | None = "complete", **filters: Any)
         if all(want(value(k)) if callable(want) else value(k) == want for k, want in filters.items()):
             runs.append(run)
     return runs
+
+
+NOT_THERE = ("running", "interrupted", "missing")  # `settle` states of a planned run that has no result yet
+
+
+def settle(root: str | Path) -> list[dict[str, str]]:
+    """Each run the root's matrix.json plans, in its order, as its folder shows it now: complete, failed (a failed or
+    damaged status), running (a process holds it), interrupted (started, its process gone: the same command resumes
+    it) or missing (never started); with its status and the host it was last started on ("" if not recorded). The
+    folders decide, not matrix.json's statuses: shards on many machines fill one root. [] when nothing is planned."""
+    root = Path(root)
+    planned = read_json(root / MATRIX).get("runs", []) if (root / MATRIX).is_file() else []
+    settled = []
+    for name in (entry["name"] for entry in planned):
+        run_dir = root / name
+        status = read_status(run_dir)
+        if status == "complete":
+            state = "complete"
+        elif status.startswith(("failed", "damaged")):
+            state = "failed"
+        elif holder(run_dir):
+            state = "running"
+        elif status == "running" or (run_dir / PLANNED).is_file():
+            state = "interrupted"
+        else:
+            state = "missing"
+        host = (run_dir / HOST).read_text().strip() if (run_dir / HOST).is_file() else ""
+        settled.append({"run": name, "state": state, "status": status, "host": host})
+    return settled
 
 
 def run_root(profile: str, tag: str, base: str | Path | None = None) -> Path:

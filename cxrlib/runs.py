@@ -5,8 +5,10 @@ into runs/<profile>/<data tag>/ (through notebooks/03_finetune.ipynb with paperm
 `--executor inline`; `--concurrent N` worker processes), writes matrix.json (arms asked, run and not run
 with the reason and the command that would run them, wall times, hardware); `--book` then executes the
 other chapters into book/generated/ from that folder only (nothing is retrained to render the book).
+`--shard I/N` (or `--shard slurm` in a Slurm job array task) runs one share of the matrix, so that many
+machines fill one run root on a shared filesystem; `--gather` then says what each planned run became, and where.
 
-One module (about 500 lines) on purpose: what the matrix runs, why an arm did not run and the command that
+One module (about 700 lines) on purpose: what the matrix runs, why an arm did not run and the command that
 would run it are built from the same arguments, and matrix.json records all three.
 """
 
@@ -20,10 +22,12 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import socket
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,8 @@ from .config import (CHOICES, MATRIX_PROFILES, PREPROCESS, PRETRAIN_PROFILES, PR
                      profile_config, type_name, typed_value, with_profile)
 from .errors import CXRError, report
 from .paths import GENERATED, NOTEBOOKS, ROOT
-from .rundir import MATRIX, Run, check_reusable, damage, locked, read_status, write_status
+from .rundir import (HOST, MATRIX, NOT_THERE, Run, check_reusable, damage, locked, read_json, read_status, settle,
+                     write_status)
 
 FINETUNE = "03_finetune"
 CHAPTERS = ("01_data_analysis", "02_chexnet_transfer", "04_error_analysis", "05_results", "06_generalisation")
@@ -249,6 +254,77 @@ def parse_variants(spec: str, extra_negatives: str = "") -> list[dict[str, Any]]
     return variants
 
 
+# --- shards: one matrix over many machines ------------------------------------------------------------
+
+
+def parse_shard(spec: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """`--shard`: "I/N" is shard I of N (0 <= I < N); "slurm" is this Slurm job array task's, I the task id less the
+    array's first (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) and N its task count; "" is the whole matrix (None)."""
+    if not spec:
+        return None
+    if spec == "slurm":
+        try:
+            index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+        except (KeyError, ValueError) as err:
+            raise CXRError("--shard slurm: SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT are not both set to numbers "
+                           "(not a Slurm job array task): submit with sbatch --array, or give --shard I/N") from err
+    else:
+        index_text, _, count_text = spec.partition("/")
+        try:
+            index, count = int(index_text), int(count_text)
+        except ValueError:
+            index, count = -1, 0
+    if not 0 <= index < count:
+        raise CXRError(f"--shard {spec}: give I/N with 0 <= I < N (shards 0/3, 1/3 and 2/3 cover a matrix once), or "
+                       "slurm in a job array of consecutive task ids (sbatch --array=0-N-1)")
+    return index, count
+
+
+def share(configs: list[RunConfig], shard: tuple[int, int] | None) -> list[RunConfig]:
+    """The runs of shard I of N: those at positions I, I + N, I + 2N, ... of the matrix's order. The N shares are
+    disjoint and cover the matrix, differ in size by one run at most, and depend on the flags alone, never on which
+    runs are complete (a shard rerun after a crash takes the same runs). Shards must be given the same flags and see
+    the same weights: an arm that runs on one machine only shifts the positions."""
+    return configs if shard is None else configs[shard[0]::shard[1]]
+
+
+def save_record(root: Path, record: dict[str, Any], shard: tuple[int, int] | None, mine: set[str],
+                started_at: float) -> None:
+    """Write matrix.json. A shard writes under the root's lock over what the other shards wrote there: its own runs'
+    statuses and its entry in "shards" (wall time, hardware); the other runs keep theirs, and "wall_seconds" spans
+    the first shard's start to the last write."""
+    if shard is None:
+        write_text(root / MATRIX, json.dumps(record, indent=2, default=str))
+        return
+    with locked(root):
+        earlier = read_json(root / MATRIX) if (root / MATRIX).is_file() else {}
+        theirs = {r["name"]: r for r in earlier.get("runs", [])}
+        runs = [r if r["name"] in mine else theirs.get(r["name"], r) for r in record["runs"]]
+        shards = {**earlier.get("shards", {}), f"{shard[0]}/{shard[1]}": {
+            "runs": sorted(mine), "started_at": started_at, "ended_at": time.time(),
+            "wall_seconds": record["wall_seconds"], "hardware": record["hardware"], "concurrent": record["concurrent"]}}
+        span = max(s["ended_at"] for s in shards.values()) - min(s["started_at"] for s in shards.values())
+        merged = {**record, "runs": runs, "shards": shards, "wall_seconds": span}
+        write_text(root / MATRIX, json.dumps(merged, indent=2, default=str))
+
+
+def gather(root: Path) -> int:
+    """Print what each planned run of the root has become (`rundir.settle`) and on which host, then the count of
+    each state; 0 when every run is complete, else 1."""
+    settled = settle(root)
+    if not settled:
+        raise CXRError(f"{root}: no run matrix planned there (no {MATRIX} listing runs): run python -m cxrlib.runs")
+    for run in settled:
+        said = f"  ({run['status']})" if run["state"] == "failed" else ""
+        print(f"{run['state']:>11}  {run['host'] or '-':<20}  {run['run']}{said}")
+    counts = Counter(run["state"] for run in settled)
+    rerun = "; rerun the matrix (or the shard) that has them" if counts["interrupted"] + counts["missing"] else ""
+    print(f"{len(settled)} planned: " + ", ".join(f"{counts[k]} {k}" for k in ("complete", "failed", *NOT_THERE))
+          + f" (in {root}{rerun})")
+    return 0 if counts["complete"] == len(settled) else 1
+
+
 def execute_notebook(name: str, output: Path, parameters: dict) -> None:
     """Run one chapter with papermill, from the notebooks folder so relative paths behave as in Jupyter, with
     only the parameters it declares (papermill warns of any other), then tidy it for the book."""
@@ -309,6 +385,7 @@ def _execute_locked(cfg: RunConfig, run_dir: Path, executor: str, data_record: d
         print(f"  {run_dir.name}: {status}; training it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")  # what was asked for, so a run that fails early is still listed
+    write_text(run_dir / HOST, socket.gethostname() + "\n")  # where it ran, for --gather
     try:
         if executor == "inline":
             train.run(cfg, run_dir, progress=False)
@@ -499,8 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=at_least(0, float, strict=True), default=None, metavar="SECONDS",
                    help="start no run after this many seconds (those are listed as not run in matrix.json); "
                         "default: no budget")
+    p.add_argument("--shard", default="", metavar="I/N",
+                   help="run only shard I of N (0 <= I < N: the runs at positions I, I+N, ... of the matrix); "
+                        "slurm: this Slurm job array task's shard; empty: the whole matrix")
     p.add_argument("--book", action="store_true", help="execute the book chapters from the run folder")
     p.add_argument("--where", action="store_true", help="print this data set's run folder (RUN_ROOT/<data tag>)")
+    p.add_argument("--gather", action="store_true",
+                   help="say what each planned run became (complete, failed, running, interrupted, missing) and on "
+                        "which host; exit 0 only when all are complete")
     return p
 
 
@@ -546,8 +629,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_matrix(args: argparse.Namespace) -> int:
-    """Train the matrix of `args` (or, with --where or --book, print its folder or execute its chapters)."""
-    started = time.monotonic()
+    """Train the matrix of `args`, or one shard of it (or, with --where, --gather or --book, print its folder, say
+    what its runs became or execute its chapters)."""
+    started, started_at = time.monotonic(), time.time()
+    shard = parse_shard(args.shard)
     overrides = check_args(args)
     from .evaluate import dropped_line
     from .train import load_data
@@ -558,6 +643,8 @@ def run_matrix(args: argparse.Namespace) -> int:
     if args.where:
         print(root)
         return 0
+    if args.gather:
+        return gather(root)
     if dropped := dropped_line(loaded.report):  # once here: the runs themselves train quietly
         print(dropped, flush=True)
     if args.book:
@@ -567,7 +654,9 @@ def run_matrix(args: argparse.Namespace) -> int:
     arms = resolve_arms(args, root, loaded.record["synthetic"], overrides)
     executor = args.executor or default_executor()
     configs = plan(args, root, list(arms.run.values()), overrides)
-    print(f"{len(configs)} run(s) in {root} ({executor}, {args.concurrent} at a time)", flush=True)
+    mine = share(configs, shard)
+    whose = "" if shard is None else f" of {len(configs)} (shard {shard[0]}/{shard[1]})"
+    print(f"{len(mine)} run(s){whose} in {root} ({executor}, {args.concurrent} at a time)", flush=True)
     record = {
         "profile": args.profile, "data": loaded.record, "executor": executor, "concurrent": args.concurrent,
         "hardware": hardware(), "wall_seconds": time.monotonic() - started,
@@ -579,16 +668,18 @@ def run_matrix(args: argparse.Namespace) -> int:
         "not_run": [{"arm": arm, **why} for arm, why in arms.not_run.items()],  # what results.read_not_run reads
         "runs": [{"name": c.run_name(), "status": "planned"} for c in configs],
     }
-    write_text(root / MATRIX, json.dumps(record, indent=2, default=str))  # a cut-short matrix still says what it planned
+    names = {c.run_name() for c in mine}
+    save_record(root, record, shard, names, started_at)  # a cut-short matrix still says what it planned
     deadline = time.time() + args.time_budget if args.time_budget else None
 
     def record_runs(results: list[RunStatus]) -> None:
+        done = {r.name: {"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results}
         record.update(wall_seconds=time.monotonic() - started, time_budget_seconds=args.time_budget,
-                      runs=[{"name": r.name, "status": r.status, "wall_seconds": r.seconds} for r in results])
-        write_text(root / MATRIX, json.dumps(record, indent=2, default=str))
+                      runs=[done.get(r["name"], r) for r in record["runs"]])
+        save_record(root, record, shard, names, started_at)
 
     try:
-        results = execute_all(configs, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
+        results = execute_all(mine, executor, args.concurrent, loaded.record, loaded.table["path"].tolist(),
                               deadline)
     except MatrixInterrupted as stop:  # matrix.json says what ran before errors.report says "interrupted"
         record_runs(stop.results)
@@ -596,8 +687,8 @@ def run_matrix(args: argparse.Namespace) -> int:
     record_runs(results)
     failed = sum(r.status.startswith("failed") for r in results)
     skipped = sum(r.status == NOT_STARTED for r in results)
-    print(f"{len(configs) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
-          f"in {root} (see {MATRIX})")
+    print(f"{len(mine) - failed - skipped} complete, {failed} failed, {skipped} not started (time budget), "
+          f"in {root} (see {MATRIX}" + ("; --gather: every shard's runs)" if shard else ")"))
     return 1 if failed else 0
 
 

@@ -300,6 +300,8 @@ def _build_once(final: Path, build) -> None:
     try:
         build(tmp)
         (tmp / "COMPLETE").write_text("synthetic chest X-rays made by cxrlib.synthetic\n")
+        if (final / "COMPLETE").exists():  # another process finished first: its folder may be in use, keep it
+            return
         if final.exists():  # a stale, incomplete build
             shutil.rmtree(final, ignore_errors=True)
         try:

@@ -4,7 +4,8 @@
 chapter 4's lungs-removed pair) each run on synthetic data in the publishers' layouts, carried as the GPU machine
 gets them (`python -m cxrlib.transport`), with the quick profile at 32 px, 1 epoch, 1 seed; each must exit 0 with no
 traceback in its log and leave a bundle tarball whose bundle.json names every run complete, the transport copy's
-settings, the matrix's wall time and aggregate images/s.
+settings, the matrix's wall time and aggregate images/s. `bench/slurm_matrix.sh` (the matrix as a Slurm job array)
+is run as one array task with a stand-in python: the command it runs.
 """
 
 from __future__ import annotations
@@ -143,3 +144,37 @@ def test_a_failed_step_fails_the_script(tmp_path):
     assert "failed step(s): a failing step" in done.stderr
     missing = run_bash([str(BENCH / "paper_bundle.sh"), str(tmp_path / "out2"), str(tmp_path)], env=env, timeout=60)
     assert missing.returncode == 2 and "no " in missing.stderr and not (tmp_path / "out2").exists()
+
+
+def test_the_slurm_array_script_runs_its_task_s_share(tmp_path):
+    """bench/slurm_matrix.sh as a job array task runs it (Slurm's variables set by hand, python a stand-in that
+    prints its command): its shard of the matrix of DATA into RUN_ROOT, from the submit folder; without DATA or
+    RUN_ROOT it stops saying so. `make slurm` submits SHARDS tasks of make runs's matrix and prints the --gather
+    command."""
+    script = BENCH / "slurm_matrix.sh"
+    lines = script.read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    assert directives and max(directives) < first_command  # sbatch reads them up to the first command only
+    assert "#SBATCH --gres=gpu:1" in lines
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "cwd=$(pwd)"\necho "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "DATA": "/shared/data", "RUN_ROOT": "/shared/runs", "SEEDS": "5",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3",
+           "MATRIX_FLAGS": "--set epochs=10"}
+    done = run_bash([str(script)], env=env, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("task 2 of 3 on ") and f"cwd={ROOT}\n" in done.stdout
+    assert done.stdout.splitlines()[-1] == (
+        "-m cxrlib.runs --profile paper --run-root /shared/runs --coronahack-dir /shared/data/coronahack "
+        "--extra-covid-dir /shared/data/covid-chestxray-dataset --executor inline --concurrent 1 --seeds 5 "
+        "--set epochs=10 --shard slurm")
+    for unset in ("DATA", "RUN_ROOT"):
+        stopped = run_bash([str(script)], env={k: v for k, v in env.items() if k != unset}, timeout=60)
+        assert stopped.returncode != 0 and f"give {unset}" in stopped.stderr and "cwd=" not in stopped.stdout
+    made = subprocess.run(["make", "-n", "slurm", "DATA=/d", "SHARDS=3", "RUN_ROOT=/r", "PROFILE=paper"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "sbatch --array=0-$((3 - 1)) bench/slurm_matrix.sh" in made.stdout, made.stdout + made.stderr
+    assert 'MATRIX_FLAGS="--variants lungs_removed,lungs_removed_marker --variant-losses ce"' in made.stdout
+    assert "-m cxrlib.runs --gather --profile paper --run-root /r --coronahack-dir /d/coronahack" in made.stdout

@@ -7,7 +7,13 @@ import dataclasses
 import functools
 import http.server
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -299,3 +305,142 @@ def test_the_matrix_run_root_also_takes_the_data_sets_own_folder(tmp_path):
     record = {"tag": "coronahack+ieee8023-a47664a7"}
     assert data_root(tmp_path, record) == tmp_path / record["tag"]
     assert data_root(tmp_path / record["tag"], record) == tmp_path / record["tag"]  # the chapters' run_root
+
+
+# --- shards: one matrix over many machines (issue 31) --------------------------------------------------------
+
+
+def test_shards_are_disjoint_cover_the_matrix_and_come_from_a_slurm_array(tmp_path):
+    configs = runs.matrix("quick", tmp_path, {}, ["none", "imagenet"], seeds=2)  # 16 runs
+    names = [c.run_name() for c in configs]
+    shares = [[c.run_name() for c in runs.share(configs, (i, 3))] for i in range(3)]
+    assert sorted(sum(shares, [])) == sorted(names) and [len(s) for s in shares] == [6, 5, 5]
+    assert shares[1] == names[1::3]  # positions I, I + N, ...: not which runs are complete
+    assert runs.share(configs, None) == configs
+    slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}  # --array=5-7
+    assert runs.parse_shard("slurm", slurm) == (2, 3) and runs.parse_shard("0/1") == (0, 1)
+    assert runs.parse_shard("") is None
+
+
+def _planned(root: Path, names: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "matrix.json").write_text(json.dumps({"runs": [{"name": n, "status": "planned"} for n in names]}))
+
+
+def test_settle_tells_complete_failed_running_interrupted_and_missing_apart(tmp_path, capsys):
+    from cxrlib import rundir
+
+    names = ["done", "broke", "busy", "killed", "started", "never"]
+    _planned(tmp_path, names)
+    for name, status in [("done", "complete"), ("broke", "failed: RuntimeError: x"), ("busy", "running"),
+                         ("killed", "running")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status").write_text(status + "\n")
+        (tmp_path / name / "host").write_text(f"node-{name}\n")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text("{}")  # killed before training wrote a status
+    (tmp_path / "killed" / ".lock").write_text("123 (python -m cxrlib.runs), since then\n")  # left by SIGKILL: not held
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cxrlib.rundir import locked\n"
+                               f"with locked({str(tmp_path / 'busy')!r}):\n    print('held', flush=True)\n"
+                               "    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(runs.ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        settled = rundir.settle(tmp_path)
+    finally:
+        holder.communicate("")
+    assert [(r["run"], r["state"], r["host"]) for r in settled] == [
+        ("done", "complete", "node-done"), ("broke", "failed", "node-broke"), ("busy", "running", "node-busy"),
+        ("killed", "interrupted", "node-killed"), ("started", "interrupted", ""), ("never", "missing", "")]
+    assert rundir.settle(tmp_path / "elsewhere") == []
+    assert runs.gather(tmp_path) == 1  # `--gather`, now that "busy" has no process either
+    said = capsys.readouterr().out.splitlines()
+    assert said[1].split() == ["failed", "node-broke", "broke", "(failed:", "RuntimeError:", "x)"]
+    assert said[-1].startswith("6 planned: 1 complete, 1 failed, 0 running, 3 interrupted, 1 missing (in ")
+    with pytest.raises(CXRError, match="no run matrix planned there"):
+        runs.gather(tmp_path / "elsewhere")
+
+
+def test_pack_refuses_missing_runs_unless_partial_and_says_so(tmp_path):
+    from cxrlib import bundle
+
+    root = tmp_path / "runs"
+    _planned(root, ["a", "b", "c"])
+    for name, status in [("a", "complete"), ("b", "failed: boom")]:
+        (root / name).mkdir()
+        (root / name / "status").write_text(status + "\n")
+        (root / name / "params.json").write_text(json.dumps({"config": {"task": "binary"}}))
+    with pytest.raises(CXRError, match=r"1 planned run\(s\) have no result: c \(missing\).*--partial"):
+        bundle.pack(root, tmp_path / "refused", scratch=True)
+    assert not (tmp_path / "refused").exists()
+    record = bundle.pack(root, tmp_path / "b", scratch=True, partial=True)
+    assert record["missing"] == [{"run": "c", "state": "missing"}] == bundle.load(tmp_path / "b")["missing"]
+    assert [r["run"] for r in record["runs"]] == ["a", "b"]
+    (root / "c").mkdir()
+    (root / "c" / "status").write_text("complete\n")
+    assert bundle.pack(root, tmp_path / "whole", scratch=True)["missing"] == []
+
+
+SHARD_MATRIX = ["--profile", "quick", "--executor", "inline", "--arms", "random", "--tasks", "binary", "--losses",
+                "ce,focal", "--extra-covid-axis", "both", "--set", "image_size=32", "--set", "epochs=1", "--set",
+                "device=cpu"]  # 4 runs: shard 0/3 takes the first and the last
+
+
+@pytest.mark.slow
+def test_three_shard_processes_fill_one_root_once_and_a_killed_shard_resumes(tmp_path, capsys):
+    """3 shards started at once into one run root, as a Slurm job array on a shared filesystem: each trains its own
+    share only; shard 0 is killed (SIGKILL) while training its first run, which `--gather` then calls interrupted and
+    its second missing, and `bundle pack` refuses; the same command (with two workers) completes the matrix."""
+    from cxrlib import bundle
+
+    argv = [sys.executable, "-m", "cxrlib.runs", *SHARD_MATRIX, "--run-root", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(runs.ROOT)}
+
+    def start(index: int) -> subprocess.Popen:
+        return subprocess.Popen([*argv, "--shard", f"{index}/3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, start_new_session=True)
+
+    def trained(out: str) -> set[str]:
+        return {line.split()[1] for line in out.splitlines() if line.strip().startswith("complete ")}
+
+    root = tmp_path / "synthetic"
+    first, second, third, last = ("binary-ce-resnet50-none-s0", "binary-focal-resnet50-none-s0",
+                                  "binary-ce-resnet50-none-s0-noextra", "binary-focal-resnet50-none-s0-noextra")
+    shards = [start(i) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 240
+        while not ((root / first / "status").is_file() and (root / first / "status").read_text() == "running\n"):
+            assert time.monotonic() < deadline and shards[0].poll() is None, shards[0].communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.killpg(shards[0].pid, signal.SIGKILL)
+        outs = [p.communicate(timeout=300)[0] for p in shards]
+    finally:
+        for p in shards:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert shards[0].returncode == -signal.SIGKILL
+    assert [p.returncode for p in shards[1:]] == [0, 0], outs
+    assert trained(outs[1]) == {second} and trained(outs[2]) == {third}  # disjoint shares, each run once
+    assert "1 run(s) of 4 (shard 1/3)" in outs[1]
+
+    capsys.readouterr()
+    assert runs.main([*SHARD_MATRIX, "--run-root", str(tmp_path), "--gather"]) == 1
+    said = {line.split()[2]: line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]}  # state host run
+    assert said == {first: "interrupted", second: "complete", third: "complete", last: "missing"}
+    host = socket.gethostname()
+    assert all((root / name / "host").read_text() == f"{host}\n" for name in (first, second, third))
+    with pytest.raises(CXRError, match=r"2 planned run\(s\) have no result"):
+        bundle.pack(root, tmp_path / "bundle", scratch=True)
+
+    again = subprocess.run([*argv, "--shard", "0/3", "--concurrent", "2"], capture_output=True, text=True, env=env,
+                           timeout=300)  # --shard composes with --concurrent: its two runs at once
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert trained(again.stdout) == {first, last}
+    assert runs.main([*SHARD_MATRIX, "--run-root", str(tmp_path), "--gather"]) == 0
+    assert "4 planned: 4 complete, 0 failed, 0 running, 0 interrupted, 0 missing" in capsys.readouterr().out
+    record = json.loads((root / "matrix.json").read_text())
+    assert {r["name"]: r["status"] for r in record["runs"]} == dict.fromkeys([first, second, third, last], "complete")
+    assert {k: v["runs"] for k, v in record["shards"].items()} == {
+        "0/3": sorted([first, last]), "1/3": [second], "2/3": [third]}
+    assert all(len(pd.read_csv(root / name / "history.csv")) == 1 for name in record["shards"]["0/3"]["runs"])
+    assert bundle.pack(root, tmp_path / "bundle", scratch=True)["missing"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from cxrlib.data import load_table, read_coronahack, read_ieee8023
 from cxrlib.synthetic import (
     IEEE_COLUMNS,
     SOURCE_SIZE,
+    _build_once,
     _patient,
     chest_image,
     ensure_synthetic,
@@ -98,6 +100,24 @@ def test_ensure_synthetic_is_idempotent(tmp_path):
     stamp = marker.stat().st_mtime_ns
     assert ensure_synthetic(tmp_path, seed=1) == first and marker.stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_build_that_finishes_second_keeps_the_first(tmp_path):
+    """Shards started at once each build the synthetic default: the one that finishes second used to replace the
+    complete folder, which the first was already reading (its run failed: "no train/ or test/ image folder")."""
+    final = tmp_path / "set"
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "made").write_text("second")
+        first = tmp_path / "first"  # meanwhile, another process completes the same folder
+        first.mkdir()
+        (first / "made").write_text("first")
+        (first / "COMPLETE").write_text("")
+        first.rename(final)
+
+    _build_once(final, build)
+    assert (final / "made").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["set"]
 
 
 def test_lung_mask_is_two_lung_fields():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,13 +192,18 @@ def test_weighted_shard_sampler_shards_one_weighted_draw():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    _ddp_fit(out)
+
+
+def _ddp_fit(out: str) -> None:
+    """One process's part of the DDP fit, its rank and world size from the environment (torchrun's, or
+    _ddp_worker's); rank 0 saves the weights to compare."""
     torch.set_num_threads(1)
     info = distributed.setup("cpu")
-    assert info.world_size == world and info.rank == rank
+    world = int(os.environ["WORLD_SIZE"])
+    assert info.world_size == world and info.rank == int(os.environ["RANK"])
     model = tiny_cnn()
     opts = loop.FitOptions(epochs=2, batch_size=8 // world, lr=0.05, optimizer="sgd", device="cpu",
                            amp="off", patience=0, progress=False)  # fp32: the comparison is to 1e-5
@@ -211,10 +219,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
-
+def _assert_matches_one_process(ddp_dir: Path, tmp_path: Path) -> None:
+    """The DDP fit saved in `ddp_dir` equals one process's fit on batch 8, weights and history, to 1e-5."""
+    ddp = torch.load(ddp_dir / "ddp.pt", weights_only=True)
     single = tiny_cnn()
     opts = loop.FitOptions(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", device="cpu", amp="off", patience=0,
                            progress=False)
@@ -222,11 +229,52 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ddp["last"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    h_ddp, h_one = (pd.read_csv(tmp_path / d / "history.csv") for d in ("ddp", "single"))
+    h_ddp, h_one = (pd.read_csv(d / "history.csv") for d in (ddp_dir, tmp_path / "single"))
     cols = ["train_loss", "val_loss", "val_macro_f1", "val_accuracy"]
     pd.testing.assert_frame_equal(h_ddp[cols], h_one[cols], atol=1e-5)
-    written = {p.name for p in (tmp_path / "ddp").iterdir()}
+    written = {p.name for p in ddp_dir.iterdir()}
     assert LAST in written and not [n for n in written if n.endswith(".tmp")]  # atomic.write_atomic's .{name}.*.tmp
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    _assert_matches_one_process(tmp_path / "ddp", tmp_path)
+
+
+NODE = """import json, os, sys
+sys.path.insert(0, {tests!r})
+from test_train import _ddp_fit
+where = {{k: os.environ[k] for k in ("GROUP_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE")}}
+open(os.path.join({out!r}, "node" + os.environ["GROUP_RANK"] + ".json"), "w").write(json.dumps(where))
+_ddp_fit({ddp!r})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_torchrun_two_nodes_match_one_process(tmp_path):
+    """Reproducing's several-machines command, with two "nodes" on this machine: torchrun --nnodes 2 with node
+    ranks 0 and 1, one CPU (gloo) process each, meeting at a local c10d rendezvous; the fit equals one process's.
+    Node 0 hosts the rendezvous store (is_host: on one machine both would match the endpoint's address)."""
+    script = tmp_path / "node.py"
+    script.write_text(NODE.format(tests=str(Path(__file__).parent), out=str(tmp_path), ddp=str(tmp_path / "ddp")))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "cxr-two-nodes", "--rdzv_conf", f"is_host={int(rank == 0)}", str(script)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-3000:] for out in outs)
+    where = [json.loads((tmp_path / f"node{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(w["LOCAL_RANK"], w["WORLD_SIZE"]) for w in where] == [("0", "2")] * 2  # one process on each node
+    assert sorted(w["RANK"] for w in where) == ["0", "1"]
+    _assert_matches_one_process(tmp_path / "ddp", tmp_path)
 
 
 # --- GPU paths (skipped without CUDA; CI has none) -------------------------------------------------

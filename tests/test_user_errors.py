@@ -65,6 +65,8 @@ def assert_one_line_fast(module: str, argv: list[str], cwd: Path, *named: str) -
     (["--coronahack-dir", "/nope"], ["coronahack_dir", "/nope"]),
     (["--chestxray14-dir", "/nope"], ["chestxray14_dir", "/nope"]),
     (["--variants", "flip"], ["'flip'"]),
+    (["--shard", "3/3"], ["--shard 3/3", "0 <= I < N"]), (["--shard=-1/2"], ["--shard -1/2"]),
+    (["--shard", "a/b"], ["--shard a/b"]), (["--shard", "slurm"], ["SLURM_ARRAY_TASK_ID"]),
 ])
 def test_the_matrix_refuses_a_bad_flag_before_reading_data_or_pretraining(argv, named, tmp_path):
     assert_one_line_fast("cxrlib.runs", argv, tmp_path, *named)
