@@ -242,13 +242,11 @@ def findings_markdown(bundle: str | Path) -> str:
     record = load(bundle)
     claims = results.read_claims(bundle / CLAIMS) if (bundle / CLAIMS).is_file() else None
     ran = (claims or {}).get("runs", {})
-    lines = [f"*Computed from the results bundle `{record.get('name', bundle.name)}`: "
+    lines = [*bottom_line(bundle, record, claims), "", setup_table(bundle, record, claims), "",
+             f"*Computed from the results bundle `{record.get('name', bundle.name)}`: "
              f"{ran.get('complete', 0)} complete run(s), {', '.join(record.get('hardware') or ['unknown hardware'])}, "
              f"code {str(record.get('code_commit'))[:10]}, made {str(record.get('created', '?'))[:10]}.*", ""]
     inits = ", ".join(ran.get("inits") or ["none"])
-    lines.append(f"\n**What ran.** ResNet50 initialised as: {inits}; images of {_listed(ran.get('image_size'))} px; "
-                 f"{_listed(ran.get('epochs_run'))} epoch(s) trained (of at most {_listed(ran.get('epochs'))}); "
-                 f"seed(s) {_listed(ran.get('seeds'))}; arms: {'; '.join(ran.get('arms') or [])}.")
     not_run = record.get("not_run") or []
     if not_run:
         said = "; ".join(f"**{e.get('arm')}**: {results.public_text(str(e.get('reason', '')))}" for e in not_run)
@@ -262,6 +260,92 @@ def findings_markdown(bundle: str | Path) -> str:
         lines += ["", "**Beyond the paper:**", *beyond]
     lines += ["", f"**Data.** {_data_said(record)}"]
     return _box(lines)
+
+
+TASK_WORDS = {"binary": "binary", "multiclass": "3-class"}
+VERDICT_WORDS = {"supported": "supported", "not supported": "not supported",  # a verdict's start: its short form
+                 "no evidence": "no evidence of a difference", "not testable": "not testable here"}
+
+
+def bottom_line(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None) -> list[str]:
+    """The first page's three sentences in plain words, from the bundle's own records: what ran and how far it is
+    from the paper's set-up, what the paper's claims came to, whether the models work on people from elsewhere."""
+    ran = (claims or {}).get("runs", {})
+    if not ran.get("complete"):
+        return ["**In short.** This bundle records no complete run of the paper's matrix, so it says nothing about "
+                "the paper's claims."]
+    inits = ran.get("inits") or []
+    pretrained = [i for i in inits if i != "random init"]
+    paper = _paper_setup()
+    first = (f"**In short.** {ran.get('complete', 0)} runs of ResNet50 from {', '.join(inits) or 'no recorded init'} "
+             f"at {_listed(ran.get('image_size'))} px for {_listed(ran.get('epochs_run'))} epochs, seeds "
+             f"{_listed(ran.get('seeds'))}, on {', '.join(record.get('hardware') or ['unknown hardware'])}: "
+             + ("none of the paper's pretrained weights could run here, " if not pretrained else "")
+             + f"against the paper's {paper['image_size']} px and up to {paper['epochs']} epochs (table below): a test "
+             "of the paper's design at a small scale, not of its numbers.")
+    rows = (claims or {}).get("claims", [])
+    letters = list(dict.fromkeys(c["claim"].split()[0] for c in rows))  # the claims' own order
+    by_verdict: dict[str, dict[str, list[str]]] = {}
+    for c in rows:
+        word = next((w for w in VERDICT_WORDS if c["verdict"].startswith(w)), c["verdict"])
+        by_verdict.setdefault(word, {}).setdefault(c["claim"].split()[0], []).append(TASK_WORDS.get(c["task"], c["task"]))
+    said = [f"{VERDICT_WORDS.get(verdict, verdict)}: " + ", ".join(
+        letter + ("" if len(tasks) == len(TASK_WORDS) else " " + " and ".join(tasks))
+        for letter, tasks in sorted(by_verdict[verdict].items(), key=lambda item: letters.index(item[0])))
+        for verdict in dict.fromkeys([*VERDICT_WORDS, *by_verdict]) if verdict in by_verdict]
+    second = ("The paper's claims: " + "; ".join(said) + "."
+              if said else "No claim of the paper was tested in this bundle.")
+    return [first, "", second, "", _generalisation_sentence(Path(bundle))]
+
+
+def _generalisation_sentence(bundle: Path) -> str:
+    """Whether the models work on people no run trained on, from chapter 6's generalisation.json."""
+    if not (bundle / GENERALISATION).is_file():
+        return "Whether the models work on people from elsewhere was not measured in this bundle (no chapter 6 runs)."
+    summary = json.loads((bundle / GENERALISATION).read_text())
+    verdict = re.sub(r"\*\*Generalisation goal: (.*?)\.\*\*.*", r"\1", summary["verdict"].split("\n")[0])
+    said = {"not met": "No: on people from sources no run trained on, no arm meets the goal",
+            "met": "Yes: on people from sources no run trained on, the goal is met"}.get(
+        verdict, f"Not decided: on people from sources no run trained on, the goal is {verdict}")
+    learned = [a["unseen_auc"]["value"] for a in (summary.get("remedies") or {}).get("arms", [])
+               if a.get("learned") and a.get("unseen_auc", {}).get("value") is not None]
+    if learned:
+        said += (f"; threshold-free, the remedy arms that learned the task rank unseen COVID-19 images against unseen "
+                 f"adults without COVID-19 at ROC AUC {min(learned):.2f} to {max(learned):.2f}, where 0.5 is chance")
+    return said + " (chapter 6)."
+
+
+def _paper_setup() -> dict[str, Any]:
+    """The paper's set-up as this book's paper profile reads it (RunConfig's defaults under PROFILES['paper'])."""
+    from .config import MATRIX_PROFILES, PROFILES, RunConfig
+
+    return {**{k: getattr(RunConfig, k) for k in ("image_size", "epochs", "lr", "patience")}, **PROFILES["paper"],
+            "seeds": MATRIX_PROFILES["paper"]["seeds"]}
+
+
+def setup_table(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None) -> str:
+    """The paper's set-up beside this bundle's, row by row, as a markdown table: the bundle's side read from its
+    runs' recorded parameters."""
+    ran = (claims or {}).get("runs", {})
+    configs = [run.config for run in filter(None, map(open_run, sorted((Path(bundle) / "runs").glob("*/"))))]
+    recorded = lambda key: _listed(sorted({c.get(key) for c in configs if c.get(key) is not None}))  # noqa: E731
+    patience = sorted({c.get("patience") for c in configs if c.get("patience") is not None})
+    paper = _paper_setup()
+    rows = [("initialisation", "ImageNet or chest-X-ray (CheXNet) weights", ", ".join(ran.get("inits") or ["?"])),
+            ("image size", f"{paper['image_size']} px", f"{_listed(ran.get('image_size'))} px"),
+            ("epochs", f"up to {paper['epochs']}", f"{_listed(ran.get('epochs_run'))} (of at most "
+                                                   f"{_listed(ran.get('epochs'))})"),
+            ("early stopping", f"after {paper['patience']} epochs without a better validation macro-F1",
+             "none" if patience == [0] else f"patience {_listed(patience)}"),
+            ("learning rate", f"{paper['lr']:g}", recorded("lr")),
+            ("arms", "the paper set-up: binary and 3-class, cross-entropy and focal loss, ImageNet and CheXNet "
+                     "initialisation", "; ".join(ran.get("arms") or ["none"])),
+            ("seeds", f"{paper['seeds']} per configuration", f"{len(ran.get('seeds') or [])} per configuration"),
+            ("data", "CoronaHack + extra COVID-19 images (ieee8023)",
+             ", ".join(e.get("folder", "?") for e in record.get("data") or []) or "not recorded"),
+            ("hardware", "a GPU", ", ".join(record.get("hardware") or ["not recorded"]))]
+    head = "| | the paper (as this book's paper profile reads it) | this bundle |\n|---|---|---|\n"
+    return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
 
 
 def _claims_said(claims: dict[str, Any] | None) -> list[str]:

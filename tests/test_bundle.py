@@ -175,3 +175,38 @@ def test_every_committed_bundle_tracks_its_runs(record):
     """Each run a committed bundle.json lists has its params, metrics, predictions and history in git: a fresh
     clone renders the same book as the work tree that made it."""
     assert bundle.check_tracked(record.parent) == []
+
+
+def _claim(letter: str, task: str, verdict: str) -> dict:
+    return {"claim": f"{letter} something", "task": task, "verdict": verdict, "result": "–", "seeds": "–"}
+
+
+def test_the_first_page_opens_with_three_computed_sentences_and_the_set_up_beside_the_papers(tmp_path):
+    """The bottom line is read from the bundle's records: runs and settings from claims.json, verdicts grouped by
+    claim and task, the generalisation answer from generalisation.json; the table puts the paper profile beside."""
+    from cxrlib.config import PROFILES
+
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "bundle.json").write_text(json.dumps({"name": "b", "hardware": ["cpu (1 threads)"],
+                                               "data": [{"folder": "coronahack"}]}))
+    claims = [_claim("(c)", "binary", "no evidence of a difference"), _claim("(c)", "multiclass", "supported"),
+              _claim("(d)", "binary", "supported"), _claim("(d)", "multiclass", "supported"),
+              _claim("(a)", "binary", "not testable here (no run)"), _claim("(a)", "multiclass", "not testable here")]
+    (b / "claims.json").write_text(json.dumps({"claims": claims, "holm": "", "runs": {
+        "complete": 7, "seeds": [0, 1], "epochs": [2], "epochs_run": [2], "image_size": [48],
+        "inits": ["random init"], "arms": ["paper set-up"]}}))
+    arms = [{"arm": "x", "learned": True, "unseen_auc": {"value": 0.41}},
+            {"arm": "y", "learned": True, "unseen_auc": {"value": 0.58}},
+            {"arm": "z", "learned": False, "unseen_auc": {"value": 0.99}}]  # not learned: not in the range
+    (b / "generalisation.json").write_text(json.dumps({"verdict": "**Generalisation goal: not met.** No arm.",
+                                                       "remedies": {"arms": arms}}))
+    text = bundle.findings_markdown(b)
+    first, second, third = [line for line in text.splitlines() if line and not line.startswith(("|", ":", "*C"))][:3]
+    assert first.startswith("**In short.** 7 runs") and "48 px" in first and "none of the paper's pretrained" in first
+    assert second.endswith("supported: (c) 3-class, (d); no evidence of a difference: (c) binary; "
+                           "not testable here: (a).")
+    assert third.startswith("No:") and "ROC AUC 0.41 to 0.58" in third
+    assert f"| image size | {PROFILES['paper'].get('image_size', 224)} px | 48 px |" in text
+    assert "| seeds | 3 per configuration | 2 per configuration |" in text
+    assert text.index("**In short.**") < text.index("| initialisation |") < text.index("*Computed from")
