@@ -277,9 +277,13 @@ def bottom_line(bundle: str | Path, record: dict[str, Any], claims: dict[str, An
     inits = ran.get("inits") or []
     pretrained = [i for i in inits if i != "random init"]
     paper = _paper_setup()
+    seeds = ran.get("seeds") or []
     first = (f"**In short.** {ran.get('complete', 0)} runs of ResNet50 from {', '.join(inits) or 'no recorded init'} "
-             f"at {_listed(ran.get('image_size'))} px for {_listed(ran.get('epochs_run'))} epochs, seeds "
-             f"{_listed(ran.get('seeds'))}, on {', '.join(record.get('hardware') or ['unknown hardware'])}: "
+             f"at {_listed(ran.get('image_size'))} px for {_listed(ran.get('epochs_run'))} epochs, "
+             f"seed{'s' if len(seeds) > 1 else ''} {_listed(seeds)}, on "
+             f"{', '.join(record.get('hardware') or ['unknown hardware'])}"
+             + (", on cxrlib's synthetic images (they show that the code works and say nothing about COVID-19)"
+                if _synthetic(_run_configs(bundle)) else "") + ": "
              + ("none of the paper's pretrained weights could run here, " if not pretrained else "")
              + f"against the paper's {paper['image_size']} px and up to {paper['epochs']} epochs (table below): a test "
              "of the paper's design at a small scale, not of its numbers.")
@@ -323,11 +327,22 @@ def _paper_setup() -> dict[str, Any]:
             "seeds": MATRIX_PROFILES["paper"]["seeds"]}
 
 
+def _run_configs(bundle: str | Path) -> list[dict[str, Any]]:
+    """The recorded parameters of the bundle's runs (runs/), for what claims.json does not summarise."""
+    return [run.config for run in filter(None, map(open_run, sorted((Path(bundle) / "runs").glob("*/"))))]
+
+
+def _synthetic(configs: list[dict[str, Any]]) -> bool:
+    """Whether the runs recorded no data folder or manifest at all: the synthetic default (RunConfig's rule)."""
+    return bool(configs) and not any(c.get("coronahack_dir") or c.get("extra_covid_dir") or c.get("manifest")
+                                     for c in configs)
+
+
 def setup_table(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None) -> str:
     """The paper's set-up beside this bundle's, row by row, as a markdown table: the bundle's side read from its
     runs' recorded parameters."""
     ran = (claims or {}).get("runs", {})
-    configs = [run.config for run in filter(None, map(open_run, sorted((Path(bundle) / "runs").glob("*/"))))]
+    configs = _run_configs(bundle)
     recorded = lambda key: _listed(sorted({c.get(key) for c in configs if c.get(key) is not None}))  # noqa: E731
     patience = sorted({c.get("patience") for c in configs if c.get("patience") is not None})
     paper = _paper_setup()
@@ -342,6 +357,7 @@ def setup_table(bundle: str | Path, record: dict[str, Any], claims: dict[str, An
                      "initialisation", "; ".join(ran.get("arms") or ["none"])),
             ("seeds", f"{paper['seeds']} per configuration", f"{len(ran.get('seeds') or [])} per configuration"),
             ("data", "CoronaHack + extra COVID-19 images (ieee8023)",
+             "cxrlib's synthetic images" if _synthetic(configs) else
              ", ".join(e.get("folder", "?") for e in record.get("data") or []) or "not recorded"),
             ("hardware", "a GPU", ", ".join(record.get("hardware") or ["not recorded"]))]
     head = "| | the paper (as this book's paper profile reads it) | this bundle |\n|---|---|---|\n"

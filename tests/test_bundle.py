@@ -210,3 +210,10 @@ def test_the_first_page_opens_with_three_computed_sentences_and_the_set_up_besid
     assert f"| image size | {PROFILES['paper'].get('image_size', 224)} px | 48 px |" in text
     assert "| seeds | 3 per configuration | 2 per configuration |" in text
     assert text.index("**In short.**") < text.index("| initialisation |") < text.index("*Computed from")
+    assert "synthetic" not in text  # its runs/ recorded no parameters: nothing says synthetic
+    (b / "runs" / "synthetic").mkdir(parents=True)
+    (b / "runs" / "synthetic" / "config.json").write_text(json.dumps({"task": "binary", "coronahack_dir": ""}))
+    assert "cxrlib's synthetic images (they show that the code works" in bundle.findings_markdown(b)
+    (b / "runs" / "real").mkdir()
+    (b / "runs" / "real" / "config.json").write_text(json.dumps({"task": "binary", "coronahack_dir": "/data/ch"}))
+    assert "synthetic" not in bundle.findings_markdown(b)  # some runs on real data: not the synthetic default
