@@ -25,8 +25,8 @@
 # shown in the fine-tuning chapter (or any `run_dir`):
 #
 # 1. the false positives and false negatives, and the errors the model was surest of;
-# 2. Grad-CAM {cite:p}`selvaraju2017gradcam` maps from ResNet's layer3 (16x finer than the input, 14x14
-#    cells at 224 px), and how much of their mass lies in the lung fields, with a CI;
+# 2. Grad-CAM {cite:p}`selvaraju2017gradcam` maps from ResNet's layer3 (16x coarser than the input: 14x14
+#    cells at 224 px, 4x4 at 64 px), and how much of their mass lies in the lung fields, with a CI;
 # 3. the shortcut audit: can the data **source** be predicted from trivial image statistics or from
 #    the model's own features? How does the model score with the **lungs removed**, or with only the
 #    lungs left? And does a model **trained** without lungs still tell COVID-19 apart?

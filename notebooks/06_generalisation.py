@@ -75,8 +75,8 @@ summary_file = generalise.save_summary(  # the book's first page states it; `cxr
 # one country's COVID-19 images, and, for the arms that do not train on NIH images, the NIH adults. *Lungs
 # only* paints everything outside the estimated lung fields grey (the mirror of chapter 4's lungs-removed
 # experiment); *adults only* drops the paediatric images and takes the NIH adults as the non-COVID class;
-# the last arm adds CLAHE to lungs only in adults (lung segmentation plus histogram equalisation, as Teixeira
-# et al. 2021 propose against source bias).
+# the last arm adds CLAHE to lungs only in adults (lung segmentation plus histogram equalisation, as
+# {cite:t}`teixeira2021segmentation` propose against source bias).
 #
 # Each arm is judged first without any threshold: how well it ranks the held-out COVID-19 images above the
 # held-out adults without COVID-19 (ROC AUC; 0.5 is chance), the mean over its runs with a 95% interval from
