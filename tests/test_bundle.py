@@ -124,7 +124,8 @@ def test_render_writes_the_computed_verdicts_and_the_speed_table(tmp_path):
     bundle.render(tmp_path / "b", tmp_path / "gen")
     assert "No claim was tested" in (tmp_path / "gen" / "findings.md").read_text()
     speed = (tmp_path / "gen" / "speed.md").read_text()
-    assert "| (a)  | 0.81 | 0.8 | met | Some GPU |" in speed and "120 s" in speed and "(c)" not in speed
+    assert "| fit throughput over the bare train step | 0.81 | ≥ 0.8 | met | Some GPU |" in speed and "120 s" in speed
+    assert "CPU bf16" not in speed and "| verdict |" in speed and "| met | cuda: X |" in speed  # 120 s ≤ 600 s
 
 
 def _git_repo(path, ignore: str) -> None:
