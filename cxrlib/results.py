@@ -317,13 +317,13 @@ def describe(pairs: pd.DataFrame, a: str, b: str, metric: str = "macro_f1") -> s
                    "below 0": f"{b} scored higher (the interval excludes 0)",
                    "contains 0": "no evidence of a difference (the interval contains 0)"}
         said = outcome.get(interval_words(ci), "the difference is undefined on these test images")
-        p_values = ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])
+        p_values = ", ".join("p " + (v if v[0] in "<>" else "= " + v) for v in map(fmt_p, r["mcnemar_p"]))
         sentences.append(
             f"{where}{a} − {b} {name} = {fmt_ci(r[f'{metric}_difference'], ci, signed=True)}, the mean over "
             f"{len(r['units'])} seed(s) ({r['pairs']} paired run(s); at least {r['images']} shared test images; 95% "
             f"interval over test patients and seeds, unadjusted): {said}. By seed: {per_seed(r, metric)}. "
             f"Code: {r['commits']}. McNemar's "
-            f"exact test on the paired right/wrong calls, per pair: p = {p_values}."
+            f"exact test on the paired right/wrong calls, per pair: {p_values}."
         )
     return "\n\n".join(sentences)
 

@@ -291,3 +291,13 @@ def test_rerun_noise_pairs_a_rerun_recorded_before_a_field_existed_or_scored_on_
     assert results.noise_sentence(noise).startswith("In 1 of 1 pairs the run trained again called some test images")
     make_run(tmp_path / "other", skill=0.8, pred_seed=3, cohort="adults")
     assert results.rerun_noise(results.load_runs(tmp_path / "new"), results.load_runs(tmp_path / "other")).empty
+
+
+
+def test_mcnemar_p_values_read_as_p_values():
+    """Neither "p = 1" nor "p = 9.6e-05": each pair's p in fmt_p's words, with its own sign."""
+    row = {"task": "binary", "macro_f1_ci": (-0.1, 0.1), "macro_f1_difference": 0.0, "units": [0], "pairs": 3,
+           "images": 10, "commits": "one clean commit abc1234", "mcnemar_p": (1.0, 9.6e-05, 0.25),
+           "macro_f1_per_seed": [0.0], "macro_f1_ahead": 0}
+    said = results.describe(pd.DataFrame([row]), "focal", "ce")
+    assert "per pair: p > 0.99, p < 0.001, p = 0.25." in said
