@@ -36,3 +36,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A model.pt as loop.fit writes it (metadata + state_dict), untrained: the tests that take it need its format
+    only."""
+    from cxrlib import config, models
+
+    model, _ = models.build_model("resnet50", "none", 3)
+    path = tmp_path_factory.mktemp("run") / "model.pt"
+    torch.save({"backbone": "resnet50", "num_classes": 3, "classes": list(config.classes("multiclass")),
+                "input_spec": model.input_spec, "task": "multiclass", "image_size": 32, "config": {},
+                "state_dict": model.state_dict()}, path)
+    return path

@@ -172,17 +172,6 @@ def test_chapter_parameters_types_them_and_spare_the_chapters_own_names():
 # --- evaluate and predict -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A model.pt as loop.fit writes it (metadata + state_dict), untrained: these tests need its format only."""
-    model, _ = models.build_model("resnet50", "none", 3)
-    path = tmp_path_factory.mktemp("run") / "model.pt"
-    torch.save({"backbone": "resnet50", "num_classes": 3, "classes": list(config.classes("multiclass")),
-                "input_spec": model.input_spec, "task": "multiclass", "image_size": 32, "config": {},
-                "state_dict": model.state_dict()}, path)
-    return path
-
-
 @pytest.fixture
 def not_a_checkpoint(tmp_path) -> Path:
     path = tmp_path / "notes.txt"

@@ -247,17 +247,6 @@ def test_train_with_a_huge_lr_fails_in_its_first_epoch_with_one_line(manifest, t
     assert not (out / "history.csv").exists()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained multiclass model.pt as a run writes it (these tests need its format only)."""
-    model, _ = models.build_model("resnet50", "none", 3)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"backbone": "resnet50", "num_classes": 3, "classes": list(config.classes("multiclass")),
-                "input_spec": model.input_spec, "task": "multiclass", "image_size": 32, "config": {},
-                "state_dict": model.state_dict()}, path)
-    return path
-
-
 def _smooth_png(path: Path, size: int = 64) -> Path:
     rng = np.random.default_rng(0)
     Image.fromarray(synthetic.chest_image(rng, "normal", synthetic._patient(rng, "normal", adult=True))).resize(
