@@ -112,17 +112,16 @@ def auc_sets(run_dir: str | Path, ages: pd.Series) -> tuple[pd.DataFrame, pd.Dat
 
 
 def auc_word(auc: dict[str, Any], goal: float = AUC_GOAL) -> str:
-    """A pooled AUC against `goal`, as generalise.goal_word judges a share: by its interval."""
+    """A pooled AUC against `goal`, judged by its interval as generalise.goal_word judges a share."""
     low, high = auc["ci"] if auc.get("ci") else (None, None)
-    if auc.get("value") is None or low is None or high is None:
-        return "too few to say"
-    return "met" if low >= goal else "not met" if high < goal else "undecided"
+    return generalise.goal_word({"goal": goal, "enough": auc.get("value") is not None, "ci_low": low, "ci_high": high})
 
 
 def threshold_record(run_dir: str | Path) -> dict[str, Any]:
     """A run's operating threshold: the one it uses, the unbounded one, and whether the bound decided it."""
-    chosen = Run(run_dir).metrics().get("threshold_selection") or {}
-    return {"seed": Run(run_dir).config.get("seed"), "threshold": chosen.get("threshold"),
+    run = Run(run_dir)
+    chosen = run.metrics().get("threshold_selection") or {}
+    return {"seed": run.config.get("seed"), "threshold": chosen.get("threshold"),
             "unbounded": chosen.get("unbounded_threshold", chosen.get("threshold")),
             "at_bound": bool(chosen.get("at_bound", False))}
 
