@@ -242,7 +242,8 @@ def findings_markdown(bundle: str | Path) -> str:
     record = load(bundle)
     claims = results.read_claims(bundle / CLAIMS) if (bundle / CLAIMS).is_file() else None
     ran = (claims or {}).get("runs", {})
-    lines = [*bottom_line(bundle, record, claims), "", setup_table(bundle, record, claims), "",
+    configs = _run_configs(bundle)
+    lines = [*bottom_line(bundle, record, claims, configs), "", setup_table(record, claims, configs), "",
              f"*Computed from the results bundle `{record.get('name', bundle.name)}`: "
              f"{ran.get('complete', 0)} complete run(s), {', '.join(record.get('hardware') or ['unknown hardware'])}, "
              f"code {str(record.get('code_commit'))[:10]}, made {str(record.get('created', '?'))[:10]}.*", ""]
@@ -267,9 +268,11 @@ VERDICT_WORDS = {"supported": "supported", "not supported": "not supported",  # 
                  "no evidence": "no evidence of a difference", "not testable": "not testable here"}
 
 
-def bottom_line(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None) -> list[str]:
-    """The first page's three sentences in plain words, from the bundle's own records: what ran and how far it is
-    from the paper's set-up, what the paper's claims came to, whether the models work on people from elsewhere."""
+def bottom_line(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None,
+                configs: list[dict[str, Any]]) -> list[str]:
+    """The first page's three sentences in plain words, from the bundle's own records (`configs`: its runs'
+    parameters): what ran and how far it is from the paper's set-up, what the paper's claims came to, whether the
+    models work on people from elsewhere."""
     ran = (claims or {}).get("runs", {})
     if not ran.get("complete"):
         return ["**In short.** This bundle records no complete run of the paper's matrix, so it says nothing about "
@@ -283,7 +286,7 @@ def bottom_line(bundle: str | Path, record: dict[str, Any], claims: dict[str, An
              f"seed{'s' if len(seeds) > 1 else ''} {_listed(seeds)}, on "
              f"{', '.join(record.get('hardware') or ['unknown hardware'])}"
              + (", on cxrlib's synthetic images (they show that the code works and say nothing about COVID-19)"
-                if _synthetic(_run_configs(bundle)) else "") + ": "
+                if _synthetic(configs) else "") + ": "
              + ("none of the paper's pretrained weights could run here, " if not pretrained else "")
              + f"against the paper's {paper['image_size']} px and up to {paper['epochs']} epochs (table below): a test "
              "of the paper's design at a small scale, not of its numbers.")
@@ -338,11 +341,10 @@ def _synthetic(configs: list[dict[str, Any]]) -> bool:
                                      for c in configs)
 
 
-def setup_table(bundle: str | Path, record: dict[str, Any], claims: dict[str, Any] | None) -> str:
-    """The paper's set-up beside this bundle's, row by row, as a markdown table: the bundle's side read from its
-    runs' recorded parameters."""
+def setup_table(record: dict[str, Any], claims: dict[str, Any] | None, configs: list[dict[str, Any]]) -> str:
+    """The paper's set-up beside this bundle's, row by row, as a markdown table: the bundle's side read from
+    claims.json's summary and its runs' recorded parameters (`configs`)."""
     ran = (claims or {}).get("runs", {})
-    configs = _run_configs(bundle)
     recorded = lambda key: _listed(sorted({c.get(key) for c in configs if c.get(key) is not None}))  # noqa: E731
     patience = sorted({c.get("patience") for c in configs if c.get("patience") is not None})
     paper = _paper_setup()
